@@ -1,0 +1,175 @@
+"""One settings tree for every mfli process.
+
+Every value can be set from the environment with the prefix ``MFLI_`` and ``__`` between levels, e.g.
+``MFLI_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``MFLI_MODEL__FACETS=1``. Kafka option names mirror
+Kafka's own (``session_timeout_ms``) so users can carry their knowledge over. Defaults are DESIGN.md's;
+where a default was changed after a measurement, the field's description says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    """Broker address, topic names and client timeouts shared by producers and consumers."""
+
+    bootstrap_servers: str = Field(
+        "", description="host:port[,host:port]; empty means start the embedded test broker (demo only)"
+    )
+    events_topic: str = "mfli.events"
+    items_topic: str = "mfli.items"
+    dlq_topic: str = "mfli.events.dlq"
+    item_updates_topic: str = "mfli.item-updates"
+    partitions: int = Field(4, ge=1, description="partitions created for mfli topics that do not exist yet")
+    learner_group: str = "mfli-learner"
+    indexer_group: str = "mfli-indexer"
+    client_id: str = "mfli"
+    # Tansu holds a JoinGroup for half the session timeout; small values keep tests fast (KAFKA.md).
+    session_timeout_ms: int = Field(10_000, ge=1000)
+    heartbeat_interval_ms: int = Field(1_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    max_poll_records: int = Field(5_000, ge=1)
+    fetch_max_wait_ms: int = Field(100, ge=0)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    reconnect_backoff_max_ms: int = Field(5_000, ge=50)
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> "KafkaSettings":
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"session_timeout_ms ({self.session_timeout_ms})"
+            )
+        return self
+
+
+class IngestSettings(BaseModel):
+    """Validation, de-duplication and micro-batching of interaction events."""
+
+    batch_size: int = Field(2_048, ge=1, description="events handed to the learner per micro-batch")
+    batch_timeout_ms: int = Field(200, ge=1, description="flush a partial batch after this long")
+    dedupe_window: int = Field(1_000_000, ge=0, description="recent event_ids remembered for de-duplication")
+    max_event_bytes: int = Field(16_384, ge=64, description="larger records go to the DLQ as oversized")
+    event_types: list[str] = Field(
+        default_factory=lambda: ["view", "click", "like", "long_view", "rating", "purchase", "tag"],
+        description="accepted event_type values; anything else goes to the DLQ",
+    )
+
+
+class ModelSettings(BaseModel):
+    """The MFLI model (DESIGN §3)."""
+
+    facets: int = Field(3, ge=1)
+    dim: int = Field(64, ge=4)
+    levels: int = Field(2, ge=1, description="residual-quantisation levels per facet")
+    codewords: int = Field(0, ge=0, description="codewords per level; 0 = auto (M^L ~ items/32, >= 8)")
+    history: int = Field(50, ge=1, description="H: recent engaged items pooled into the query vector")
+    recency_decay: float = Field(0.97, gt=0, le=1, description="weight ratio between consecutive history items")
+    temperature: float = Field(0.05, gt=0)
+    objectives: list[str] = Field(default_factory=lambda: ["engagement", "positive", "semantic"])
+    # w[facet][objective]; one row per facet. The default gives each facet a distinct mixture.
+    objective_weights: list[list[float]] = Field(
+        default_factory=lambda: [[1.0, 0.0, 0.0], [0.3, 1.0, 0.0], [0.3, 0.0, 1.0]]
+    )
+    positive_threshold: float = Field(4.0, description="value >= this counts for the 'positive' objective")
+    learning_rate: float = Field(0.05, gt=0)
+    commitment: float = Field(0.25, ge=0)
+    quantised_loss: bool = Field(True, description="train on RQ reconstructions too (ablation switch)")
+    warmup_events: int = Field(20_000, ge=0, description="events before k-means codebook initialisation")
+    overuse_penalty: float = Field(0.1, ge=0)
+    dead_code_window: int = Field(20, ge=1, description="steps a codeword may stay unused before reset")
+    popularity_half_life_events: float = Field(50_000, gt=0, description="decay of per-item counts")
+    popularity_beta: float = Field(3.0, ge=0, description="weight of log(1 + decayed count) in rerank")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _weights_shape(self) -> "ModelSettings":
+        if len(self.objective_weights) < self.facets:
+            raise ValueError(
+                f"objective_weights has {len(self.objective_weights)} rows; need one per facet ({self.facets})"
+            )
+        for row in self.objective_weights:
+            if len(row) != len(self.objectives):
+                raise ValueError(
+                    f"each objective_weights row needs {len(self.objectives)} entries ({self.objectives})"
+                )
+        return self
+
+
+class LearnerSettings(BaseModel):
+    """The learner process: checkpoints and how often item deltas are published."""
+
+    checkpoint_dir: Path = Path("var/learner")
+    checkpoint_interval_s: float = Field(30.0, gt=0)
+    flush_interval_ms: int = Field(200, ge=1, description="coalesce changed item rows this long")
+    users_path: Path = Path("var/users.lmdb")
+    metrics_port: int = Field(9101, ge=0)
+
+
+class IndexSettings(BaseModel):
+    """The indexer process and the LMDB index it alone writes (DESIGN §4)."""
+
+    path: Path = Path("var/index.lmdb")
+    map_size: int = Field(8 << 30, ge=1 << 20, description="LMDB map size in bytes (sparse file)")
+    target_cluster_size: int = Field(32, ge=1)
+    split_factor: float = Field(8.0, gt=1, description="B_upp = split_factor x target")
+    merge_factor: float = Field(0.25, gt=0, lt=1, description="B_low = merge_factor x target")
+    split_merge: bool = Field(True, description="ablation switch for cluster balancing")
+    full_pass_interval_s: float = Field(180.0, gt=0)
+    store_float16: bool = False
+    metrics_port: int = Field(9102, ge=0)
+
+    @property
+    def b_upp(self) -> int:
+        return int(self.split_factor * self.target_cluster_size)
+
+    @property
+    def b_low(self) -> int:
+        return max(1, int(self.merge_factor * self.target_cluster_size))
+
+
+class ServeSettings(BaseModel):
+    """Retrieval and the HTTP server (DESIGN §5)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0)
+    workers: int = Field(1, ge=1)
+    default_k: int = Field(20, ge=1)
+    max_k: int = Field(1_000, ge=1)
+    clusters_per_request: int = Field(64, ge=1, description="K clusters picked from the trigger histogram")
+    members_per_cluster: int = Field(256, ge=1, description="N_k members gathered from each cluster")
+    query_paths: int = Field(8, ge=0, description="codebook paths descended by the query path per facet")
+    trending: int = Field(200, ge=0, description="size of the trending candidate source")
+    recall_sample_interval_s: float = Field(5.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Root of the settings tree; see the module docstring for the environment syntax."""
+
+    model_config = SettingsConfigDict(env_prefix="MFLI_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Path("var")
+    log_level: str = "INFO"
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    learner: LearnerSettings = Field(default_factory=LearnerSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
+        return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with keyword overrides (tests and CLI flags) on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

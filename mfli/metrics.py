@@ -1,0 +1,78 @@
+"""Every Prometheus metric mfli exports, defined in one place (DESIGN §6).
+
+Rules this module enforces by construction: base units (seconds, bytes), ``_total`` on counters
+(prometheus_client appends it), and no per-user or per-item labels — labels are bounded sets only
+(facet, level, objective, partition, reason, route, status, source). Tests read values with
+``REGISTRY.get_sample_value``; dashboards and alert rules reference only names defined here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_FRESHNESS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_BATCH_BUCKETS = (1, 10, 50, 100, 500, 1000, 2000, 5000, 10000)
+
+# --- ingest (consumers) ---------------------------------------------------------------------------
+EVENTS_CONSUMED = Counter("mfli_events_consumed", "Valid events handed on after validation", ["topic"])
+EVENTS_INVALID = Counter("mfli_events_invalid", "Records sent to the dead-letter topic", ["reason"])
+EVENTS_DUPLICATE = Counter("mfli_events_duplicate", "Events dropped as duplicates of a recent event_id")
+CONSUMER_LAG = Gauge("mfli_consumer_lag_messages", "High watermark minus position", ["topic", "partition"])
+INGEST_BATCH_SIZE = Histogram("mfli_ingest_batch_size", "Events per validated micro-batch", buckets=_BATCH_BUCKETS)
+PRODUCED = Counter("mfli_events_produced", "Records produced by mfli produce", ["topic"])
+
+# --- learner ----------------------------------------------------------------------------------------
+LEARNER_STEP_SECONDS = Histogram("mfli_learner_step_seconds", "Wall time of one learner step", ["phase"])
+LEARNER_EVENTS = Counter("mfli_learner_events", "Events the learner has trained on")
+LEARNER_LOSS = Gauge("mfli_learner_loss", "Last step's loss", ["facet", "objective", "kind"])
+CODEBOOK_UTILISATION = Gauge(
+    "mfli_codebook_utilisation_ratio", "Share of codewords used by at least one item", ["facet", "level"]
+)
+CODEBOOK_PERPLEXITY = Gauge("mfli_codebook_perplexity", "exp(entropy) of codeword usage", ["facet", "level"])
+CODEBOOK_DEAD = Gauge("mfli_codebook_dead_codewords", "Codewords unused over the reset window", ["facet", "level"])
+CODEBOOK_RESETS = Counter("mfli_codebook_resets", "Dead codewords reset to a recent residual", ["facet", "level"])
+EMBEDDING_DRIFT = Gauge("mfli_embedding_drift", "Mean L2 size of the last update of changed item rows", ["facet"])
+USER_INTEREST_SHIFT = Gauge(
+    "mfli_user_interest_shift", "Mean 1 - cosine between a user's query vector before and after a batch"
+)
+LEARNER_ITEMS = Gauge("mfli_learner_items", "Item rows known to the learner")
+LEARNER_USERS = Gauge("mfli_learner_users", "User rows known to the learner")
+CHECKPOINT_SECONDS = Histogram("mfli_checkpoint_seconds", "Time to write a checkpoint")
+ITEM_UPDATES_PUBLISHED = Counter("mfli_item_updates_published", "Item deltas published to the indexer")
+
+# --- indexer ----------------------------------------------------------------------------------------
+INDEX_ITEMS = Gauge("mfli_index_items", "Items in the LMDB index")
+INDEX_CLUSTERS = Gauge("mfli_index_clusters", "Clusters per facet", ["facet"])
+CLUSTER_SIZE = Gauge("mfli_index_cluster_size", "Cluster size statistic per facet", ["facet", "stat"])
+REASSIGNMENTS = Counter("mfli_index_reassignments", "Items moved between clusters (code churn)", ["facet"])
+DELTAS_APPLIED = Counter("mfli_index_deltas_applied", "Item deltas applied to LMDB")
+SPLITS = Counter("mfli_index_splits", "Clusters split", ["facet"])
+MERGES = Counter("mfli_index_merges", "Clusters merged", ["facet"])
+FULL_PASS_SECONDS = Histogram("mfli_index_full_pass_seconds", "Duration of a full re-encode and rebalance")
+FRESHNESS_SECONDS = Histogram(
+    "mfli_index_freshness_seconds", "Event time to change visible in LMDB", buckets=_FRESHNESS_BUCKETS
+)
+INDEX_VERSION = Gauge("mfli_index_version", "Index version (bumps on every committed write)")
+INDEX_APPLIED_OFFSET = Gauge("mfli_index_applied_offset", "Source offset stored with the index", ["partition"])
+LMDB_ERRORS = Counter("mfli_lmdb_errors", "LMDB write failures (e.g. map full)", ["kind"])
+
+# --- server -----------------------------------------------------------------------------------------
+REQUEST_SECONDS = Histogram("mfli_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS)
+REQUESTS = Counter("mfli_requests", "HTTP requests by route and status", ["route", "status"])
+CANDIDATES = Histogram("mfli_candidates_per_request", "Candidates reranked per request", buckets=_BATCH_BUCKETS)
+FALLBACKS = Counter("mfli_fallbacks", "Requests answered by the popularity/fresh fallback")
+INDEX_RECALL = Gauge("mfli_index_recall_ratio", "Sampled recall@k of the index path vs exact search", ["k"])
+PREQUENTIAL_RECALL = Gauge(
+    "mfli_prequential_recall_ratio", "Share of next engaged items found in what we would have served", ["source"]
+)
+
+# --- any process --------------------------------------------------------------------------------------
+UP = Gauge("mfli_process_up", "1 while the process main loop runs", ["process"])
+READY = Gauge("mfli_process_ready", "1 when the process can do its work (broker, index reachable)", ["process"])
+
+
+def serve_metrics(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """Expose ``/metrics`` on ``port`` from a daemon thread (learner and indexer; the server uses its own port)."""
+    if port:
+        start_http_server(port, registry=registry)

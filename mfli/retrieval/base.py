@@ -1,0 +1,126 @@
+"""The retrieval contract shared by evaluation, benchmarks, the indexer and the server.
+
+Every backend (learned index in memory, learned index over LMDB, exact search, hnswlib, popularity)
+implements :class:`Retriever` over the same :class:`Query`, so evaluation and benchmarks compare like
+with like (the pattern of ``implicit``'s ANN wrappers). The learned-index retriever reads item state
+through :class:`IndexView`, which has an in-memory implementation (evaluation) and an LMDB one
+(indexer/server): same interface, same results on the same state.
+
+Conventions
+-----------
+* Items are dense int64 *rows*; mapping to external string ids is the view's job.
+* Item vectors are ``float32[F, d]`` per item, L2-normalised per facet.
+* A query vector is ``float32[F, d]``: per facet, the recency-weighted mean of the history's item
+  vectors, L2-normalised (:func:`pool_query`). Pure numpy so the server never needs torch.
+* The score of an item is ``sum_f q_f . e_f + prior`` (:func:`score`), where ``prior`` is the
+  popularity prior ``beta * log1p(decayed count)`` stored with each item (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+#: facet value used for candidates that came from the trending source or the fallback
+TRENDING_FACET = -1
+
+
+@dataclass(frozen=True)
+class Query:
+    """A retrieval request in row space."""
+
+    history: np.ndarray  # int64 item rows engaged by the user, oldest first (triggers)
+    k: int
+    exclude: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # rows never returned
+    deterministic: bool = True  # top-count clusters instead of sampling in proportion to counts
+    seed: int = 0
+
+
+@dataclass
+class Recommendation:
+    """Top-k answer: rows sorted by descending score, with where each candidate came from."""
+
+    rows: np.ndarray  # int64[k']
+    scores: np.ndarray  # float32[k']
+    facets: np.ndarray  # int16[k'], facet of origin or TRENDING_FACET
+    clusters: np.ndarray  # int64[k'], cluster of origin within that facet, -1 if none
+    fallback: bool = False
+    candidates: int = 0  # how many items were reranked
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Anything that answers a :class:`Query`."""
+
+    name: str
+
+    def recommend(self, query: Query) -> Recommendation: ...
+
+
+@runtime_checkable
+class IndexView(Protocol):
+    """Read access to a learned index (one consistent snapshot for the duration of a request).
+
+    Cluster ids are ints unique within a facet. A code path (tuple of L codeword ids) maps to one or
+    more clusters: several after a split (each with its own centroid), and a merged cluster can be
+    the target of several paths.
+    """
+
+    facets: int
+    dim: int
+    levels: int
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """float32[n, F, d] item vectors."""
+
+    def prior(self, rows: np.ndarray) -> np.ndarray:
+        """float32[n] popularity prior added to the score."""
+
+    def clusters_of(self, rows: np.ndarray) -> np.ndarray:
+        """int64[n, F] cluster of each item in each facet (-1 if the item is not indexed)."""
+
+    def members(self, facet: int, cluster: int, limit: int) -> np.ndarray:
+        """int64 rows of up to ``limit`` members of a cluster (highest prior first)."""
+
+    def codebooks(self) -> np.ndarray:
+        """float32[F, L, M, d] residual-quantisation codebooks."""
+
+    def path_clusters(self, facet: int, path: tuple[int, ...]) -> np.ndarray:
+        """int64 cluster ids a code path maps to (empty if the path holds no items)."""
+
+    def trending(self, n: int) -> np.ndarray:
+        """int64 rows of the n items with the highest prior (recently popular)."""
+
+    def live_rows(self) -> np.ndarray:
+        """int64 rows of every indexed (not deleted) item: the universe of exact search."""
+
+
+def pool_query(history_vectors: np.ndarray, decay: float) -> np.ndarray:
+    """Recency-weighted mean of ``float32[h, F, d]`` history vectors (oldest first) → ``float32[F, d]``.
+
+    The newest item has weight 1, the one before it ``decay``, and so on; each facet is L2-normalised.
+    The learner trains with exactly this pooling, so queries at serve time match training.
+    """
+    h = history_vectors.shape[0]
+    if h == 0:
+        raise ValueError("pool_query needs at least one history item")
+    weights = decay ** np.arange(h - 1, -1, -1, dtype=np.float32)
+    pooled = np.einsum("h,hfd->fd", weights, history_vectors.astype(np.float32, copy=False))
+    norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+    return pooled / np.maximum(norms, 1e-12)
+
+
+def score(query_vec: np.ndarray, item_vectors: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """``sum_f q_f . e_f + prior`` for ``float32[n, F, d]`` items → ``float32[n]``."""
+    flat = item_vectors.reshape(item_vectors.shape[0], -1)
+    return flat @ query_vec.reshape(-1) + prior
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest scores, sorted descending (argpartition, then sort the k)."""
+    if k >= scores.shape[0]:
+        return np.argsort(-scores, kind="stable")
+    part = np.argpartition(-scores, k)[:k]
+    return part[np.argsort(-scores[part], kind="stable")]
