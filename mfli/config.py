@@ -9,6 +9,7 @@ where a default was changed after a measurement, the field's description says so
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,13 @@ class KafkaSettings(BaseModel):
     fetch_max_wait_ms: int = Field(100, ge=0)
     request_timeout_ms: int = Field(30_000, ge=1000)
     reconnect_backoff_max_ms: int = Field(5_000, ge=50)
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group with no committed offset starts ('latest' is wrong on Tansu)"
+    )
+    fetch_max_bytes: int = Field(52_428_800, ge=1024, description="bytes per fetch response")
+    max_partition_fetch_bytes: int = Field(4_194_304, ge=1024, description="bytes per partition per fetch")
+    producer_linger_ms: int = Field(5, ge=0, description="producer batching delay")
+    producer_batch_size: int = Field(262_144, ge=1024, description="producer batch bytes per partition")
 
     @model_validator(mode="after")
     def _heartbeat_below_session(self) -> "KafkaSettings":
