@@ -1,0 +1,68 @@
+"""hnswlib over the same embeddings and the same score: the classic ANN baseline.
+
+The score ``sum_f q_f . e_f + prior`` is an inner product once the prior is appended as one more
+dimension (item ``[e, prior]``, query ``[q, 1]``), so HNSW searches exactly the function the learned
+index reranks by, and recall comparisons are fair.
+"""
+
+from __future__ import annotations
+
+import hnswlib
+import numpy as np
+
+from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, pool_query
+from mfli.retrieval.learned import empty_recommendation
+
+
+class HnswRetriever:
+    """HNSW (inner-product space) over live items; ``ef`` trades recall for speed."""
+
+    name = "hnsw"
+
+    def __init__(
+        self, view: IndexView, ef: int = 100, m: int = 16, ef_construction: int = 200, threads: int = 2,
+        history: int = 50, recency_decay: float = 0.97, seed: int = 0,
+    ) -> None:
+        self.view = view
+        self.history = history
+        self.recency_decay = recency_decay
+        rows = view.live_rows()
+        self._rows = rows
+        data = np.concatenate(
+            [view.vectors(rows).reshape(rows.size, -1), view.prior(rows)[:, None]], axis=1
+        ).astype(np.float32)
+        self.index = hnswlib.Index(space="ip", dim=data.shape[1])
+        self.index.init_index(max_elements=max(1, rows.size), ef_construction=ef_construction, M=m,
+                              random_seed=seed)
+        self.index.set_num_threads(threads)
+        if rows.size:
+            self.index.add_items(data, np.arange(rows.size))
+        self.set_ef(ef)
+
+    def set_ef(self, ef: int) -> None:
+        self.ef = ef
+        self.index.set_ef(ef)
+
+    def recommend(self, query: Query) -> Recommendation:
+        history = np.asarray(query.history, dtype=np.int64)
+        if history.size == 0 or self._rows.size == 0:
+            return empty_recommendation(fallback=history.size == 0)
+        q = pool_query(self.view.vectors(history[-self.history :]), self.recency_decay).reshape(-1)
+        exclude = np.asarray(query.exclude, dtype=np.int64)
+        # Over-fetch by the number of excluded rows: hnswlib's filter callback is per-candidate Python.
+        want = min(self._rows.size, query.k + exclude.size)
+        if want > self.ef:
+            self.index.set_ef(want)
+        labels, dist = self.index.knn_query(np.append(q, 1.0).astype(np.float32)[None, :], k=want)
+        if want > self.ef:
+            self.index.set_ef(self.ef)
+        rows = self._rows[labels[0]]
+        scores = (1.0 - dist[0]).astype(np.float32)  # hnswlib "ip" distance is 1 - dot
+        if exclude.size:
+            keep = ~np.isin(rows, exclude)
+            rows, scores = rows[keep], scores[keep]
+        rows, scores = rows[: query.k], scores[: query.k]
+        return Recommendation(
+            rows=rows, scores=scores, facets=np.full(rows.size, TRENDING_FACET, np.int16),
+            clusters=np.full(rows.size, -1, np.int64), candidates=int(want),
+        )
