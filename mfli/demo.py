@@ -1,0 +1,175 @@
+"""``mfli demo``: the whole system on one machine with one command.
+
+Starts the embedded broker (unless ``--bootstrap`` names a real Kafka), creates the topics, then runs
+producer, learner, indexer and server as supervised child processes, prints the URLs to try and a live
+status line built from the children's own ``/metrics``. A child that crashes is reported with the tail
+of its log; Ctrl-C (or ``--duration``) stops everything cleanly.
+
+With the embedded broker (in-memory, it forgets everything when it stops) the demo starts from an
+empty state directory each time, because stored Kafka offsets would point into a log that no longer
+exists. With ``--bootstrap`` the state directory is kept and the processes resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from mfli.config import Settings
+from mfli.supervisor import Supervisor, scrape, wait_http
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", default=None, help="external Kafka host:port (default: embedded broker)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port of the server (default 8000)")
+    parser.add_argument("--dataset", default=None, help="MovieLens directory to replay instead of synthetic data")
+    parser.add_argument("--events", type=int, default=2_000_000, help="synthetic events to produce")
+    parser.add_argument("--rate", type=float, default=2_000.0, help="events per second produced (0 = max)")
+    parser.add_argument("--state-dir", default="var/demo", help="LMDB files, checkpoints and logs")
+    parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = run)")
+    parser.add_argument("--status-interval", type=float, default=2.0)
+
+
+def _histogram_quantile(now: dict[str, float], before: dict[str, float], name: str, q: float) -> float:
+    """Quantile of a histogram over the window between two scrapes (like PromQL's histogram_quantile)."""
+    buckets = []
+    for key, value in now.items():
+        if key.startswith(f"{name}_bucket{{") and "le=" in key:
+            le = key.split("le=")[1].split(",")[0].rstrip("}")
+            buckets.append((math.inf if le == "+Inf" else float(le), value - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return prev_le
+            span = count - prev_count
+            return prev_le + (le - prev_le) * ((rank - prev_count) / span if span else 1.0)
+        prev_le, prev_count = le, count
+    return math.nan
+
+
+def _total(sample: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in sample.items() if k == prefix or k.startswith(prefix + "{"))
+
+
+def status_line(now: dict[str, float], before: dict[str, float], dt: float) -> str:
+    """One human line from merged scrapes of all processes."""
+    rate = (_total(now, "mfli_learner_events_total") - _total(before, "mfli_learner_events_total")) / max(dt, 1e-9)
+    lag = _total(now, "mfli_consumer_lag_messages")
+    fresh = _histogram_quantile(now, before, "mfli_index_freshness_seconds", 0.95)
+    recall = now.get("mfli_index_recall_ratio{k=20}", math.nan)
+    preq = now.get("mfli_prequential_recall_ratio{source=index}", math.nan)
+    clusters = _total(now, "mfli_index_clusters")
+    items = now.get("mfli_index_items", 0.0)
+    invalid = _total(now, "mfli_events_invalid_total")
+    return (
+        f"events/s {rate:7.0f} | lag {lag:6.0f} | freshness p95 {fresh:5.2f}s | index recall@20 {recall:4.2f} "
+        f"| prequential {preq:4.2f} | items {items:6.0f} clusters {clusters:5.0f} | dead-lettered {invalid:.0f}"
+    )
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    state = Path(args.state_dir).resolve()
+    port = args.port or settings.serve.port
+    bootstrap = args.bootstrap or settings.kafka.bootstrap_servers
+    broker = None
+    if not bootstrap:
+        from mfli.broker import EmbeddedBroker
+
+        if state.exists():
+            shutil.rmtree(state)
+        broker = EmbeddedBroker(log_path=state / "logs" / "broker.log").start()
+        bootstrap = broker.bootstrap
+    from mfli.broker import ensure_topics
+
+    k = settings.kafka
+    ensure_topics(bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
+    env = {
+        **os.environ,
+        "MFLI_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "MFLI_DATA_DIR": str(state),
+        "MFLI_LEARNER__CHECKPOINT_DIR": str(state / "learner"),
+        "MFLI_LEARNER__USERS_PATH": str(state / "users.lmdb"),
+        "MFLI_INDEX__PATH": str(state / "index.lmdb"),
+        "MFLI_SERVE__PORT": str(port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if broker is not None:  # a local demo: quick group joins on the embedded broker (KAFKA.md)
+        env.setdefault("MFLI_KAFKA__SESSION_TIMEOUT_MS", "6000")
+        env.setdefault("MFLI_KAFKA__HEARTBEAT_INTERVAL_MS", "1000")
+    sup = Supervisor(state / "logs", env)
+    produce = ["produce", "--rate", str(args.rate)]
+    produce += ["--dataset", args.dataset] if args.dataset else ["--synthetic", str(args.events)]
+    sup.add("learner", ["learn"])
+    sup.add("indexer", ["index"])
+    sup.add("server", ["serve"])
+    sup.add("producer", produce)
+    stopping = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    base = f"http://{settings.serve.host}:{port}"
+    metrics_urls = [
+        f"http://127.0.0.1:{settings.learner.metrics_port}/metrics",
+        f"http://127.0.0.1:{settings.index.metrics_port}/metrics",
+        f"{base}/metrics",
+    ]
+    try:
+        sup.start_all()
+        sys.stdout.write(
+            f"\nmfli demo — broker {bootstrap}{' (embedded)' if broker else ''}, state in {state}\n"
+            f"  curl '{base}/v1/recommend?user_id=u1&k=10'\n"
+            f"  curl '{base}/v1/items/<item_id>/similar?k=10'\n"
+            f"  curl {base}/readyz ; curl {base}/metrics\n"
+            f"  learner metrics {metrics_urls[0]}  indexer metrics {metrics_urls[1]}\n"
+            f"  logs in {state / 'logs'}; Ctrl-C stops everything\n\n"
+        )
+        sys.stdout.flush()
+        wait_http(f"{base}/livez", timeout_s=30)
+        started = time.monotonic()
+        before: dict[str, float] = {}
+        last = time.monotonic()
+        while not stopping:
+            time.sleep(args.status_interval)
+            for child in sup.crashed():
+                if child.name == "producer" and child.proc and child.proc.returncode == 0:
+                    sys.stdout.write("\nproducer finished its stream\n")
+                    continue
+                sys.stdout.write(
+                    f"\n!! {child.name} exited with status {child.proc.returncode if child.proc else '?'}; "
+                    f"last log lines:\n{child.log_tail()}\n"
+                )
+            now: dict[str, float] = {}
+            for url in metrics_urls:
+                now.update(scrape(url))
+            t = time.monotonic()
+            line = status_line(now, before, t - last)
+            # One line rewritten in place on a terminal; one line per tick in a log or a pipe.
+            sys.stdout.write(f"\r{line}" if sys.stdout.isatty() else f"{line}\n")
+            sys.stdout.flush()
+            before, last = now, t
+            if args.duration and t - started >= args.duration:
+                break
+    finally:
+        sys.stdout.write("stopping…\n")
+        sup.stop_all()
+        if broker is not None:
+            broker.stop()
+    return 0

@@ -1,0 +1,143 @@
+"""Run mfli processes as supervised children: the demo and the chaos run both use this.
+
+Each child is ``python -m mfli.cli <command> …`` in its own process group with its own log file, so
+a crash is *reported* (exit status and the log's tail) rather than hidden, and a stop reaches the
+child's own children too. The supervisor never restarts a child on its own: the demo reports a crash
+and the chaos run decides when to restart what it killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    """One supervised ``mfli`` subcommand."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    kills: int = 0
+    reported: set[int] = field(default_factory=set)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mfli.cli", *self.argv], env=self.env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        out.close()
+        self.starts += 1
+        log.info("started %s (pid %d): mfli %s", self.name, self.proc.pid, " ".join(self.argv))
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: the crash the reliability suite injects."""
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.kills += 1
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, wait ``grace_s``, then SIGKILL. Returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", self.name, grace_s)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+            except ProcessLookupError:
+                pass
+        return self.proc.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+class Supervisor:
+    """Starts children, notices crashes, stops everything in reverse order."""
+
+    def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
+        self.log_dir = log_dir
+        self.env = dict(env)
+        self.children: dict[str, Child] = {}
+
+    def add(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Child:
+        child = Child(name, list(argv), {**self.env, **(env or {})}, self.log_dir / f"{name}.log")
+        self.children[name] = child
+        return child
+
+    def start_all(self) -> None:
+        for child in self.children.values():
+            child.start()
+
+    def crashed(self) -> list[Child]:
+        """Children that exited since the last call (each exit reported once)."""
+        out = []
+        for child in self.children.values():
+            if child.proc is not None and child.proc.poll() is not None and child.starts not in child.reported:
+                child.reported.add(child.starts)
+                out.append(child)
+        return out
+
+    def stop_all(self) -> None:
+        for child in reversed(list(self.children.values())):
+            child.stop()
+
+
+def scrape(url: str, timeout_s: float = 1.0) -> dict[str, float]:
+    """``{"name{label=value,…}": value}`` from a Prometheus text endpoint; empty if unreachable."""
+    try:
+        text = httpx.get(url, timeout=timeout_s).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def wait_http(url: str, timeout_s: float, ok: Sequence[int] = (200,)) -> bool:
+    """Poll ``url`` until it answers with one of ``ok`` or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code in ok:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
