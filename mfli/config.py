@@ -93,6 +93,12 @@ class ModelSettings(BaseModel):
     popularity_half_life_events: float = Field(50_000, gt=0, description="decay of per-item counts")
     popularity_beta: float = Field(3.0, ge=0, description="weight of log(1 + decayed count) in rerank")
     seed: int = 0
+    # --- learner internals (issue 3) ---
+    negatives: int = Field(512, ge=1, description="in-batch negatives per event (random subset of the batch's items)")
+    codebook_learning_rate: float = Field(0.01, gt=0, description="Adagrad step of the RQ codewords")
+    level_interval_events: int = Field(10_000, ge=0, description="events between activating successive RQ levels")
+    usage_interval_steps: int = Field(10, ge=1, description="steps between codebook usage counts (and dead-code checks)")
+    logq_half_life_events: float = Field(200_000, gt=0, description="decay of the log-Q item-frequency estimate")
 
     @model_validator(mode="after")
     def _weights_shape(self) -> "ModelSettings":

@@ -1,0 +1,43 @@
+"""Sampled softmax with in-batch negatives and log-Q correction (DESIGN §3).
+
+Negatives are the positives of other events in the same micro-batch, so an item appears as a negative
+in proportion to its frequency in the stream; subtracting ``log Q`` (its estimated sampling
+probability) from every logit removes that popularity bias from the learned similarity (the prior adds
+popularity back explicitly, with a tuned weight, at scoring time). The event's own item is always in
+column 0; in-batch copies of it are masked so an item is never its own negative.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sampled_softmax(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor,
+                    neg_bias: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-event, per-facet cross-entropy ``[n, F]``.
+
+    q, pos: ``[n, F, d]`` (L2-normalised); neg: ``[k, F, d]``; pos_logq ``[n]``; neg_bias ``[n, k]`` is
+    ``-log Q`` of each negative, and ``-inf`` where negative j is event i's own item (see
+    :func:`negative_bias`). The bias rides in the ``baddbmm`` so the ``[F, n, k]`` logits are written once.
+    """
+    qs = q / temperature
+    pos_logit = (qs * pos).sum(-1) - pos_logq[:, None]  # [n, F]
+    neg_logit = torch.baddbmm(neg_bias.unsqueeze(0), qs.transpose(0, 1), neg.permute(1, 2, 0))  # [F, n, k]
+    lse = torch.logaddexp(pos_logit, torch.logsumexp(neg_logit, dim=2).t())
+    return lse - pos_logit
+
+
+def negative_bias(pos_rows: torch.Tensor, neg_rows: torch.Tensor, neg_logq: torch.Tensor) -> torch.Tensor:
+    """``[n, k]``: ``-log Q`` of negative j, or ``-inf`` where it is event i's own item (no self-negatives)."""
+    bias = (-neg_logq).expand(len(pos_rows), -1).clone()
+    bias[pos_rows[:, None] == neg_rows[None, :]] = float("-inf")
+    return bias
+
+
+def item_item_softmax(anchor: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch softmax pulling each anchor towards its own positive: per-pair, per-facet loss ``[n, F]``."""
+    logits = torch.einsum("nfd,mfd->fnm", anchor, positive) / temperature
+    target = torch.arange(anchor.shape[0]).expand(anchor.shape[1], -1)
+    return F.cross_entropy(logits.reshape(-1, anchor.shape[0]), target.reshape(-1),
+                           reduction="none").view(anchor.shape[1], -1).t()

@@ -1,0 +1,168 @@
+"""One training step of MFLILearner (kept apart so the API module stays readable).
+
+Only the rows a batch touches are gathered (``torch.unique``), normalised, trained and written back:
+the step's cost follows the batch, not the catalogue. The delayed start of the codebooks, coarse levels
+before fine ones, usage statistics and dead-code resets are scheduled here, between steps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mfli import metrics
+from mfli.learner.loss import item_item_softmax, negative_bias, sampled_softmax
+
+if TYPE_CHECKING:
+    from mfli.learner.learner import MFLILearner, StepStats
+
+_EPS = 1e-10
+
+
+class Stepper:
+    def __init__(self, learner: "MFLILearner") -> None:
+        self.lr = learner
+
+    def step(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, ts: np.ndarray) -> "StepStats":
+        from mfli.learner.learner import StepStats
+
+        L, s, cat, rq = self.lr, self.lr.settings, self.lr.items, self.lr.rq
+        stats = StepStats(events=len(items))
+        sec = stats.seconds
+        t = time.perf_counter()
+        flat, offsets, weights, has = L.users.advance(users, items, ts)
+        L.freq.add(items)
+        L.popularity.add(items)
+        L.events_seen += len(items)
+        sel = np.flatnonzero(has)
+        stats.trained = len(sel)
+        fd = s.facets * s.dim
+        if len(sel):
+            tgt = items[sel]
+            positive = np.nan_to_num(values[sel], nan=-np.inf) >= s.positive_threshold
+            # negatives: other events' items in the batch (a random subset when the batch is large)
+            neg_pos = np.arange(len(sel)) if len(sel) <= s.negatives else \
+                np.sort(L.rng.choice(len(sel), s.negatives, replace=False))
+            neg_rows = tgt[neg_pos]
+            sem_facets = L.weights.get("semantic", torch.zeros(s.facets)) > 0
+            sem_anchor_i, sem_mates = (np.empty(0, np.int64),) * 2
+            if bool(sem_facets.any()):
+                cand = np.arange(len(sel)) if len(sel) <= s.negatives else neg_pos
+                which, sem_mates = cat.sample_tag_mates(tgt[cand], L.rng)
+                sem_anchor_i = cand[which]
+            all_rows = np.concatenate([tgt, flat, sem_mates])
+            uniq, inv = np.unique(all_rows, return_inverse=True)
+            inv_t = torch.from_numpy(inv)
+            n_t, n_h = len(tgt), len(flat)
+            freq = L.freq.values(len(cat))
+            logq = torch.from_numpy(np.log(freq / max(L.freq.clock, 1.0) + _EPS).astype(np.float32))
+            sec["bookkeeping"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            uniq_t = torch.from_numpy(uniq)
+            sub = cat.emb[uniq_t].clone().requires_grad_(True)
+            subn = cat.normalise(sub)
+            # query before each event: weighted sum of normalised history vectors, normalised per facet
+            starts = torch.from_numpy(offsets[:-1][sel])
+            hist_idx = inv_t[n_t:n_t + n_h]
+            hist_w = torch.from_numpy(weights)
+            # keep only the histories of trained events (all events with a history are trained)
+            q = F.embedding_bag(hist_idx, subn, starts, mode="sum", per_sample_weights=hist_w)
+            q = F.normalize(q.view(-1, s.facets, s.dim), dim=2)
+            sec["pooling"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            e = subn[inv_t[:n_t]].view(-1, s.facets, s.dim)
+            pos_logq = logq[torch.from_numpy(tgt)]
+            neg_logq = pos_logq[torch.from_numpy(neg_pos)]
+            bias = negative_bias(torch.from_numpy(tgt), torch.from_numpy(neg_rows), neg_logq)
+            w_event = L.weights["engagement"][None, :] + \
+                L.weights.get("positive", torch.zeros(s.facets))[None, :] * torch.from_numpy(positive)[:, None].float()
+            ce = sampled_softmax(q, e, e[neg_pos], pos_logq, bias, s.temperature)
+            loss = (ce * w_event).mean(0).sum()
+            stats.losses.update({f"f{f}/ssm/continuous": float(ce[:, f].detach().mean()) for f in range(s.facets)})
+            if len(sem_anchor_i) > 1:
+                mates = subn[inv_t[n_t + n_h:]].view(-1, s.facets, s.dim)
+                sem = item_item_softmax(e[torch.from_numpy(sem_anchor_i)], mates, s.temperature)
+                loss = loss + (sem.mean(0) * L.weights["semantic"]).sum()
+                stats.losses.update({f"f{f}/semantic/continuous": float(sem[:, f].detach().mean())
+                                     for f in range(s.facets)})
+            sec["forward"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            cb = None
+            if rq.active:
+                cb = rq.codebooks.clone().requires_grad_(True)
+                codes = rq.encode(e.detach())
+                e_hat = rq.reconstruct(codes, cb)
+                # codewords follow the embeddings; the commitment term keeps embeddings near their codes
+                loss = loss + F.mse_loss(e_hat, e.detach()) * s.dim + \
+                    s.commitment * F.mse_loss(e, e_hat.detach()) * s.dim
+                if s.quantised_loss:
+                    e_hat_n = F.normalize(e_hat, dim=2)
+                    ce_q = sampled_softmax(q, e_hat_n, e_hat_n[neg_pos], pos_logq, bias, s.temperature)
+                    loss = loss + (ce_q * w_event).mean(0).sum()
+                    stats.losses.update({f"f{f}/ssm/quantised": float(ce_q[:, f].detach().mean())
+                                         for f in range(s.facets)})
+            sec["quantisation"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            loss.backward()
+            stats.loss = float(loss)
+            sec["backward"] += time.perf_counter() - t
+
+            t = time.perf_counter()
+            with torch.no_grad():
+                g = sub.grad
+                cat.acc[uniq_t] += g.pow(2).mean(dim=1)
+                upd = s.learning_rate * g / (cat.acc[uniq_t].sqrt()[:, None] + _EPS)
+                new = cat.normalise(sub.detach() - upd)
+                cat.emb[uniq_t] = new
+                if cb is not None and cb.grad is not None:
+                    rq.adagrad += cb.grad.pow(2)
+                    rq.codebooks -= s.codebook_learning_rate * cb.grad / (rq.adagrad.sqrt() + _EPS)
+                drift = (new - sub.detach()).view(-1, s.facets, s.dim).norm(dim=2).mean(0)
+            L._touch(uniq, int(ts.max()))
+            sec["optimiser"] += time.perf_counter() - t
+            for f in range(s.facets):
+                metrics.EMBEDDING_DRIFT.labels(facet=str(f)).set(float(drift[f]))
+        else:
+            sec["bookkeeping"] += time.perf_counter() - t
+        t = time.perf_counter()
+        L.step += 1
+        self._schedule(items)
+        sec["quantisation"] += time.perf_counter() - t
+        self._export(stats)
+        return stats
+
+    def _schedule(self, items: np.ndarray) -> None:
+        """Delayed start, coarse-before-fine activation, M growth and usage/dead-code upkeep."""
+        L, s, cat, rq = self.lr, self.lr.settings, self.lr.items, self.lr.rq
+        due = s.warmup_events + rq.active * s.level_interval_events
+        live = torch.from_numpy(np.flatnonzero(cat.live[: len(cat)]))
+        if rq.active < s.levels and L.events_seen >= due and len(live) >= 2:
+            rq.activate_next(cat.vectors(live), L.gen)
+        elif rq.active and L.step % s.usage_interval_steps == 0:
+            recent = cat.vectors(np.unique(items))
+            rq.maybe_grow(len(live), recent, L.gen)
+            rq.update_usage(rq.encode(cat.vectors(live)), recent, L.gen)
+            for f in range(s.facets):
+                for lv in range(s.levels):
+                    lab = {"facet": str(f), "level": str(lv)}
+                    metrics.CODEBOOK_UTILISATION.labels(**lab).set(rq.utilisation[f, lv])
+                    metrics.CODEBOOK_PERPLEXITY.labels(**lab).set(rq.perplexity[f, lv])
+                    metrics.CODEBOOK_DEAD.labels(**lab).set(float(rq.dead_counts()[f, lv]))
+
+    def _export(self, stats: "StepStats") -> None:
+        for phase, seconds in stats.seconds.items():
+            metrics.LEARNER_STEP_SECONDS.labels(phase=phase).observe(seconds)
+        metrics.LEARNER_EVENTS.inc(stats.events)
+        metrics.LEARNER_ITEMS.set(len(self.lr.items))
+        metrics.LEARNER_USERS.set(len(self.lr.users))
+        for key, value in stats.losses.items():
+            f, objective, kind = key.split("/")
+            metrics.LEARNER_LOSS.labels(facet=f[1:], objective=objective, kind=kind).set(value)
