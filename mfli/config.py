@@ -159,6 +159,14 @@ class ServeSettings(BaseModel):
     query_paths: int = Field(8, ge=0, description="codebook paths descended by the query path per facet")
     trending: int = Field(200, ge=0, description="size of the trending candidate source")
     recall_sample_interval_s: float = Field(5.0, gt=0)
+    # --- server process (issue 5) ---
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger POST bodies get 413")
+    recall_sample_users: int = Field(4, ge=0, description="users per tick compared with exact search (0 = off)")
+    recall_window: int = Field(500, ge=1, description="index-recall checks averaged by the gauge")
+    prequential_window: int = Field(2_000, ge=1, description="next-item checks averaged by the gauge")
+    monitor_users: int = Field(1_000, ge=1, description="recently served users tracked by the monitors")
+    monitor_users_per_tick: int = Field(200, ge=1, description="'would have served' sets recomputed per tick")
+    exact_refresh_s: float = Field(30.0, ge=0, description="min age before exact mode rebuilds its item matrix")
 
 
 class Settings(BaseSettings):
