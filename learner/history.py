@@ -35,19 +35,24 @@ class UserHistories:
             self._ts.append([])
         return rows
 
-    def advance(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray
+    def advance(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, commit: bool = True
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Append a batch of events in order, returning each event's history *before* it.
 
         Returns ``(flat_items, offsets, weights, has_history)``: event i's history is
         ``flat_items[offsets[i]:offsets[i+1]]`` (oldest first) with the matching pooling ``weights``;
         events of users with no history yet get an empty slice and ``has_history[i] = False``.
+        ``commit=False`` only looks (prequential scoring: the query each event will be trained with).
         """
         flat: list[int] = []
         offsets = np.zeros(len(users) + 1, dtype=np.int64)
         lengths = np.zeros(len(users), dtype=np.int64)
         horizon = self.horizon
         store_items, store_ts = self._items, self._ts
+        if not commit:
+            touched = set(users.tolist())
+            store_items = {u: list(self._items[u]) for u in touched}
+            store_ts = {u: list(self._ts[u]) for u in touched}
         for i, (u, item, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist())):
             hist = store_items[u]
             flat.extend(hist)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+_MASKED = -1.0e4
+
 
 def sampled_softmax(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_logq: torch.Tensor,
                     neg_bias: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-event, per-facet cross-entropy ``[n, F]``.
 
     q, pos: ``[n, F, d]`` (L2-normalised); neg: ``[k, F, d]``; pos_logq ``[n]``; neg_bias ``[n, k]`` is
-    ``-log Q`` of each negative, and ``-inf`` where negative j is event i's own item (see
+    ``-log Q`` of each negative, and a huge negative where negative j is event i's own item (see
     :func:`negative_bias`). The bias rides in the ``baddbmm`` so the ``[F, n, k]`` logits are written once.
     """
     qs = q / temperature
@@ -29,9 +31,10 @@ def sampled_softmax(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, pos_l
 
 
 def negative_bias(pos_rows: torch.Tensor, neg_rows: torch.Tensor, neg_logq: torch.Tensor) -> torch.Tensor:
-    """``[n, k]``: ``-log Q`` of negative j, or ``-inf`` where it is event i's own item (no self-negatives)."""
+    """``[n, k]``: ``-log Q`` of negative j, or a huge negative where it is event i's own item (no self-negatives)."""
     bias = (-neg_logq).expand(len(pos_rows), -1).clone()
-    bias[pos_rows[:, None] == neg_rows[None, :]] = float("-inf")
+    # a large finite value, not -inf: a row whose only negative is itself must not produce NaN gradients
+    bias[pos_rows[:, None] == neg_rows[None, :]] = _MASKED
     return bias
 
 

@@ -112,7 +112,7 @@ class Stepper:
 
             t = time.perf_counter()
             loss.backward()
-            stats.loss = float(loss)
+            stats.loss = float(loss.detach())
             sec["backward"] += time.perf_counter() - t
 
             t = time.perf_counter()

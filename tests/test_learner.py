@@ -1,0 +1,153 @@
+"""MFLILearner on seeded synthetic streams: codebooks, growth, deletes, cold start, deltas."""
+
+import numpy as np
+import pytest
+import torch
+
+from mfli.config import ModelSettings
+from mfli.events import ItemEvent
+from mfli.learner.learner import MFLILearner
+from mfli.learner.quantizer import auto_codewords
+from mfli.retrieval.base import pool_query
+
+from learner_streams import as_events, clustered_stream
+
+
+def small_settings(**kw) -> ModelSettings:
+    base = dict(dim=16, history=20, warmup_events=2_000, level_interval_events=1_000, negatives=128,
+                usage_interval_steps=5, dead_code_window=3, seed=3)
+    base.update(kw)
+    return ModelSettings(**base)
+
+
+def feed(learner, cols, lo, hi, batch=256):
+    users, items, values, ts, _ = cols
+    for s in range(lo, hi, batch):
+        e = min(hi, s + batch)
+        learner.learn_columns(users[s:e], items[s:e], values[s:e], ts[s:e])
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(2)
+    cols = clustered_stream(n_events=16_000)
+    learner = MFLILearner(small_settings())
+    learner.upsert_items(cols[4])
+    feed(learner, cols, 0, len(cols[0]))
+    return learner, cols
+
+
+def test_codebooks_are_fully_used_at_every_level_of_every_facet(trained):
+    learner, _ = trained
+    rq = learner.rq
+    assert rq.active == 2
+    assert rq.m == auto_codewords(320, 2) == 8
+    # utilisation and perplexity are recomputed over all live items right now
+    live = torch.from_numpy(np.flatnonzero(learner.items.live[: len(learner.items)]))
+    codes = rq.encode(learner.items.vectors(live))
+    for f in range(3):
+        for lv in range(2):
+            used = np.unique(codes[:, f, lv].numpy())
+            assert len(used) / rq.m >= 0.9, (f, lv, used)
+            counts = np.bincount(codes[:, f, lv].numpy(), minlength=rq.m)
+            assert counts.max() <= 0.5 * len(live), f"level {lv} of facet {f} collapsed: {counts}"
+    assert (rq.utilisation >= 0.9).all()
+    assert (rq.perplexity > 4).all()
+
+
+def test_level0_codes_recover_the_planted_clusters(trained):
+    """Engagement facet: items of one planted cluster should share a level-0 codeword mostly."""
+    learner, _ = trained
+    snap = learner.snapshot()
+    cluster = np.asarray([int(i[1:]) // 40 for i in snap.item_ids])
+    purity = []
+    for c in range(8):
+        codes = snap.codes[cluster == c, 0, 0]
+        purity.append(np.bincount(codes).max() / len(codes))
+    assert np.mean(purity) > 0.6, purity
+
+
+def test_history_queries_rank_the_users_cluster_first(trained):
+    learner, cols = trained
+    snap = learner.snapshot()
+    hist, _ = learner.user_history("u0")
+    row_of = snap.row_of()
+    rows = np.asarray([row_of[i] for i in hist])
+    q = pool_query(snap.vectors[rows], learner.settings.recency_decay)
+    top = np.argsort(-(snap.vectors.reshape(snap.n_items, -1) @ q.reshape(-1)))[:20]
+    home = np.bincount([int(i[1:]) // 40 for i in hist]).argmax()
+    share = np.mean([int(snap.item_ids[r][1:]) // 40 == home for r in top])
+    assert share >= 0.7, share
+
+
+def test_tables_grow_and_new_items_get_rows_on_first_sight():
+    learner = MFLILearner(small_settings())
+    cap = learner.items.emb.shape[0]
+    ids = [f"x{n}" for n in range(cap + 5)]
+    learner.learn_columns(["u"] * len(ids), ids, np.ones(len(ids), np.float32), np.arange(len(ids)))
+    assert len(learner.items) == cap + 5
+    assert learner.items.emb.shape[0] == 2 * cap
+    norms = learner.items.vectors().norm(dim=2)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+    assert learner.snapshot().live.all()
+
+
+def test_deleted_items_leave_the_live_set_at_once_and_are_not_trained():
+    learner = MFLILearner(small_settings())
+    learner.learn_columns(["u1", "u1", "u2"], ["a", "b", "a"], np.ones(3, np.float32), np.arange(3))
+    learner.drain_changed()
+    assert learner.delete_items(["a"]) == 1
+    snap = learner.snapshot()
+    assert not snap.live[snap.row_of()["a"]]
+    deltas = learner.drain_changed()
+    assert [(d.item_id, d.deleted) for d in deltas] == [("a", True)]
+    before = learner.items.vectors(np.asarray([0])).clone()
+    learner.learn_columns(["u1", "u2"], ["a", "b"], np.ones(2, np.float32), np.arange(3, 5))
+    assert torch.equal(learner.items.vectors(np.asarray([0])), before)
+    assert "a" not in {d.item_id for d in learner.drain_changed()}
+    learner.upsert_items([ItemEvent(item_id="a", tags=["t"])])
+    assert learner.snapshot().live[0]
+
+
+def test_cold_items_start_near_items_sharing_their_tags(trained):
+    learner, _ = trained
+    learner.upsert_items([ItemEvent(item_id="new-c3", tags=["c3"])])
+    snap = learner.snapshot()
+    row = snap.row_of()["new-c3"]
+    cluster = np.asarray([int(i[1:]) // 40 if i.startswith("i") else -1 for i in snap.item_ids])
+    sims = (snap.vectors.reshape(snap.n_items, -1) @ snap.vectors[row].reshape(-1))
+    assert sims[cluster == 3].mean() > sims[(cluster >= 0) & (cluster != 3)].mean() + 0.5
+
+
+def test_drain_changed_reports_each_touched_row_once_with_current_state():
+    cols = clustered_stream(n_events=3_000, seed=5)
+    learner = MFLILearner(small_settings())
+    feed(learner, cols, 0, 3_000)
+    deltas = learner.drain_changed()
+    rows = [d.row for d in deltas]
+    assert len(rows) == len(set(rows)) == len(learner.items)
+    snap = learner.snapshot()
+    for d in deltas[:10]:
+        np.testing.assert_allclose(d.vectors, snap.vectors[d.row], atol=1e-6)
+        np.testing.assert_array_equal(d.codes, snap.codes[d.row])
+        assert d.prior == pytest.approx(float(snap.prior[d.row]), rel=1e-5)
+        assert d.version >= 1 and d.event_ts > 0
+    assert learner.drain_changed() == []
+
+
+def test_event_objects_and_columns_train_identically():
+    cols = clustered_stream(n_events=1_500, seed=7)
+    a, b = MFLILearner(small_settings()), MFLILearner(small_settings())
+    feed(a, cols, 0, 1_500, batch=500)
+    users, items, values, ts, _ = cols
+    for s in range(0, 1_500, 500):
+        b.learn(as_events(users, items, values, ts, s, s + 500))
+    assert torch.equal(a.items.emb, b.items.emb)
+    assert a.user_history("u1") == b.user_history("u1")
+
+
+def test_user_history_keeps_the_last_h_items_oldest_first():
+    learner = MFLILearner(small_settings(history=3))
+    learner.learn_columns(["u"] * 5, list("abcde"), np.ones(5, np.float32), np.arange(5) * 10)
+    assert learner.user_history("u") == (["c", "d", "e"], [20, 30, 40])
+    assert learner.user_history("nobody") == ([], [])
