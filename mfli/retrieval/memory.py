@@ -1,0 +1,93 @@
+"""An in-memory :class:`~mfli.retrieval.base.IndexView` built from an :class:`ItemSnapshot`.
+
+Evaluation and benchmarks use it to run the learned-index path without LMDB. It builds clusters with
+the same code (:mod:`mfli.retrieval.clusters`, split/merge included) as the indexer's full pass, so a
+recall measured here is the recall the LMDB index serves on the same state.
+
+Posting lists are one CSR layout per facet: rows sorted by (cluster, descending prior), plus offsets.
+``members(f, c, limit)`` is then a slice, and truncating to N_k keeps the most popular members.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mfli.retrieval.clusters import FacetClusters, build_facet_clusters
+from mfli.retrieval.snapshot import ItemSnapshot
+
+
+class MemoryIndexView:
+    """Clusters, posting lists and priors of one snapshot, held in numpy arrays."""
+
+    def __init__(
+        self,
+        snapshot: ItemSnapshot,
+        target: int = 32,
+        b_low: int = 8,
+        b_upp: int = 256,
+        split_merge: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.snapshot = snapshot
+        self.facets, self.dim, self.levels = snapshot.facets, snapshot.dim, snapshot.levels
+        self._vectors = snapshot.vectors
+        self._prior = snapshot.prior.astype(np.float32, copy=False)
+        self._codebooks = snapshot.codebooks
+        live = snapshot.live_rows()
+        self._live = live
+        self._assign = np.full((snapshot.n_items, self.facets), -1, dtype=np.int64)
+        self.clusters: list[FacetClusters] = []
+        self._sorted_rows: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        for f in range(self.facets):
+            fc, assign = build_facet_clusters(
+                snapshot.codes[live, f], snapshot.vectors[live, f], snapshot.codebooks[f],
+                target=target, b_low=b_low, b_upp=b_upp, split_merge=split_merge, seed=seed + f,
+            )
+            self.clusters.append(fc)
+            self._assign[live, f] = assign
+            order = np.lexsort((-self._prior[live], assign))
+            self._sorted_rows.append(live[order])
+            counts = np.bincount(assign, minlength=len(fc.centroids))
+            self._offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        self._trending = live[np.argsort(-self._prior[live], kind="stable")]
+
+    @classmethod
+    def from_settings(cls, snapshot: ItemSnapshot, index_settings, seed: int = 0) -> "MemoryIndexView":
+        return cls(
+            snapshot, target=index_settings.target_cluster_size, b_low=index_settings.b_low,
+            b_upp=index_settings.b_upp, split_merge=index_settings.split_merge, seed=seed,
+        )
+
+    # --- IndexView ------------------------------------------------------------------------------------
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self._vectors[rows]
+
+    def prior(self, rows: np.ndarray) -> np.ndarray:
+        return self._prior[rows]
+
+    def clusters_of(self, rows: np.ndarray) -> np.ndarray:
+        return self._assign[rows]
+
+    def members(self, facet: int, cluster: int, limit: int) -> np.ndarray:
+        offsets = self._offsets[facet]
+        if cluster < 0 or cluster + 1 >= offsets.size:
+            return np.empty(0, np.int64)
+        start, end = offsets[cluster], offsets[cluster + 1]
+        return self._sorted_rows[facet][start : min(end, start + limit)]
+
+    def codebooks(self) -> np.ndarray:
+        return self._codebooks
+
+    def path_clusters(self, facet: int, path: tuple[int, ...]) -> np.ndarray:
+        return self.clusters[facet].path_clusters(path)
+
+    def trending(self, n: int) -> np.ndarray:
+        return self._trending[:n]
+
+    def live_rows(self) -> np.ndarray:
+        return self._live
+
+    # --- introspection used by reports ------------------------------------------------------------------
+    def cluster_sizes(self, facet: int) -> np.ndarray:
+        return np.diff(self._offsets[facet])
