@@ -1,0 +1,444 @@
+"""The single LMDB writer: applies learner deltas (and codebooks) to the index, Kafka-free.
+
+:class:`IndexWriter` is the whole indexer minus the Kafka loop, so tests and benchmarks drive it
+directly. Each :meth:`IndexWriter.apply` is ONE write transaction holding the item changes *and* the
+source offsets they came from, so after a crash the stored offsets say exactly where to resume, and a
+replayed delta (version not newer than the stored one) is a no-op.
+
+The writer keeps a small in-memory mirror of per-item columns (version, prior, cluster per facet,
+liveness) loaded from LMDB at start: drift detection, replay filtering and the trending list then cost
+numpy operations instead of LMDB reads. LMDB stays the truth; the mirror is updated only after a
+commit succeeds.
+
+Drift: an item moves between posting lists only when its cluster in a facet changed. Members added
+by delta are appended to the posting list (the prior order is restored by the next full pass); with
+clusters bounded by B_upp <= N_k a request reads every member anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import orjson
+
+from mfli import metrics
+from mfli.config import IndexSettings, Settings
+from mfli.deltas import CodebookSnapshot, DeltaBatch, ItemDelta
+from mfli.retrieval.clusters import FacetClusters, path_keys
+from mfli.storage import layout as L
+
+log = logging.getLogger(__name__)
+
+#: rows kept in ``meta:trending`` (the server's trending source reads a prefix of it)
+TRENDING_STORED = 1000
+#: at most this many freshness observations per batch (Histogram.observe per item would cost ~10%)
+FRESHNESS_SAMPLES = 256
+
+
+@dataclass
+class ApplyResult:
+    applied: int = 0
+    skipped: int = 0  # not newer than the stored version (replays)
+    deleted: int = 0
+    moved: list[int] = field(default_factory=list)  # per facet: items whose cluster changed
+    index_version: int = 0
+
+
+class _Mirror:
+    """Dense per-row columns of the stored items (row -> state), grown by doubling."""
+
+    def __init__(self, facets: int) -> None:
+        self.facets = facets
+        self.version = np.full(0, -1, np.int64)
+        self.prior = np.zeros(0, np.float32)
+        self.clusters = np.full((0, facets), -1, np.int64)
+        self.live = np.zeros(0, bool)
+        self.exists = np.zeros(0, bool)
+
+    def ensure(self, n: int) -> None:
+        cap = self.version.size
+        if n <= cap:
+            return
+        new = max(n, 2 * cap, 1024)
+        grow = new - cap
+        self.version = np.concatenate([self.version, np.full(grow, -1, np.int64)])
+        self.prior = np.concatenate([self.prior, np.zeros(grow, np.float32)])
+        self.clusters = np.concatenate([self.clusters, np.full((grow, self.facets), -1, np.int64)])
+        self.live = np.concatenate([self.live, np.zeros(grow, bool)])
+        self.exists = np.concatenate([self.exists, np.zeros(grow, bool)])
+
+
+def _settings(settings: IndexSettings | Settings | None) -> IndexSettings:
+    if settings is None:
+        return IndexSettings()
+    return settings.index if isinstance(settings, Settings) else settings
+
+
+class IndexWriter:
+    """Owns the index LMDB environment for writing. One per index directory (LMDB allows one writer)."""
+
+    def __init__(self, path: str | Path, settings: IndexSettings | Settings | None = None) -> None:
+        self.settings = _settings(settings)
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(self.path), map_size=self.settings.map_size, max_dbs=L.MAX_DBS, lock=True, readahead=False,
+            subdir=True, metasync=True, sync=True,
+        )
+        with self.env.begin(write=True) as txn:
+            self.db = {name: self.env.open_db(name.encode(), txn=txn) for name in L.DB_NAMES}
+        self.shape: dict[str, int] | None = None
+        self.vec_dtype = np.dtype("<f2") if self.settings.store_float16 else np.dtype("<f4")
+        self.clusters: list[FacetClusters] | None = None
+        self.mirror: _Mirror | None = None
+        self.index_version = 0
+        self.offsets: dict[str, int] = {}
+        self._pending_clusters: dict[int, FacetClusters] = {}  # path maps grown in an open transaction
+        self._load()
+
+    # --- start-up -------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        with self.env.begin(buffers=True) as txn:
+            meta = self.db["meta"]
+            raw = txn.get(b"shape", db=meta)
+            self.index_version = L.unpack_i64(txn.get(b"index_version", db=meta))
+            raw_offsets = txn.get(b"offsets", db=meta)
+            self.offsets = orjson.loads(bytes(raw_offsets)) if raw_offsets is not None else {}
+            vd = txn.get(b"vec_dtype", db=meta)
+            if vd is not None:
+                self.vec_dtype = np.dtype(bytes(vd).decode())
+            if raw is None:
+                return
+            self.shape = orjson.loads(bytes(raw))
+            self.mirror = _Mirror(self.shape["facets"])
+            with txn.cursor(db=self.db["rec"]) as cur:
+                pairs = list(cur.iternext(keys=True, values=True))
+            if pairs:
+                rows = L.key_rows([bytes(k) for k, _ in pairs])
+                rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype())
+                m = self.mirror
+                m.ensure(int(rows.max()) + 1)
+                m.version[rows], m.prior[rows] = rec["version"], rec["prior"]
+                m.clusters[rows] = rec["clusters"]
+                m.live[rows], m.exists[rows] = rec["deleted"] == 0, True
+            if L.unpack_i64(txn.get(b"clusters_version", db=meta)) > 0:
+                self.clusters = self._load_clusters(txn)
+        log.info("index %s: version %d, %d live items, clusters %s", self.path, self.index_version,
+                 self.n_live, "loaded" if self.clusters else "not built yet")
+
+    def _load_clusters(self, txn) -> list[FacetClusters]:
+        facets, levels, m = self.shape["facets"], self.shape["levels"], self.shape["codewords"]
+        keys: list[list[int]] = [[] for _ in range(facets)]
+        ids: list[list[np.ndarray]] = [[] for _ in range(facets)]
+        with txn.cursor(db=self.db["paths"]) as cur:
+            for k, v in cur.iternext(keys=True, values=True):
+                facet, path = L.path_key_parts(bytes(k))
+                clusters = np.frombuffer(v, dtype="<i8").astype(np.int64)
+                keys[facet].extend([path] * clusters.size)
+                ids[facet].append(clusters)
+        out = []
+        for f in range(facets):
+            cent = np.frombuffer(txn.get(L.facet_key(f), db=self.db["cent"]), dtype="<f4")
+            cent = cent.reshape(-1, self.shape["dim"]).copy()
+            rows = np.flatnonzero(self.mirror.live)
+            sizes = np.bincount(self.mirror.clusters[rows, f][self.mirror.clusters[rows, f] >= 0],
+                                minlength=cent.shape[0])
+            cl = np.concatenate(ids[f]) if ids[f] else np.empty(0, np.int64)
+            out.append(FacetClusters.from_pairs(levels, m, cent, sizes, np.array(keys[f], np.int64), cl))
+        return out
+
+    def _rec_dtype(self) -> np.dtype:
+        assert self.shape is not None
+        return L.record_dtype(self.shape["facets"], self.shape["levels"])
+
+    @property
+    def n_live(self) -> int:
+        return 0 if self.mirror is None else int(self.mirror.live.sum())
+
+    # --- shape and codebooks ------------------------------------------------------------------------------
+    def _ensure_shape(self, txn, facets: int, dim: int, levels: int, codewords: int = 0) -> None:
+        if self.shape is None:
+            self.shape = {"facets": facets, "dim": dim, "levels": levels, "codewords": codewords}
+            self.mirror = _Mirror(facets)
+            txn.put(b"vec_dtype", self.vec_dtype.str.encode(), db=self.db["meta"])
+        elif (self.shape["facets"], self.shape["dim"], self.shape["levels"]) != (facets, dim, levels):
+            raise ValueError(f"delta shape F={facets}, d={dim}, L={levels} does not match the index {self.shape}")
+        if codewords and not self.shape["codewords"]:
+            self.shape["codewords"] = codewords
+        elif codewords and codewords != self.shape["codewords"]:
+            raise ValueError(f"codebook has {codewords} codewords, the index uses {self.shape['codewords']}")
+        txn.put(b"shape", orjson.dumps(self.shape), db=self.db["meta"])
+
+    def _store_codebook(self, txn, snap: CodebookSnapshot) -> None:
+        cb = np.ascontiguousarray(snap.codebooks, dtype="<f4")
+        f, levels, m, d = cb.shape
+        self._ensure_shape(txn, f, d, levels, m)
+        meta = self.db["meta"]
+        latest = L.unpack_i64(txn.get(b"cb_latest", db=meta), default=-1)
+        if snap.version <= latest:
+            return  # replayed or stale snapshot
+        txn.put(L.row_key(snap.version), cb.tobytes(), db=self.db["cb"])
+        txn.put(b"cb_shape", orjson.dumps(list(cb.shape)), db=meta)
+        txn.put(b"cb_latest", L.pack_i64(snap.version), db=meta)
+        in_use = L.unpack_i64(txn.get(b"cb_in_use", db=meta), default=-1)
+        # keep the codebook the clusters were built with and the newest; older ones serve nobody
+        with txn.cursor(db=self.db["cb"]) as cur:
+            stale = [bytes(k) for k in cur.iternext(keys=True, values=False)
+                     if L.key_rows(bytes(k))[0] not in (snap.version, in_use)]
+        for key in stale:
+            txn.delete(key, db=self.db["cb"])
+
+    def latest_codebook(self) -> tuple[int, np.ndarray] | None:
+        with self.env.begin() as txn:
+            version = L.unpack_i64(txn.get(b"cb_latest", db=self.db["meta"]), default=-1)
+            if version < 0:
+                return None
+            shape = orjson.loads(txn.get(b"cb_shape", db=self.db["meta"]))
+            raw = txn.get(L.row_key(version), db=self.db["cb"])
+            return version, np.frombuffer(raw, dtype="<f4").reshape(shape).copy()
+
+    # --- deltas -----------------------------------------------------------------------------------------
+    def apply(
+        self,
+        deltas: DeltaBatch | list[ItemDelta] | None,
+        offsets: dict[str, int] | None = None,
+        codebooks: list[CodebookSnapshot] | None = None,
+    ) -> ApplyResult:
+        """Apply a batch in one write transaction together with the source ``offsets`` it reflects.
+
+        ``offsets`` maps ``"topic:partition"`` to the next offset to read; stored offsets only move forward.
+        """
+        batch = DeltaBatch.from_deltas(deltas) if isinstance(deltas, list) and deltas else deltas
+        if isinstance(batch, list):
+            batch = None
+        result = ApplyResult()
+        now_ms = int(time.time() * 1000)
+        pending = None
+        try:
+            with self.env.begin(write=True) as txn:
+                for snap in codebooks or []:
+                    self._store_codebook(txn, snap)
+                if batch is not None and len(batch):
+                    pending = self._apply_batch(txn, batch, now_ms, result)
+                new_offsets = dict(self.offsets)
+                for key, value in (offsets or {}).items():
+                    new_offsets[key] = max(int(value), new_offsets.get(key, 0))
+                txn.put(b"offsets", orjson.dumps(new_offsets), db=self.db["meta"])
+                txn.put(b"index_version", L.pack_i64(self.index_version + 1), db=self.db["meta"])
+                if pending is not None:
+                    txn.put(b"live", L.pack_i64(int(pending["live_count"])), db=self.db["meta"])
+                    txn.put(b"trending", pending["trending"].astype("<i8").tobytes(), db=self.db["meta"])
+        except Exception as exc:
+            if isinstance(exc, lmdb.MapFullError):
+                metrics.LMDB_ERRORS.labels(kind="map_full").inc()
+            self._reload_after_abort()
+            raise
+        self.index_version += 1
+        self.offsets = new_offsets
+        if pending is not None:
+            self._commit_mirror(pending, batch)
+        self._export(result, batch, int(time.time() * 1000))
+        if self.clusters is None and self.n_live and self.shape and self.shape["codewords"]:
+            self.full_pass()  # bootstrap: the first items and a codebook are here, build clusters
+        result.index_version = self.index_version
+        return result
+
+    def full_pass(self, seed: int = 0):
+        """Re-encode, rebuild split/merged clusters and swap atomically (see :mod:`.full_pass`)."""
+        from mfli.indexer.full_pass import run_full_pass
+
+        return run_full_pass(self, seed=seed)
+
+    def _reload_after_abort(self) -> None:
+        """The transaction aborted: drop in-memory state that may be ahead of LMDB, re-read the truth."""
+        self.shape, self.clusters, self.mirror = None, None, None
+        self._pending_clusters = {}
+        self._load()
+
+    def _apply_batch(self, txn, batch: DeltaBatch, now_ms: int, result: ApplyResult) -> dict:
+        n, facets, dim = batch.vectors.shape
+        levels = batch.codes.shape[2]
+        self._ensure_shape(txn, facets, dim, levels)
+        m = self.mirror
+        assert m is not None
+        # coalesce: newest version per row wins (ties: the later delta in the batch)
+        order = np.lexsort((np.arange(n), batch.versions, batch.rows))
+        last = np.ones(n, bool)
+        last[:-1] = batch.rows[order][1:] != batch.rows[order][:-1]
+        idx = order[last]
+        rows = batch.rows[idx]
+        m.ensure(int(rows.max()) + 1)
+        newer = batch.versions[idx] > m.version[rows]
+        result.skipped = n - int(newer.sum())
+        idx, rows = idx[newer], rows[newer]
+        result.applied = int(idx.size)
+        result.moved = [0] * facets
+        if idx.size == 0:
+            return {"rows": rows, "idx": idx, "new_c": np.empty((0, facets), np.int64),
+                    "live_count": int(m.live.sum()), "trending": self._trending(m.prior, m.live),
+                    "live": np.empty(0, bool)}
+        deleted = batch.deleted[idx]
+        live = ~deleted
+        result.deleted = int(deleted.sum())
+        vectors, codes = batch.vectors[idx], batch.codes[idx]
+        old_c = np.where(m.live[rows, None], m.clusters[rows], -1)
+        new_c = np.full((idx.size, facets), -1, np.int64)
+        path_updates: list[tuple[int, np.ndarray, np.ndarray]] = []
+        if self.clusters is not None and live.any():
+            up = np.flatnonzero(live)
+            for f in range(facets):
+                fc = self.clusters[f]
+                new_c[up, f] = fc.assign(codes[up, f], vectors[up, f])
+                keys = path_keys(codes[up, f], fc.codewords)
+                pos = np.minimum(np.searchsorted(fc.path_key, keys), max(fc.path_key.size - 1, 0))
+                unknown = (fc.path_key[pos] != keys) if fc.path_key.size else np.ones(keys.size, bool)
+                if unknown.any():
+                    path_updates.append((f, keys[unknown], new_c[up[unknown], f]))
+        edits_add, edits_del = [], []
+        for f in range(facets):
+            moved = new_c[:, f] != old_c[:, f]
+            gone = moved & (old_c[:, f] >= 0)
+            came = moved & (new_c[:, f] >= 0)
+            result.moved[f] = int((gone & came).sum())
+            edits_del.append((f, old_c[gone, f], rows[gone]))
+            edits_add.append((f, new_c[came, f], rows[came]))
+        self._edit_postings(txn, edits_del, edits_add)
+        for f, keys, clusters in path_updates:
+            self._add_paths(txn, f, keys, clusters)
+        # item records and vectors
+        rec = np.zeros(idx.size, dtype=self._rec_dtype())
+        rec["version"], rec["event_ts"], rec["update_ts"] = batch.versions[idx], batch.event_ts[idx], now_ms
+        rec["prior"], rec["deleted"], rec["clusters"], rec["codes"] = batch.prior[idx], deleted, new_c, codes
+        keys = L.row_keys(rows)
+        size = rec.dtype.itemsize
+        buf = rec.tobytes()
+        with txn.cursor(db=self.db["rec"]) as cur:
+            cur.putmulti([(k, buf[i * size : (i + 1) * size]) for i, k in enumerate(keys)])
+        up = np.flatnonzero(live)
+        if up.size:
+            vbuf = vectors[up].astype(self.vec_dtype).tobytes()
+            vsize = facets * dim * self.vec_dtype.itemsize
+            with txn.cursor(db=self.db["vec"]) as cur:
+                cur.putmulti([(keys[j], vbuf[i * vsize : (i + 1) * vsize]) for i, j in enumerate(up.tolist())])
+        fresh = np.flatnonzero(~m.exists[rows])
+        if fresh.size:
+            with txn.cursor(db=self.db["row2id"]) as cur:
+                cur.putmulti([(keys[j], batch.item_ids[idx[j]].encode()) for j in fresh.tolist()])
+            with txn.cursor(db=self.db["id2row"]) as cur:
+                cur.putmulti([(batch.item_ids[idx[j]].encode(), keys[j]) for j in fresh.tolist()])
+        prior = m.prior.copy()
+        is_live = m.live.copy()
+        prior[rows], is_live[rows] = batch.prior[idx], live
+        return {"rows": rows, "idx": idx, "new_c": new_c, "live": live, "live_count": int(is_live.sum()),
+                "trending": self._trending(prior, is_live)}
+
+    @staticmethod
+    def _trending(prior: np.ndarray, live: np.ndarray) -> np.ndarray:
+        cand = np.flatnonzero(live)
+        if cand.size > TRENDING_STORED:
+            cand = cand[np.argpartition(-prior[cand], TRENDING_STORED)[:TRENDING_STORED]]
+        return cand[np.lexsort((cand, -prior[cand]))]
+
+    def _edit_postings(self, txn, removals, additions) -> None:
+        """Read every touched posting list once, apply removals and appends in bulk, write each once."""
+        touched = {}
+        for f, clusters, _ in removals + additions:
+            for c in np.unique(clusters).tolist():
+                touched.setdefault((f, c), len(touched))
+        if not touched:
+            return
+        keys = [L.post_key(f, c) for f, c in touched]
+        with txn.cursor(db=self.db["post"]) as cur:
+            found = dict((bytes(k), v) for k, v in cur.getmulti(keys))
+        values = [found.get(k, b"") for k in keys]
+        lengths = np.array([len(v) // 8 for v in values], dtype=np.int64)
+        cur_rows = np.frombuffer(b"".join(values), dtype="<i8").astype(np.int64)
+        cur_label = np.repeat(np.arange(len(keys), dtype=np.int64), lengths)
+
+        def labelled(edits) -> tuple[np.ndarray, np.ndarray]:
+            labels, rows = [], []
+            for f, clusters, r in edits:
+                if clusters.size:
+                    lut = np.array([touched[(f, c)] for c in clusters.tolist()], dtype=np.int64)
+                    labels.append(lut)
+                    rows.append(r)
+            if not labels:
+                return np.empty(0, np.int64), np.empty(0, np.int64)
+            return np.concatenate(labels), np.concatenate(rows)
+
+        del_label, del_rows = labelled(removals)
+        add_label, add_rows = labelled(additions)
+        shift = np.int64(1) << np.int64(40)
+        keep = ~np.isin(cur_label * shift + cur_rows, del_label * shift + del_rows)
+        all_label = np.concatenate([cur_label[keep], add_label])
+        all_rows = np.concatenate([cur_rows[keep], add_rows])
+        order = np.argsort(all_label, kind="stable")
+        all_rows, all_label = all_rows[order], all_label[order]
+        counts = np.bincount(all_label, minlength=len(keys))
+        bounds = np.concatenate([[0], np.cumsum(counts)]) * 8
+        buf = all_rows.astype("<i8").tobytes()
+        puts = [(k, buf[bounds[i] : bounds[i + 1]]) for i, k in enumerate(keys) if counts[i]]
+        for i, k in enumerate(keys):
+            if counts[i] == 0 and k in found:
+                txn.delete(k, db=self.db["post"])
+        with txn.cursor(db=self.db["post"]) as cur:
+            cur.putmulti(puts)
+
+    def _add_paths(self, txn, facet: int, keys: np.ndarray, clusters: np.ndarray) -> None:
+        """New code paths seen in deltas join the path map (so path lookups find their items)."""
+        fc = self.clusters[facet]
+        per_path = np.repeat(fc.path_key, np.diff(fc.path_ptr))
+        merged = FacetClusters.from_pairs(
+            fc.levels, fc.codewords, fc.centroids, fc.sizes,
+            np.concatenate([per_path, keys]), np.concatenate([fc.path_ids, clusters]),
+        )
+        for key in np.unique(keys).tolist():
+            i = int(np.searchsorted(merged.path_key, key))
+            ids = merged.path_ids[merged.path_ptr[i] : merged.path_ptr[i + 1]]
+            txn.put(L.path_key_bytes(facet, key), ids.astype("<i8").tobytes(), db=self.db["paths"])
+        self._pending_clusters[facet] = merged
+
+    def _commit_mirror(self, pending: dict, batch: DeltaBatch) -> None:
+        """After a successful commit: bring the mirror, path maps and cluster sizes up to date."""
+        m = self.mirror
+        rows, idx, new_c = pending["rows"], pending["idx"], pending["new_c"]
+        for f, merged in self._pending_clusters.items():
+            self.clusters[f] = merged
+        self._pending_clusters = {}
+        if idx.size:
+            old = np.where(m.live[rows, None], m.clusters[rows], -1)
+            if self.clusters is not None:
+                for f, fc in enumerate(self.clusters):
+                    moved = old[:, f] != new_c[:, f]
+                    np.subtract.at(fc.sizes, old[moved & (old[:, f] >= 0), f], 1)
+                    np.add.at(fc.sizes, new_c[moved & (new_c[:, f] >= 0), f], 1)
+            m.version[rows], m.prior[rows] = batch.versions[idx], batch.prior[idx]
+            m.clusters[rows], m.live[rows], m.exists[rows] = new_c, pending["live"], True
+
+    def _export(self, result: ApplyResult, batch: DeltaBatch | None, now_ms: int) -> None:
+        metrics.DELTAS_APPLIED.inc(result.applied)
+        for f, count in enumerate(result.moved):
+            if count:
+                metrics.REASSIGNMENTS.labels(facet=str(f)).inc(count)
+        metrics.INDEX_VERSION.set(self.index_version)
+        metrics.INDEX_ITEMS.set(self.n_live)
+        for key, value in self.offsets.items():
+            metrics.INDEX_APPLIED_OFFSET.labels(partition=key).set(value)
+        if batch is not None and result.applied:
+            ts = batch.event_ts[:: max(1, len(batch) // FRESHNESS_SAMPLES)]
+            for lag in ((now_ms - ts) / 1000.0).tolist():
+                metrics.FRESHNESS_SECONDS.observe(max(lag, 0.0))
+
+    def reader(self):
+        """An :class:`~mfli.storage.index_lmdb.LmdbIndex` sharing this process's environment."""
+        from mfli.storage.index_lmdb import LmdbIndex
+
+        return LmdbIndex(self.path, self.settings.map_size, env=self.env)
+
+    def close(self) -> None:
+        self.env.close()

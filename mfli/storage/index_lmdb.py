@@ -1,0 +1,265 @@
+"""Read side of the index LMDB: :class:`LmdbIndex` (the environment) and :class:`LmdbIndexView`.
+
+The byte layout is documented in :mod:`mfli.storage.layout`. A view wraps ONE read transaction, so a
+request sees a consistent snapshot even while the indexer commits deltas or swaps in a full pass;
+LMDB readers never block the single writer. The environment is opened lazily and re-opened in a
+forked child (LMDB handles must not cross ``fork``), read-only, with ``readahead`` off (random access
+over a file larger than the page cache would otherwise thrash).
+
+Hot-path reads (``vectors``, ``prior``, ``clusters_of``) fetch all keys with one ``Cursor.getmulti``
+call and decode the joined bytes with ``np.frombuffer``: no per-item Python objects beyond the keys.
+Whole-catalogue reads (``live_rows``, :meth:`LmdbIndex.all_vectors` for exact search) are cached per
+``index_version``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import orjson
+
+from mfli.storage import layout as L
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """What ``/v1/items/{id}`` shows about one indexed item."""
+
+    item_id: str
+    row: int
+    version: int
+    event_ts: int
+    update_ts: int
+    prior: float
+    deleted: bool
+    clusters: list[int]  # per facet, -1 if not indexed
+    codes: list[list[int]]  # per facet, per level
+
+
+class LmdbIndex:
+    """A read-only handle on the index environment, safe to create before ``fork``."""
+
+    def __init__(self, path: str | Path, map_size: int = 8 << 30, env: lmdb.Environment | None = None) -> None:
+        """``env``: share an environment already open in this process (py-lmdb refuses to open one
+        twice, so an in-process reader of the writer's index passes ``writer.env``)."""
+        self.path = Path(path)
+        self.map_size = map_size
+        self._env: lmdb.Environment | None = None
+        self._pid = -1
+        if env is not None:
+            with env.begin() as txn:
+                self._dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in L.DB_NAMES}
+            self._env, self._pid = env, os.getpid()
+        self._dbs: dict[str, object] = getattr(self, "_dbs", {})
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[int, object]] = {}
+
+    def env(self) -> lmdb.Environment:
+        if self._env is None or self._pid != os.getpid():
+            with self._lock:
+                if self._env is None or self._pid != os.getpid():
+                    self._open()
+        assert self._env is not None
+        return self._env
+
+    def _open(self) -> None:
+        env = lmdb.open(
+            str(self.path), map_size=self.map_size, max_dbs=L.MAX_DBS, readonly=True, lock=True,
+            readahead=False, subdir=True, create=False,
+        )
+        with env.begin() as txn:
+            self._dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in L.DB_NAMES}
+        self._env, self._pid = env, os.getpid()
+
+    def db(self, name: str) -> object:
+        self.env()
+        return self._dbs[name]
+
+    def view(self) -> "LmdbIndexView":
+        """A view over a fresh read transaction; use as a context manager (or call ``close()``)."""
+        return LmdbIndexView(self)
+
+    def cached(self, name: str, version: int, build):
+        """Per-index-version memo shared by views (exact-search vectors, live rows, codebooks)."""
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = build()
+        self._cache[name] = (version, value)
+        return value
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            self._env.close()
+        self._env = None
+
+
+class LmdbIndexView:
+    """:class:`~mfli.retrieval.base.IndexView` over one LMDB read transaction (a consistent snapshot)."""
+
+    def __init__(self, index: LmdbIndex) -> None:
+        self._index = index
+        env = index.env()
+        self._txn = env.begin(buffers=True)
+        shape = self._meta_json(b"shape")
+        if shape is None:
+            self._txn.abort()
+            raise RuntimeError(f"index at {index.path} is empty (no shape written yet)")
+        self.facets, self.dim = int(shape["facets"]), int(shape["dim"])
+        self.levels, self.codewords = int(shape["levels"]), int(shape["codewords"])
+        self.version = L.unpack_i64(self._get("meta", b"index_version"))
+        vec_dtype = self._get("meta", b"vec_dtype")
+        self._vec_dtype = np.dtype(bytes(vec_dtype).decode()) if vec_dtype is not None else np.dtype("<f4")
+        self._rec_dtype = L.record_dtype(self.facets, self.levels)
+
+    # --- plumbing ---------------------------------------------------------------------------------------
+    def __enter__(self) -> "LmdbIndexView":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._txn.abort()
+
+    def _get(self, db: str, key: bytes):
+        return self._txn.get(key, db=self._index.db(db))
+
+    def _meta_json(self, key: bytes):
+        raw = self._get("meta", key)
+        return None if raw is None else orjson.loads(bytes(raw))
+
+    def _multi(self, db: str, rows: np.ndarray) -> bytes:
+        """Joined values of ``rows`` in ``db``, in order (getmulti skips missing keys: that raises)."""
+        keys = L.row_keys(rows)
+        with self._txn.cursor(db=self._index.db(db)) as cur:
+            found = cur.getmulti(keys)
+        if len(found) != len(keys):
+            missing = set(keys) - {bytes(k) for k, _ in found}
+            raise KeyError(f"rows not in the index: {sorted(L.key_rows(list(missing)).tolist())[:10]}")
+        return b"".join(v for _, v in found)
+
+    def records(self, rows: np.ndarray) -> np.ndarray:
+        """Structured ``rec`` array (:func:`~mfli.storage.layout.record_dtype`) of the given rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.empty(0, dtype=self._rec_dtype)
+        return np.frombuffer(self._multi("rec", rows), dtype=self._rec_dtype)
+
+    # --- IndexView --------------------------------------------------------------------------------------
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return np.empty((0, self.facets, self.dim), dtype=np.float32)
+        raw = np.frombuffer(self._multi("vec", rows), dtype=self._vec_dtype)
+        return raw.reshape(rows.size, self.facets, self.dim).astype(np.float32, copy=False)
+
+    def prior(self, rows: np.ndarray) -> np.ndarray:
+        return self.records(rows)["prior"].astype(np.float32)
+
+    def clusters_of(self, rows: np.ndarray) -> np.ndarray:
+        rec = self.records(rows)
+        out = rec["clusters"].astype(np.int64).reshape(-1, self.facets)
+        out[rec["deleted"] != 0] = -1
+        return out
+
+    def members(self, facet: int, cluster: int, limit: int) -> np.ndarray:
+        if cluster < 0:
+            return np.empty(0, np.int64)
+        raw = self._get("post", L.post_key(facet, cluster))
+        if raw is None:
+            return np.empty(0, np.int64)
+        return np.frombuffer(raw, dtype="<i8", count=min(limit, len(raw) // 8)).copy()
+
+    def codebooks(self) -> np.ndarray:
+        version = L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
+        if version < 0:
+            version = L.unpack_i64(self._get("meta", b"cb_latest"), default=-1)
+        if version < 0:
+            raise RuntimeError("index holds no codebook yet")
+
+        def load() -> np.ndarray:
+            shape = tuple(self._meta_json(b"cb_shape"))
+            raw = self._get("cb", L.row_key(version))
+            return np.frombuffer(bytes(raw), dtype="<f4").reshape(shape)
+
+        return self._index.cached("codebooks", version, load)
+
+    def path_clusters(self, facet: int, path: tuple[int, ...]) -> np.ndarray:
+        key = 0
+        for code in path:
+            key = key * self.codewords + int(code)
+        raw = self._get("paths", L.path_key_bytes(facet, key))
+        return np.empty(0, np.int64) if raw is None else np.frombuffer(raw, dtype="<i8").copy()
+
+    def trending(self, n: int) -> np.ndarray:
+        raw = self._get("meta", b"trending")
+        stored = np.empty(0, np.int64) if raw is None else np.frombuffer(raw, dtype="<i8")
+        if n <= stored.size or stored.size >= self.n_live():
+            return stored[:n].copy()
+        live = self.live_rows()
+        prior = self.prior(live)
+        return live[np.argsort(-prior, kind="stable")[:n]]
+
+    def live_rows(self) -> np.ndarray:
+        return self._index.cached("live_rows", self.version, self._scan_live)
+
+    # --- beyond the protocol ----------------------------------------------------------------------------
+    def n_live(self) -> int:
+        return L.unpack_i64(self._get("meta", b"live"))
+
+    def offsets(self) -> dict[str, int]:
+        return self._meta_json(b"offsets") or {}
+
+    def row_of(self, item_id: str) -> int | None:
+        raw = self._get("id2row", item_id.encode())
+        return None if raw is None else int(L.key_rows(bytes(raw))[0])
+
+    def rows_of(self, item_ids: list[str]) -> np.ndarray:
+        """Rows of external ids, -1 for unknown ones."""
+        with self._txn.cursor(db=self._index.db("id2row")) as cur:
+            return np.array([-1 if (v := cur.get(i.encode())) is None else L.key_rows(bytes(v))[0]
+                             for i in item_ids], dtype=np.int64)
+
+    def item_ids(self, rows: np.ndarray) -> list[str]:
+        with self._txn.cursor(db=self._index.db("row2id")) as cur:
+            return [bytes(v).decode() for _, v in cur.getmulti(L.row_keys(rows))]
+
+    def item(self, item_id: str) -> ItemInfo | None:
+        """The server's ``/v1/items/{id}``: codes, clusters, version and last update of one item."""
+        row = self.row_of(item_id)
+        if row is None:
+            return None
+        rec = self.records(np.array([row]))[0]
+        clusters = [-1] * self.facets if rec["deleted"] else [int(c) for c in rec["clusters"]]
+        return ItemInfo(
+            item_id=item_id, row=row, version=int(rec["version"]), event_ts=int(rec["event_ts"]),
+            update_ts=int(rec["update_ts"]), prior=float(rec["prior"]), deleted=bool(rec["deleted"]),
+            clusters=clusters, codes=rec["codes"].tolist(),
+        )
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(live rows, float32[n, F, d]) for exact search, cached per index version."""
+
+        def build() -> tuple[np.ndarray, np.ndarray]:
+            rows = self.live_rows()
+            return rows, self.vectors(rows)
+
+        return self._index.cached("all_vectors", self.version, build)
+
+    def _scan_live(self) -> np.ndarray:
+        with self._txn.cursor(db=self._index.db("rec")) as cur:
+            pairs = list(cur.iternext(keys=True, values=True))
+        if not pairs:
+            return np.empty(0, np.int64)
+        rows = L.key_rows([bytes(k) for k, _ in pairs])
+        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+        return rows[rec["deleted"] == 0]

@@ -1,0 +1,110 @@
+"""Byte layout of the index LMDB, shared by its single writer (``mfli.indexer``) and every reader.
+
+One LMDB environment (a directory) with these named sub-databases. Integers in keys are big-endian so
+LMDB's byte order is numeric order; integers and floats in values are little-endian so readers can
+``np.frombuffer`` them without copying.
+
+=========  ================================  =====================================================
+sub-db     key                               value
+=========  ================================  =====================================================
+``rec``    row (u64 BE)                      :func:`record_dtype` struct: version, event_ts,
+                                             update_ts (ms), prior (f32), deleted (u8), cluster
+                                             per facet (i64[F]), codes (i32[F, L])
+``vec``    row (u64 BE)                      float32[F, d] (or float16, ``meta:vec_dtype``)
+``row2id`` row (u64 BE)                      external item id, UTF-8
+``id2row`` item id, UTF-8                    row (u64 BE)
+``post``   facet (u16 BE) + cluster (u64 BE) posting list: packed little-endian int64 rows, in
+                                             descending prior as of the last full pass; members
+                                             that arrive by delta are appended
+``paths``  facet (u16 BE) + path key (i64 BE) int64 cluster ids the code path maps to (ascending)
+``cent``   facet (u16 BE)                    float32[C, d] cluster centroids of that facet
+``cb``     codebook version (u64 BE)         float32[F, L, M, d] codebooks (shape in ``meta:cb_shape``)
+``meta``   ascii name                        see below
+=========  ================================  =====================================================
+
+Meta keys: ``index_version`` (i64, bumps on every committed write), ``offsets`` (JSON
+``{"topic:partition": next_offset}``, the source offsets this state reflects, written in the same
+transaction as the state), ``shape`` (JSON ``{"facets", "dim", "levels", "codewords"}``),
+``cb_latest`` / ``cb_in_use`` (i64 codebook versions: newest stored / used by the current clusters),
+``clusters_version`` (i64, bumps per full pass), ``full_pass_ts`` (i64 ms), ``live`` (i64 count of
+live items), ``trending`` (int64 rows of the highest-prior live items, descending), ``vec_dtype``.
+
+Path keys are mixed-radix numbers of the code path (:func:`mfli.retrieval.clusters.path_keys`).
+A full pass replaces ``post``, ``paths`` and ``cent`` and rewrites every ``rec`` inside ONE write
+transaction: a reader's transaction sees the old index or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+DB_NAMES = ("rec", "vec", "row2id", "id2row", "post", "paths", "cent", "cb", "meta")
+MAX_DBS = 16
+
+_U64 = struct.Struct(">Q")
+_FACET_CLUSTER = struct.Struct(">HQ")
+_FACET_PATH = struct.Struct(">Hq")
+_I64 = struct.Struct("<q")
+
+
+def record_dtype(facets: int, levels: int) -> np.dtype:
+    """Packed numpy struct of one ``rec`` value (77 bytes for F=3, L=2)."""
+    return np.dtype(
+        [
+            ("version", "<i8"),
+            ("event_ts", "<i8"),
+            ("update_ts", "<i8"),
+            ("prior", "<f4"),
+            ("deleted", "u1"),
+            ("clusters", "<i8", (facets,)),
+            ("codes", "<i4", (facets, levels)),
+        ]
+    )
+
+
+def row_key(row: int) -> bytes:
+    return _U64.pack(row)
+
+
+def row_keys(rows: np.ndarray) -> list[bytes]:
+    """Keys for many rows at once (one numpy conversion, then bytes slicing)."""
+    buf = np.asarray(rows, dtype=">u8").tobytes()
+    return [buf[i : i + 8] for i in range(0, len(buf), 8)]
+
+
+def key_rows(keys: list[bytes] | bytes) -> np.ndarray:
+    """Inverse of :func:`row_keys` (accepts the joined bytes too)."""
+    buf = keys if isinstance(keys, bytes) else b"".join(keys)
+    return np.frombuffer(buf, dtype=">u8").astype(np.int64)
+
+
+def post_key(facet: int, cluster: int) -> bytes:
+    return _FACET_CLUSTER.pack(facet, cluster)
+
+
+def post_key_parts(key: bytes) -> tuple[int, int]:
+    facet, cluster = _FACET_CLUSTER.unpack(key)
+    return int(facet), int(cluster)
+
+
+def path_key_bytes(facet: int, key: int) -> bytes:
+    return _FACET_PATH.pack(facet, key)
+
+
+def path_key_parts(key: bytes) -> tuple[int, int]:
+    facet, path = _FACET_PATH.unpack(key)
+    return int(facet), int(path)
+
+
+def facet_key(facet: int) -> bytes:
+    return struct.pack(">H", facet)
+
+
+def pack_i64(value: int) -> bytes:
+    return _I64.pack(value)
+
+
+def unpack_i64(raw: bytes | None, default: int = 0) -> int:
+    return default if raw is None else int(_I64.unpack(raw)[0])

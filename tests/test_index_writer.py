@@ -1,0 +1,177 @@
+"""IndexWriter over a real LMDB: replay no-op, drift, deletes, checker, equivalence with the memory index."""
+
+import lmdb
+import numpy as np
+import pytest
+
+from mfli import metrics
+from mfli.config import IndexSettings
+from mfli.deltas import CodebookSnapshot, DeltaBatch
+from mfli.indexer.check import check_index
+from mfli.indexer.full_pass import encode
+from mfli.indexer.writer import IndexWriter
+from mfli.retrieval.base import Query
+from mfli.retrieval.learned import LearnedIndexRetriever
+from mfli.retrieval.memory import MemoryIndexView
+from mfli.retrieval.snapshot import ItemSnapshot
+from mfli.storage import layout as L
+
+F, D, LV, M = 3, 16, 2, 8
+SETTINGS = IndexSettings(map_size=1 << 28, target_cluster_size=16)
+
+
+def _catalogue(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    cb = (0.4 * rng.normal(size=(F, LV, M, D))).astype(np.float32)
+    centers = rng.normal(size=(20, F, D))
+    v = (centers[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, F, D))).astype(np.float32)
+    v /= np.linalg.norm(v, axis=2, keepdims=True)
+    codes = np.stack([encode(v[:, f], cb[f]) for f in range(F)], axis=1)
+    prior = rng.random(n).astype(np.float32)
+    return cb, v, codes, prior
+
+
+def _batch(rows, v, codes, prior, version=1, deleted=None) -> DeltaBatch:
+    rows = np.asarray(rows, dtype=np.int64)
+    n = rows.size
+    return DeltaBatch([f"i{r}" for r in rows.tolist()], rows, np.full(n, version, np.int64),
+                      np.full(n, 1_000, np.int64), v[rows], codes[rows], prior[rows],
+                      np.zeros(n, bool) if deleted is None else deleted, [])
+
+
+def _dump(path_or_env) -> dict[str, dict[bytes, bytes]]:
+    """Every sub-db except the per-commit meta counters, for state comparisons."""
+    env = path_or_env
+    out = {}
+    with env.begin() as txn:
+        for name in L.DB_NAMES:
+            db = env.open_db(name.encode(), txn=txn, create=False)
+            out[name] = {k: v for k, v in txn.cursor(db=db)}
+    for key in (b"index_version", b"offsets", b"full_pass_ts"):
+        out["meta"].pop(key, None)
+    for key, value in list(out["rec"].items()):  # update_ts is wall-clock time
+        rec = np.frombuffer(value, dtype=L.record_dtype(F, LV)).copy()
+        rec["update_ts"] = 0
+        out["rec"][key] = rec.tobytes()
+    return out
+
+
+@pytest.fixture
+def writer(tmp_path):
+    w = IndexWriter(tmp_path / "index", SETTINGS)
+    yield w
+    w.close()
+
+
+def test_replay_is_a_no_op(writer):
+    cb, v, codes, prior = _catalogue(600)
+    writer.apply(_batch(range(600), v, codes, prior), {"t:0": 10}, [CodebookSnapshot(1, cb)])
+    before = _dump(writer.env)
+    result = writer.apply(_batch(range(600), v, codes, prior), {"t:0": 10}, [CodebookSnapshot(1, cb)])
+    assert result.applied == 0 and result.skipped == 600
+    assert _dump(writer.env) == before
+    assert check_index(writer.reader(), SETTINGS).ok
+
+
+def test_drift_moves_postings_and_counts_reassignments(writer):
+    cb, v, codes, prior = _catalogue(600)
+    writer.apply(_batch(range(600), v, codes, prior), {"t:0": 1}, [CodebookSnapshot(1, cb)])
+    index = writer.reader()
+    with index.view() as view:
+        old = view.clusters_of(np.arange(600))
+    # items 0..49 take the vectors and codes of items far away in facet 0
+    far = np.array([int(np.flatnonzero(old[:, 0] != old[i, 0])[-1]) for i in range(50)])
+    v2, codes2 = v.copy(), codes.copy()
+    v2[:50], codes2[:50] = v[far], codes[far]
+    before = metrics.REGISTRY.get_sample_value("mfli_index_reassignments_total", {"facet": "0"}) or 0.0
+    result = writer.apply(_batch(range(50), v2, codes2, prior, version=2), {"t:0": 2})
+    assert result.applied == 50 and result.moved[0] > 0
+    after = metrics.REGISTRY.get_sample_value("mfli_index_reassignments_total", {"facet": "0"})
+    assert after - before == result.moved[0]
+    with index.view() as view:
+        new = view.clusters_of(np.arange(600))
+        moved = np.flatnonzero(new[:, 0] != old[:, 0])
+        assert moved.size == result.moved[0]
+        for row in moved.tolist():
+            assert row in view.members(0, int(new[row, 0]), 10_000)
+            assert row not in view.members(0, int(old[row, 0]), 10_000)
+    assert check_index(index, SETTINGS).ok
+
+
+def test_delete_leaves_postings_at_once(writer):
+    cb, v, codes, prior = _catalogue(300)
+    writer.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+    index = writer.reader()
+    with index.view() as view:
+        cluster = view.clusters_of(np.array([7]))[0]
+    writer.apply(_batch([7], v, codes, prior, version=2, deleted=np.array([True])), {"t:0": 3})
+    with index.view() as view:
+        assert 7 not in view.live_rows()
+        assert all(7 not in view.members(f, int(cluster[f]), 10_000) for f in range(F))
+        assert view.clusters_of(np.array([7])).tolist() == [[-1, -1, -1]]
+        assert view.item("i7").deleted and 7 not in view.trending(1000)
+    assert check_index(index, SETTINGS).ok
+    # an older delta for the deleted item (a replay) does not resurrect it
+    assert writer.apply(_batch([7], v, codes, prior, version=1), {}).skipped == 1
+
+
+def test_offsets_stored_and_only_move_forward(writer):
+    cb, v, codes, prior = _catalogue(50)
+    writer.apply(_batch(range(50), v, codes, prior), {"t:0": 5, "t:1": 9}, [CodebookSnapshot(1, cb)])
+    writer.apply(None, {"t:0": 3})
+    with writer.reader().view() as view:
+        assert view.offsets() == {"t:0": 5, "t:1": 9}
+
+
+def test_checker_catches_corrupted_posting_list(writer):
+    cb, v, codes, prior = _catalogue(300)
+    writer.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+    with writer.reader().view() as view:
+        c = int(view.clusters_of(np.array([5]))[0, 1])
+    with writer.env.begin(write=True) as txn:
+        db = writer.db["post"]
+        rows = np.frombuffer(txn.get(L.post_key(1, c), db=db), dtype="<i8")
+        txn.put(L.post_key(1, c), rows[rows != 5].tobytes(), db=db)  # row 5 lost from its list
+        txn.put(L.post_key(1, 10_000), np.array([5, 5], "<i8").tobytes(), db=db)  # duplicated elsewhere
+    report = check_index(writer.reader(), SETTINGS)
+    assert not report.ok
+    assert any("row 5" in msg for msg in report.violations)
+
+
+def test_lmdb_index_matches_memory_index_on_the_same_state(writer):
+    n = 800
+    cb, v, codes, prior = _catalogue(n, seed=3)
+    writer.apply(_batch(range(n), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+    writer.full_pass()
+    snap = ItemSnapshot(np.array([f"i{i}" for i in range(n)], dtype=object), v, codes, cb, prior,
+                        np.ones(n, bool))
+    mem = MemoryIndexView.from_settings(snap, SETTINGS)
+    with writer.reader().view() as view:
+        rows = np.arange(n)
+        assert np.array_equal(view.clusters_of(rows), mem.clusters_of(rows))
+        for f in range(F):
+            for c in range(0, len(mem.clusters[f].centroids), 3):
+                assert np.array_equal(view.members(f, c, 20), mem.members(f, c, 20))
+            assert np.array_equal(view.path_clusters(f, tuple(codes[0, f])), mem.path_clusters(f, tuple(codes[0, f])))
+        assert np.array_equal(view.trending(50), mem.trending(50))
+        lmdb_ret, mem_ret = LearnedIndexRetriever(view), LearnedIndexRetriever(mem)
+        for user in range(10):
+            q = Query(history=np.arange(user * 7, user * 7 + 5, dtype=np.int64), k=20)
+            a, b = lmdb_ret.recommend(q), mem_ret.recommend(q)
+            assert np.array_equal(a.rows, b.rows) and np.allclose(a.scores, b.scores)
+
+
+def test_writer_reopens_from_lmdb(tmp_path):
+    cb, v, codes, prior = _catalogue(200)
+    w = IndexWriter(tmp_path / "ix", SETTINGS)
+    w.apply(_batch(range(200), v, codes, prior), {"t:0": 4}, [CodebookSnapshot(1, cb)])
+    sizes = [fc.sizes.copy() for fc in w.clusters]
+    w.close()
+    w2 = IndexWriter(tmp_path / "ix", SETTINGS)
+    try:
+        assert w2.offsets == {"t:0": 4} and w2.n_live == 200
+        assert all(np.array_equal(a, fc.sizes) for a, fc in zip(sizes, w2.clusters))
+        assert w2.apply(_batch(range(200), v, codes, prior), {}).skipped == 200
+    finally:
+        w2.close()
+    assert isinstance(lmdb.version(), tuple)
