@@ -33,7 +33,9 @@ class KafkaSettings(BaseModel):
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(1_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
-    max_poll_records: int = Field(5_000, ge=1)
+    max_poll_records: int = Field(
+        20_000, ge=1, description="records per poll; large, because kafka-python sends the next fetch only once "
+        "a poll drained the buffer (20k vs 5k: ~1.6x validated ingest rate, `mfli bench ingest`)")
     fetch_max_wait_ms: int = Field(100, ge=0)
     request_timeout_ms: int = Field(30_000, ge=1000)
     reconnect_backoff_max_ms: int = Field(5_000, ge=50)
@@ -41,7 +43,7 @@ class KafkaSettings(BaseModel):
         "earliest", description="where a group with no committed offset starts ('latest' is wrong on Tansu)"
     )
     fetch_max_bytes: int = Field(52_428_800, ge=1024, description="bytes per fetch response")
-    max_partition_fetch_bytes: int = Field(4_194_304, ge=1024, description="bytes per partition per fetch")
+    max_partition_fetch_bytes: int = Field(1_048_576, ge=1024, description="bytes per partition per fetch")
     producer_linger_ms: int = Field(5, ge=0, description="producer batching delay")
     producer_batch_size: int = Field(262_144, ge=1024, description="producer batch bytes per partition")
 
