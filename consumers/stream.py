@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -79,6 +80,7 @@ class _Listener(ConsumerRebalanceListener):
         self.stream = stream
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.stream._drop_leftover(set(revoked))
         if revoked:
             log.info("partitions revoked: %s", sorted(revoked))
         if self.stream.on_revoked is not None:
@@ -89,9 +91,10 @@ class _Listener(ConsumerRebalanceListener):
         stored = dict(self.stream._stored)
         if self.stream.on_assigned is not None:
             stored.update(self.stream.on_assigned(set(assigned)) or {})
-        for tp in assigned:
-            if tp in stored:
-                self.stream._consumer.seek(tp, stored[tp])
+        seek = {tp: stored[tp] for tp in assigned if tp in stored}
+        self.stream._drop_leftover(set(seek))
+        for tp, offset in seek.items():
+            self.stream._consumer.seek(tp, offset)
 
 
 class EventStream:
@@ -128,6 +131,10 @@ class EventStream:
             raise ValueError(f"no schema for topics {unknown}; expected {k.events_topic} and/or {k.items_topic}")
         self.dedupe = DedupeWindow(ingest.dedupe_window)
         self._stored: Offsets = {}
+        # kafka-python's poll() costs about a millisecond of thread hand-offs however few records it
+        # returns, so we always poll max_poll_records and keep the surplus here for the next batch.
+        self._poll_records = k.max_poll_records
+        self._leftover: deque[tuple[TopicPartition, list]] = deque()
         self._consumer = make_consumer(k, group_id or k.learner_group)
         self._consumer.subscribe(self.topics, listener=_Listener(self))
         self._dlq = dlq or DeadLetterWriter(k)
@@ -146,13 +153,15 @@ class EventStream:
         starts: Offsets = {}
         deadline = time.monotonic() + timeout_ms / 1000
         while batch.records < max_records:
-            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            polled = self._consumer.poll(timeout_ms=remaining_ms, max_records=max_records - batch.records)
-            if not polled:
-                if batch.records or remaining_ms == 0:
-                    break
-                continue
-            for tp, records in polled.items():
+            if not self._leftover:
+                remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                polled = self._consumer.poll(timeout_ms=remaining_ms, max_records=self._poll_records)
+                if not polled:
+                    if batch.records or remaining_ms == 0:
+                        break
+                    continue
+                self._leftover.extend(polled.items())
+            for tp, records in self._take(max_records - batch.records):
                 starts.setdefault(tp, records[0].offset)
                 self._ingest(tp.topic, records, batch)
                 batch.offsets[tp] = records[-1].offset + 1
@@ -161,6 +170,7 @@ class EventStream:
         try:
             self._dlq.flush()
         except DeadLetterError:
+            self._drop_leftover(set(starts))
             for tp, offset in starts.items():  # re-read these records rather than skip them
                 self._consumer.seek(tp, offset)
             raise
@@ -171,6 +181,25 @@ class EventStream:
         if batch.records:
             metrics.INGEST_BATCH_SIZE.observe(len(batch))
         return batch
+
+    def _take(self, wanted: int) -> list[tuple[TopicPartition, list]]:
+        """Up to ``wanted`` records from the poll buffer, in fetch order, split per partition."""
+        out: list[tuple[TopicPartition, list]] = []
+        while wanted > 0 and self._leftover:
+            tp, records = self._leftover[0]
+            if len(records) <= wanted:
+                out.append(self._leftover.popleft())
+                wanted -= len(records)
+            else:
+                out.append((tp, records[:wanted]))
+                self._leftover[0] = (tp, records[wanted:])
+                wanted = 0
+        return out
+
+    def _drop_leftover(self, partitions: set[TopicPartition]) -> None:
+        """Forget buffered records of partitions we lost or re-positioned (they will be fetched again)."""
+        if partitions:
+            self._leftover = deque((tp, r) for tp, r in self._leftover if tp not in partitions)
 
     def _ingest(self, topic: str, records: list, batch: Batch) -> None:
         validate = self._validators[topic]
@@ -197,6 +226,7 @@ class EventStream:
         """Resume these partitions at these offsets (the owner's stored state), now and on reassignment."""
         self._stored.update(offsets)
         assigned = self._consumer.assignment()
+        self._drop_leftover(set(offsets) & set(assigned))
         for tp, offset in offsets.items():
             if tp in assigned:
                 self._consumer.seek(tp, offset)
@@ -230,12 +260,19 @@ class EventStream:
             high = self._consumer.highwater(tp)
             if high is None:
                 continue
-            position = self._consumer.position(tp, timeout_ms=1000)
+            position = self._next_offset(tp)
             if position is None:
                 continue
             lags[tp] = lag_of(high, position)
             metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lags[tp])
         return lags
+
+    def _next_offset(self, tp: TopicPartition) -> int | None:
+        """Offset of the next record this stream hands out for ``tp`` (buffered ones not yet handed out)."""
+        for buffered_tp, records in self._leftover:
+            if buffered_tp == tp:
+                return records[0].offset
+        return self._consumer.position(tp, timeout_ms=1000)
 
     def close(self) -> None:
         """Leave the group (offsets are not committed here: the owner commits what is durable)."""
