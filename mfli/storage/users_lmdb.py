@@ -1,0 +1,137 @@
+"""The users store: each user's recent engaged items, written by the learner, read by the server.
+
+The server builds a user's query vector from this history with numpy (DESIGN §3 "query side, no
+torch at serve time"), so a user's answers change as soon as the learner writes their new event here,
+before any training touches the embeddings.
+
+Layout (one LMDB environment, single writer = the learner process, any number of readers)
+-----------------------------------------------------------------------------------------
+``users``  user_id (utf-8) → orjson ``{"i": [item ids], "t": [ts ms], "e": [event ids], "v": n}``,
+           the last H events sorted by time (oldest first); ``v`` counts events applied to the user.
+``meta``   ``b"version"`` → int64 bumped per write transaction;
+           ``b"offsets"`` → orjson ``{"topic:partition": next offset}`` the store reflects.
+
+Idempotency: applying an event whose ``event_id`` is already in the user's window is a no-op, and an
+event older than a full window is dropped (it would be evicted anyway), so replaying the uncommitted
+tail after a crash leaves the store exactly as it was (DESIGN §1, at-least-once in, exactly-once state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+import struct
+from pathlib import Path
+
+import lmdb
+import orjson
+
+from mfli.events import InteractionEvent
+
+_VERSION = b"version"
+_I64 = struct.Struct("<q")
+_OFFSETS = b"offsets"
+
+
+class UsersStore:
+    """Recent history per user in LMDB. Open with ``readonly=True`` in the server."""
+
+    def __init__(self, path: str | Path, history: int = 50, map_size: int = 4 << 30, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.window = history
+        self.readonly = readonly
+        if not readonly:
+            self.path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(self.path), map_size=map_size, max_dbs=4, readonly=readonly, lock=True, readahead=False,
+            subdir=True, create=not readonly,
+        )
+        self._users = self.env.open_db(b"users", create=not readonly)
+        self._meta = self.env.open_db(b"meta", create=not readonly)
+
+    # --- writer -----------------------------------------------------------------------------------
+    def apply(self, events: Iterable[InteractionEvent], offsets: Mapping[str, int] | None = None) -> int:
+        """Append events to their users' windows in ONE transaction, with the offsets they reflect.
+
+        Returns how many events changed a history (replays and stale events change nothing).
+        """
+        by_user: dict[str, list[InteractionEvent]] = {}
+        for ev in events:
+            by_user.setdefault(ev.user_id, []).append(ev)
+        changed = 0
+        with self.env.begin(write=True) as txn:
+            for user, evs in by_user.items():
+                key = user.encode()
+                raw = txn.get(key, db=self._users)
+                rec = orjson.loads(raw) if raw else {"i": [], "t": [], "e": [], "v": 0}
+                before = rec["v"]
+                self._merge(rec, evs)
+                if rec["v"] != before:
+                    txn.put(key, orjson.dumps(rec), db=self._users)
+                    changed += rec["v"] - before
+            if offsets:
+                stored = self._offsets(txn)
+                stored.update({k: int(v) for k, v in offsets.items()})
+                txn.put(_OFFSETS, orjson.dumps(stored), db=self._meta)
+            txn.put(_VERSION, _I64.pack(self._version(txn) + 1), db=self._meta)
+        return changed
+
+    def _merge(self, rec: dict, events: list[InteractionEvent]) -> None:
+        known = set(rec["e"])
+        entries = list(zip(rec["t"], rec["i"], rec["e"]))
+        full = len(entries) >= self.window
+        oldest = entries[0][0] if entries else None
+        for ev in events:
+            if ev.event_id in known or (full and oldest is not None and ev.ts < oldest):
+                continue
+            known.add(ev.event_id)
+            entries.append((ev.ts, ev.item_id, ev.event_id))
+            rec["v"] += 1
+        entries.sort(key=lambda e: e[0])  # stable: equal timestamps keep arrival order
+        entries = entries[-self.window :]
+        rec["t"] = [e[0] for e in entries]
+        rec["i"] = [e[1] for e in entries]
+        rec["e"] = [e[2] for e in entries]
+
+    # --- readers ----------------------------------------------------------------------------------
+    def history(self, user_id: str) -> tuple[list[str], list[int], int]:
+        """(item ids oldest first, their ts in ms, events applied) — empty for an unknown user."""
+        with self.env.begin() as txn:
+            raw = txn.get(user_id.encode(), db=self._users)
+        if raw is None:
+            return [], [], 0
+        rec = orjson.loads(raw)
+        return rec["i"], rec["t"], rec["v"]
+
+    def version(self) -> int:
+        with self.env.begin() as txn:
+            return self._version(txn)
+
+    def _version(self, txn: lmdb.Transaction) -> int:
+        raw = txn.get(_VERSION, db=self._meta)
+        return 0 if raw is None else _I64.unpack(raw)[0]
+
+    def offsets(self) -> dict[str, int]:
+        with self.env.begin() as txn:
+            return self._offsets(txn)
+
+    def _offsets(self, txn: lmdb.Transaction) -> dict[str, int]:
+        raw = txn.get(_OFFSETS, db=self._meta)
+        return orjson.loads(raw) if raw else {}
+
+    def users(self) -> int:
+        with self.env.begin() as txn:
+            return txn.stat(self._users)["entries"]
+
+    def recent_users(self, limit: int) -> list[str]:
+        """Up to ``limit`` user ids (key order); the server's recall sampler draws from them."""
+        out: list[str] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._users)
+            for key in cursor.iternext(keys=True, values=False):
+                out.append(bytes(key).decode())
+                if len(out) >= limit:
+                    break
+        return out
+
+    def close(self) -> None:
+        self.env.close()
