@@ -13,7 +13,7 @@ import numpy as np
 
 from mfli.learner.counts import decayed_counts
 from mfli.learner.learner import MFLILearner
-from mfli.learner.protocol import KS, TestSet, build_test_set, recall_at
+from mfli.learner.protocol import KS, TestSet, build_test_set, rank_excluding, recall_at
 from mfli.retrieval.base import Query, Retriever
 from mfli.retrieval.snapshot import ItemSnapshot
 from mfli.sources.movielens import Interactions
@@ -70,12 +70,8 @@ def exact_recall_fast(snap: ItemSnapshot, prior: np.ndarray, hist, excl, truth, 
     scores = q @ flat.T + prior[None, :]
     scores[:, ~snap.live] = -np.inf
     ranked: list[list[int]] = [[] for _ in hist]
-    k = max(KS)
     for j, i in enumerate(users):
-        sc = scores[j]
-        sc[excl[i]] = -np.inf
-        part = np.argpartition(-sc, k)[:k]
-        ranked[i] = part[np.argsort(-sc[part], kind="stable")].tolist()
+        ranked[i] = rank_excluding(scores[j], excl[i], max(KS)).tolist()
     return recall_at(ranked, truth)
 
 

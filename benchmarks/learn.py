@@ -1,0 +1,76 @@
+"""``mfli bench learn``: learner training throughput, single pass over ml-1m events.
+
+Method: each run builds a fresh :class:`~mfli.learner.learner.MFLILearner` (catalogue upserted first,
+as in ``mfli eval``) and streams the first ``--events`` ratings of the dataset in time order through
+``learn_columns`` in micro-batches of ``--batch`` (the ingest batch size by default), one pass. The
+clock covers only the learner (the log is loaded before it starts). Reported: median events/s over
+``--runs`` runs and the step time broken down by phase (query pooling, forward, backward, optimiser,
+quantisation, bookkeeping) in microseconds per event. ``torch.set_num_threads(2)`` on this 2-core box.
+Target >= 20k events/s, aim 50k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from mfli.config import Settings
+from mfli.events import ItemEvent
+from mfli.learner.learner import PHASES, MFLILearner
+from mfli.sources.movielens import load_movielens
+
+from .report import Row, result
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="/work/shared/data/ml-1m", help="MovieLens directory")
+    parser.add_argument("--events", type=int, default=0, help="events per run (0 = the whole log)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=0, help="events per step (0 = ingest.batch_size)")
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def one_run(settings: Settings, data, n: int, batch: int) -> tuple[float, dict[str, float]]:
+    """Seconds for one pass over ``n`` events, and seconds per phase."""
+    learner = MFLILearner(settings.model)
+    learner.upsert_items([ItemEvent(item_id=i, tags=t) for i, t in data.item_tags.items()])
+    phases = dict.fromkeys(PHASES, 0.0)
+    users, items, values, ts = data.users[:n], data.items[:n], data.values[:n], data.ts[:n]
+    t0 = time.perf_counter()
+    for s in range(0, n, batch):
+        st = learner.learn_columns(users[s:s + batch], items[s:s + batch], values[s:s + batch], ts[s:s + batch])
+        for k, v in st.seconds.items():
+            phases[k] += v
+    return time.perf_counter() - t0, phases
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    data = load_movielens(args.dataset)
+    n = len(data) if args.events <= 0 else min(args.events, len(data))
+    batch = args.batch or settings.ingest.batch_size
+    rates: list[float] = []
+    per_phase: dict[str, list[float]] = {p: [] for p in PHASES}
+    for r in range(args.runs):
+        seconds, phases = one_run(settings, data, n, batch)
+        rates.append(n / seconds)
+        for p, v in phases.items():
+            per_phase[p].append(v / n * 1e6)
+        log.info("run %d: %.0f events/s", r + 1, n / seconds)
+    rows = [Row.from_samples("events per second", rates, "events/s")]
+    rows += [Row.from_samples(f"step time: {p}", per_phase[p], "us/event") for p in PHASES]
+    median = statistics.median(rates)
+    return result(
+        "learn", rows,
+        params={"dataset": data.name, "events": n, "batch": batch, "runs": args.runs, "threads": args.threads,
+                "facets": settings.model.facets, "dim": settings.model.dim, "negatives": settings.model.negatives},
+        targets={">= 20k events/s": median >= 20_000, "aim >= 50k events/s": median >= 50_000},
+        notes=["single pass, fresh learner per run; phases are summed StepStats.seconds"],
+    )
