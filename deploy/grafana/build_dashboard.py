@@ -93,7 +93,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
     ]),
     ("Clusters", [
         Panel("Cluster size balance", "short", [
-            ('mfli_index_cluster_size{stat=~"min|p50|p90|p99|max"}', "f{{facet}} {{stat}}"),
+            ('mfli_index_cluster_size{stat=~"min|p50|p90|max"}', "f{{facet}} {{stat}}"),
         ], "min / quantiles / max of posting-list sizes per facet."),
         Panel("Clusters and items", "short", [
             ("mfli_index_clusters", "clusters f{{facet}}"),
