@@ -1,0 +1,236 @@
+"""``mfli learn``: the learner process (DESIGN §1).
+
+Loop: validated micro-batch from Kafka → catalogue changes and one learning step → the batch's events
+into the users store (one LMDB transaction, with the offsets) → every ``flush_interval_ms`` the changed
+item rows (and a codebook snapshot when it changed) to ``mfli.item-updates`` → every
+``checkpoint_interval_s`` an atomic checkpoint with the offsets it reflects, and only then a Kafka
+commit of those offsets.
+
+Why nothing is lost or applied twice after a crash:
+
+* the checkpoint holds the offsets its state reflects; a restart restores it and seeks there, so the
+  model re-learns exactly the events after the checkpoint, once;
+* the users store is idempotent per ``event_id`` (replays are no-ops);
+* deltas are published *before* the checkpoint that covers them, so the index never lags the
+  checkpoint; their versions come from a clock that only moves forward across restarts (wall-clock
+  microseconds, bumped past the last one published), so the indexer accepts post-restart states and
+  ignores a replayed message (same version).
+
+Freshness: ``event_ts`` of a published delta is the *ingest* time (wall clock when the oldest batch in
+the flush window was polled), not the event's own timestamp: a replayed dataset carries timestamps
+from years ago, and what users care about is how long an event takes to become visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+from kafka import TopicPartition
+
+from mfli import metrics
+from mfli.config import Settings
+from mfli.consumers.clients import make_producer
+from mfli.consumers.stream import Batch, EventStream
+from mfli.deltas import CodebookSnapshot, encode_codebook, encode_deltas
+from mfli.learner.checkpoint import load_checkpoint, save_checkpoint
+from mfli.learner.learner import MFLILearner
+from mfli.storage.users_lmdb import UsersStore
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "learner.ckpt"
+DELTAS_PER_MESSAGE = 256  # ~200 KB per message at F=3, d=64: well under Kafka's 1 MB default
+TRENDING_REFRESH = 500  # top items whose prior is republished so the index's trending source stays current
+
+
+def offsets_to_json(offsets: dict[TopicPartition, int]) -> dict[str, int]:
+    return {f"{tp.topic}:{tp.partition}": int(off) for tp, off in offsets.items()}
+
+
+def offsets_from_json(offsets: dict[str, int]) -> dict[TopicPartition, int]:
+    out = {}
+    for key, off in offsets.items():
+        topic, _, part = key.rpartition(":")
+        out[TopicPartition(topic, int(part))] = int(off)
+    return out
+
+
+class LearnerProcess:
+    """The learner's main loop; ``run_once`` is one poll → learn → (flush) → (checkpoint) round."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        ls = settings.learner
+        self.ckpt_path = Path(ls.checkpoint_dir) / CHECKPOINT_NAME
+        self.offsets: dict[TopicPartition, int] = {}
+        if self.ckpt_path.exists():
+            self.learner, stored = load_checkpoint(self.ckpt_path)
+            self.offsets = offsets_from_json(stored)
+            log.info("restored checkpoint at step %d (%d events), offsets %s", self.learner.step,
+                     self.learner.events_seen, stored)
+        else:
+            self.learner = MFLILearner(settings.model)
+        self.users = UsersStore(ls.users_path, history=settings.model.history)
+        self.stream = EventStream(settings, group_id=settings.kafka.learner_group)
+        self.stream.seek_to(self.offsets)
+        self.producer = make_producer(settings.kafka)
+        self.topic = settings.kafka.item_updates_topic
+        self._clock = 0
+        self._codebook_version = -1
+        self._window_start: float | None = None  # ingest time of the oldest unpublished batch
+        self._last_flush = self._last_ckpt = self._last_trending = time.monotonic()
+        self._published_top = np.empty(0, np.int64)
+        self._dirty = False
+
+    # --- one round ------------------------------------------------------------------------------------
+    def run_once(self) -> Batch:
+        batch = self.stream.poll_batch()
+        now = time.time()
+        if len(batch):
+            self._window_start = self._window_start or now
+            t0 = time.perf_counter()
+            if batch.items:
+                self.learner.upsert_items(batch.items)
+            if batch.events:
+                stats = self.learner.learn(batch.events)
+                for phase, seconds in stats.seconds.items():
+                    metrics.LEARNER_STEP_SECONDS.labels(phase=phase).observe(seconds)
+                for key, value in stats.losses.items():
+                    facet, objective, kind = key.split("/")
+                    metrics.LEARNER_LOSS.labels(facet=facet.lstrip("f"), objective=objective, kind=kind).set(value)
+                metrics.LEARNER_EVENTS.inc(len(batch.events))
+            self.users.apply(batch.events, offsets=offsets_to_json(batch.offsets))
+            metrics.LEARNER_STEP_SECONDS.labels(phase="total").observe(time.perf_counter() - t0)
+        if batch.offsets:
+            self.offsets.update(batch.offsets)
+            self._dirty = True
+        mono = time.monotonic()
+        if mono - self._last_flush >= self.settings.learner.flush_interval_ms / 1000:
+            self.flush()
+        if self._dirty and mono - self._last_ckpt >= self.settings.learner.checkpoint_interval_s:
+            self.checkpoint()
+        return batch
+
+    # --- publishing -----------------------------------------------------------------------------------
+    def _next_version(self) -> int:
+        self._clock = max(self._clock + 1, time.time_ns() // 1000)
+        return self._clock
+
+    def flush(self) -> int:
+        """Publish changed item rows (and new codebooks) and wait until Kafka acknowledged them."""
+        self._last_flush = time.monotonic()
+        self._mark_trending()
+        deltas = self.learner.drain_changed()
+        sent = 0
+        snapshot = self.learner.codebook_snapshot()
+        if snapshot.version != self._codebook_version:
+            # A codebook snapshot goes before the deltas coded with it.
+            version = self._next_version()
+            self.producer.send(self.topic, encode_codebook(CodebookSnapshot(version, snapshot.codebooks)),
+                               partition=0)
+            self._codebook_version = snapshot.version
+        if deltas:
+            version = self._next_version()
+            ingest_ms = int((self._window_start or time.time()) * 1000)
+            for d in deltas:
+                d.version = version
+                # Prior refreshes (marked -1) were caused by no event: 0 keeps them out of freshness.
+                d.event_ts = 0 if d.event_ts < 0 else ingest_ms
+            for i in range(0, len(deltas), DELTAS_PER_MESSAGE):
+                # One partition keeps the indexer's view in publication order (it is the single writer).
+                self.producer.send(self.topic, encode_deltas(deltas[i : i + DELTAS_PER_MESSAGE]), partition=0)
+            sent = len(deltas)
+        self.producer.flush()
+        self._window_start = None
+        metrics.ITEM_UPDATES_PUBLISHED.inc(sent)
+        self._export_gauges()
+        return sent
+
+    def _mark_trending(self) -> None:
+        """Republish the priors of today's top items and of yesterday's top that fell out.
+
+        Decayed counts shrink for every item, but only rows touched by events are published; without
+        this the index would keep yesterday's trending items at their old prior forever.
+        Refresh deltas carry ``event_ts = -1`` so they do not count as event freshness.
+        """
+        if time.monotonic() - self._last_trending < 2.0:
+            return
+        self._last_trending = time.monotonic()
+        prior = self.learner.prior()
+        live = self.learner.items.live[: prior.size]
+        prior = np.where(live, prior, -np.inf)
+        k = min(TRENDING_REFRESH, int(live.sum()))
+        if k == 0:
+            return
+        top = np.argpartition(-prior, k - 1)[:k].astype(np.int64)
+        rows = np.union1d(top, self._published_top[self._published_top < prior.size])
+        rows = rows[live[rows]]
+        self._published_top = top
+        for r in rows.tolist():
+            self.learner.changed.setdefault(r, -1)
+
+    def _export_gauges(self) -> None:
+        metrics.LEARNER_ITEMS.set(len(self.learner.items))
+        metrics.LEARNER_USERS.set(len(self.learner.users))
+        for key, value in self.stream.lag().items():
+            metrics.CONSUMER_LAG.labels(topic=key.topic, partition=str(key.partition)).set(value)
+
+    # --- durability -------------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Deltas out, state on disk (with offsets), then — and only then — the Kafka commit."""
+        self.flush()
+        save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets))
+        self.stream.commit(dict(self.offsets))
+        self._last_ckpt = time.monotonic()
+        self._dirty = False
+        log.info("checkpoint: step %d, %d events, offsets %s", self.learner.step, self.learner.events_seen,
+                 offsets_to_json(self.offsets))
+
+    def close(self) -> None:
+        try:
+            if self._dirty:
+                self.checkpoint()
+        finally:
+            self.stream.close()
+            self.producer.close()
+            self.users.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (overrides settings)")
+    parser.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0 = run forever)")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.bootstrap:
+        settings.kafka.bootstrap_servers = args.bootstrap
+    if not settings.kafka.bootstrap_servers:
+        log.error("no Kafka bootstrap servers: set MFLI_KAFKA__BOOTSTRAP_SERVERS or --bootstrap")
+        return 2
+    metrics.serve_metrics(settings.learner.metrics_port)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    proc = LearnerProcess(settings)
+    metrics.UP.labels(process="learner").set(1)
+    metrics.READY.labels(process="learner").set(1)
+    started = time.monotonic()
+    try:
+        while not stop:
+            proc.run_once()
+            if args.max_seconds and time.monotonic() - started >= args.max_seconds:
+                break
+    finally:
+        proc.close()
+        metrics.UP.labels(process="learner").set(0)
+    return 0

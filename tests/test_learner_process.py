@@ -1,0 +1,97 @@
+"""The learner process over a real broker: events in, users store + deltas + checkpoint out, restart-safe."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from mfli.consumers.clients import make_producer
+from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
+from mfli.learner.process import LearnerProcess, offsets_to_json
+from mfli.sources.produce import produce_records
+from mfli.sources.synthetic import SyntheticStream
+
+pytestmark = pytest.mark.slow
+
+
+def _settings(kafka_settings, tmp_path):
+    s = kafka_settings.model_copy(deep=True)
+    s.learner.checkpoint_dir = tmp_path / "learner"
+    s.learner.users_path = tmp_path / "users.lmdb"
+    s.learner.checkpoint_interval_s = 0.5
+    s.learner.flush_interval_ms = 100
+    s.model.warmup_events = 500
+    s.model.dim = 16
+    return s
+
+
+def _produce(settings, n: int, seed: int = 0, start_ts: int = 1_700_000_000_000) -> int:
+    stream = SyntheticStream(n_users=50, n_items=200, n_topics=5, seed=seed, start_ts=start_ts)
+    producer = make_producer(settings.kafka)
+    counts = produce_records(producer, settings, stream.records(n), progress=False)
+    producer.close()
+    return counts["events"]
+
+
+def _run_until(proc: LearnerProcess, events: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while proc.learner.events_seen < events and time.monotonic() < deadline:
+        proc.run_once()
+    assert proc.learner.events_seen == events, f"learned {proc.learner.events_seen} of {events} events"
+
+
+def _updates(settings) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=3000)
+    consumer.assign([TopicPartition(settings.kafka.item_updates_topic, 0)])
+    out = [decode_message(r.value) for r in consumer]
+    consumer.close()
+    return out
+
+
+def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path):
+    settings = _settings(kafka_settings, tmp_path)
+    n = _produce(settings, 3_000)
+    proc = LearnerProcess(settings)
+    try:
+        _run_until(proc, n)
+        proc.checkpoint()
+        users = proc.users.users()
+        applied = sum(proc.users.history(u)[2] for u in proc.users.recent_users(1000))
+        committed = {tp: proc.stream._consumer.committed(tp) for tp in proc.offsets}
+        stored = offsets_to_json(proc.offsets)
+    finally:
+        proc.close()
+    assert users == 50
+    assert applied == n, "every event reaches the users store exactly once"
+    assert {f"{tp.topic}:{tp.partition}": off for tp, off in committed.items()} == stored
+    messages = _updates(settings)
+    assert any(isinstance(m, CodebookSnapshot) for m in messages)
+    deltas = [m for m in messages if isinstance(m, DeltaBatch)]
+    published = {i for b in deltas for i in b.item_ids}
+    assert len(published) >= 150, "the items engaged with were published"
+    versions = [int(b.versions.max()) for b in deltas]
+    assert versions == sorted(versions), "versions only move forward"
+
+
+def test_restart_resumes_from_checkpoint_without_reapplying(kafka_settings, tmp_path):
+    settings = _settings(kafka_settings, tmp_path)
+    first = _produce(settings, 2_000, seed=1)
+    proc = LearnerProcess(settings)
+    try:
+        _run_until(proc, first)
+        proc.checkpoint()
+        step = proc.learner.step
+    finally:
+        proc.close()
+    second = _produce(settings, 1_000, seed=2, start_ts=1_800_000_000_000)  # later than the first
+    restarted = LearnerProcess(settings)
+    try:
+        assert restarted.learner.events_seen == first and restarted.learner.step == step
+        _run_until(restarted, first + second)
+        applied = sum(restarted.users.history(u)[2] for u in restarted.users.recent_users(1000))
+    finally:
+        restarted.close()
+    assert applied == first + second
