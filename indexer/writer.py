@@ -325,6 +325,10 @@ class IndexWriter:
             vsize = facets * dim * self.vec_dtype.itemsize
             with txn.cursor(db=self.db["vec"]) as cur:
                 cur.putmulti([(keys[j], vbuf[i * vsize : (i + 1) * vsize]) for i, j in enumerate(up.tolist())])
+        gone = np.flatnonzero(deleted)
+        if gone.size:  # a deleted item keeps its record (version, for replays) but not its vectors
+            for j in gone.tolist():
+                txn.delete(keys[j], db=self.db["vec"])
         fresh = np.flatnonzero(~m.exists[rows])
         if fresh.size:
             with txn.cursor(db=self.db["row2id"]) as cur:

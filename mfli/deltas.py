@@ -94,6 +94,26 @@ class DeltaBatch:
             tags=[list(d.tags) for d in deltas],
         )
 
+    @classmethod
+    def concat(cls, batches: list["DeltaBatch"]) -> "DeltaBatch":
+        """One batch from many, in order (the indexer applies a whole poll in one transaction)."""
+        if len(batches) == 1:
+            return batches[0]
+        tags: list[list[str]] = []
+        for b in batches:
+            tags.extend(b.tags or [[] for _ in b.item_ids])
+        return cls(
+            item_ids=[i for b in batches for i in b.item_ids],
+            rows=np.concatenate([b.rows for b in batches]),
+            versions=np.concatenate([b.versions for b in batches]),
+            event_ts=np.concatenate([b.event_ts for b in batches]),
+            vectors=np.concatenate([b.vectors for b in batches]),
+            codes=np.concatenate([b.codes for b in batches]),
+            prior=np.concatenate([b.prior for b in batches]),
+            deleted=np.concatenate([b.deleted for b in batches]),
+            tags=tags,
+        )
+
     def to_deltas(self) -> list[ItemDelta]:
         tags = self.tags or [[] for _ in self.item_ids]
         return [

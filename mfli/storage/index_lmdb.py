@@ -55,8 +55,7 @@ class LmdbIndex:
         self._env: lmdb.Environment | None = None
         self._pid = -1
         if env is not None:
-            with env.begin() as txn:
-                self._dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in L.DB_NAMES}
+            self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
             self._env, self._pid = env, os.getpid()
         self._dbs: dict[str, object] = getattr(self, "_dbs", {})
         self._lock = threading.Lock()
@@ -75,8 +74,8 @@ class LmdbIndex:
             str(self.path), map_size=self.map_size, max_dbs=L.MAX_DBS, readonly=True, lock=True,
             readahead=False, subdir=True, create=False,
         )
-        with env.begin() as txn:
-            self._dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in L.DB_NAMES}
+        # no explicit txn: handles opened in a read-only txn are only valid if py-lmdb commits it itself
+        self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
         self._env, self._pid = env, os.getpid()
 
     def db(self, name: str) -> object:
@@ -156,11 +155,22 @@ class LmdbIndexView:
 
     # --- IndexView --------------------------------------------------------------------------------------
     def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """float32[n, F, d]; deleted items have no stored vectors and come back as zeros."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return np.empty((0, self.facets, self.dim), dtype=np.float32)
-        raw = np.frombuffer(self._multi("vec", rows), dtype=self._vec_dtype)
-        return raw.reshape(rows.size, self.facets, self.dim).astype(np.float32, copy=False)
+        keys = L.row_keys(rows)
+        with self._txn.cursor(db=self._index.db("vec")) as cur:
+            found = cur.getmulti(keys)
+        if len(found) == len(keys):
+            raw = np.frombuffer(b"".join(v for _, v in found), dtype=self._vec_dtype)
+            return raw.reshape(rows.size, self.facets, self.dim).astype(np.float32, copy=False)
+        out = np.zeros((rows.size, self.facets, self.dim), dtype=np.float32)
+        values = {bytes(k): v for k, v in found}
+        for i, k in enumerate(keys):
+            if k in values:
+                out[i] = np.frombuffer(values[k], dtype=self._vec_dtype).reshape(self.facets, self.dim)
+        return out
 
     def prior(self, rows: np.ndarray) -> np.ndarray:
         return self.records(rows)["prior"].astype(np.float32)

@@ -1,0 +1,217 @@
+"""``mfli index``: the indexer process, a thin Kafka shell around :class:`~mfli.indexer.writer.IndexWriter`.
+
+* ``mfli index`` (``run``): consume ``mfli.item-updates`` and apply each poll in one LMDB write
+  transaction together with the offsets it reflects. The stored offsets are the truth: on start the
+  consumer is *assigned* every partition (no group rebalancing: there is exactly one indexer per index)
+  and seeks to them, so a SIGKILL at any point resumes exactly after the last committed batch, and
+  replayed deltas are no-ops by version. Offsets are also committed to Kafka after the LMDB commit,
+  only so lag shows up in the usual tools.
+* A full pass runs every ``index.full_pass_interval_s`` when something changed, and on demand:
+  ``mfli index full-pass`` signals a running indexer (SIGUSR1, pid from its lock file) or, if none
+  runs, does the pass itself.
+* ``mfli index check``: the invariant checker; exit status 1 on any violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from mfli import metrics
+from mfli.config import Settings
+from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "writer.pid"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", default="run", choices=["run", "check", "full-pass"],
+                        help="run the indexer (default), check the invariants, or run a full pass now")
+    parser.add_argument("--path", default=None, help="index LMDB directory (default: index.path)")
+    parser.add_argument("--min-in-bounds", type=float, default=0.95,
+                        help="check: required share of items in clusters within [B_low, B_upp] (0 = report only)")
+    parser.add_argument("--max-batches", type=int, default=0, help="run: stop after this many polls (tests)")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    path = Path(args.path or settings.index.path)
+    if args.action == "check":
+        from mfli.indexer.check import check_index
+
+        report = check_index(path, settings.index, min_in_bounds=args.min_in_bounds or None)
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        return 0 if report.ok else 1
+    if args.action == "full-pass":
+        return _full_pass_now(path, settings)
+    return IndexerLoop(settings, path).run(max_batches=args.max_batches)
+
+
+def _full_pass_now(path: Path, settings: Settings) -> int:
+    pid = _running_pid(path)
+    if pid is not None:
+        os.kill(pid, signal.SIGUSR1)
+        log.info("asked the running indexer (pid %d) for a full pass", pid)
+        return 0
+    from mfli.indexer.writer import IndexWriter
+
+    writer = IndexWriter(path, settings)
+    try:
+        report = writer.full_pass()
+        sys.stdout.write(json.dumps(report.__dict__ if report else {"skipped": True}) + "\n")
+    finally:
+        writer.close()
+    return 0
+
+
+def _running_pid(path: Path) -> int | None:
+    """Pid of the indexer holding the lock file of ``path``, or None if nobody holds it."""
+    lock = path / LOCK_FILE
+    if not lock.exists():
+        return None
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            text = fh.read().strip()
+            return int(text) if text else None
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
+class IndexerLoop:
+    """Kafka consumer -> IndexWriter; see the module docstring."""
+
+    def __init__(self, settings: Settings, path: Path) -> None:
+        self.settings = settings
+        self.path = path
+        self._stop = False
+        self._full_pass_requested = False
+        self._lock_fh = None
+
+    def _take_lock(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another indexer already writes {self.path}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._lock_fh = fh
+
+    def _consumer(self, writer):
+        from kafka import KafkaConsumer, TopicPartition
+
+        k = self.settings.kafka
+        bootstrap = k.bootstrap_servers
+        if not bootstrap:
+            raise SystemExit("mfli index needs MFLI_KAFKA__BOOTSTRAP_SERVERS (the demo sets it)")
+        from mfli.broker import ensure_topics
+
+        ensure_topics(bootstrap, k, [k.item_updates_topic])
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, client_id=f"{k.client_id}-indexer", group_id=k.indexer_group,
+            enable_auto_commit=False, fetch_max_wait_ms=k.fetch_max_wait_ms, max_poll_records=k.max_poll_records,
+            request_timeout_ms=k.request_timeout_ms, reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
+            auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20,
+        )
+        deadline = time.monotonic() + 30
+        parts = consumer.partitions_for_topic(k.item_updates_topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = consumer.partitions_for_topic(k.item_updates_topic)
+        if not parts:
+            raise SystemExit(f"topic {k.item_updates_topic} has no partitions")
+        tps = [TopicPartition(k.item_updates_topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        for tp in tps:
+            stored = writer.offsets.get(f"{tp.topic}:{tp.partition}")
+            if stored is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, stored)
+        log.info("indexer consuming %s partitions %s from stored offsets %s", k.item_updates_topic,
+                 sorted(parts), writer.offsets)
+        return consumer
+
+    def run(self, max_batches: int = 0) -> int:
+        from mfli.indexer.writer import IndexWriter
+
+        self._take_lock()
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGUSR1, self._on_full_pass)
+        metrics.serve_metrics(self.settings.index.metrics_port)
+        metrics.UP.labels(process="indexer").set(1)
+        writer = IndexWriter(self.path, self.settings)
+        consumer = self._consumer(writer)
+        metrics.READY.labels(process="indexer").set(1)
+        last_full = time.monotonic()
+        dirty = False
+        batches = 0
+        try:
+            while not self._stop:
+                polled = consumer.poll(timeout_ms=200)
+                if polled:
+                    changed = self._apply(writer, consumer, polled)
+                    dirty = dirty or changed
+                    batches += 1
+                due = dirty and time.monotonic() - last_full >= self.settings.index.full_pass_interval_s
+                if due or self._full_pass_requested:
+                    self._full_pass_requested = False
+                    writer.full_pass()
+                    last_full, dirty = time.monotonic(), False
+                if max_batches and batches >= max_batches:
+                    break
+        finally:
+            metrics.READY.labels(process="indexer").set(0)
+            metrics.UP.labels(process="indexer").set(0)
+            consumer.close(autocommit=False)
+            writer.close()
+        return 0
+
+    def _apply(self, writer, consumer, polled) -> bool:
+        from kafka.structs import OffsetAndMetadata
+
+        batches: list[DeltaBatch] = []
+        codebooks: list[CodebookSnapshot] = []
+        offsets: dict[str, int] = {}
+        commit = {}
+        for tp, records in polled.items():
+            for record in records:
+                try:
+                    msg = decode_message(record.value)
+                except ValueError as exc:
+                    log.warning("skipping undecodable record %s:%d@%d: %s", tp.topic, tp.partition,
+                                record.offset, exc)
+                    continue
+                if isinstance(msg, CodebookSnapshot):
+                    codebooks.append(msg)
+                elif len(msg):
+                    batches.append(msg)
+            offsets[f"{tp.topic}:{tp.partition}"] = records[-1].offset + 1
+            commit[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
+        result = writer.apply(DeltaBatch.concat(batches) if batches else None, offsets, codebooks)
+        try:
+            consumer.commit(commit)  # monitoring only: LMDB holds the offsets that matter
+        except Exception as exc:  # noqa: BLE001 - a failed monitoring commit must not stop indexing
+            log.debug("kafka offset commit failed: %s", exc)
+        return bool(result.applied or codebooks)
+
+    def _on_stop(self, *_: object) -> None:
+        self._stop = True
+
+    def _on_full_pass(self, *_: object) -> None:
+        self._full_pass_requested = True
