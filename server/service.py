@@ -8,6 +8,7 @@ index version and cached, and it is the only path whose cost grows with the cata
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -70,7 +71,13 @@ class RecommendService:
             if stale:
                 retriever = ExactRetriever(state.view, self.params.history, self.params.recency_decay)
                 self._exact = (state.index_version, now, retriever)
-            return self._exact[2]
+            cached = self._exact[2]
+        # The cached item matrix outlives the request it was built in, but the query vector must be read
+        # through *this* request's view (an LMDB view dies with its read transaction): a shallow copy
+        # shares the matrix and rebinds the view, without racing the sampler thread.
+        bound = copy.copy(cached)
+        bound.view = state.view
+        return bound
 
     def retrieve(self, state: ReadState, history: np.ndarray, exclude: np.ndarray, k: int, mode: str,
                  deterministic: bool = True, seed: int = 0) -> Answer:

@@ -1,0 +1,149 @@
+"""The server's state over the live stores: the index LMDB (indexer) and the users LMDB (learner).
+
+Both are opened read-only inside the worker (after fork). One request = one :class:`LmdbIndexView`, i.e.
+one LMDB read transaction: a request never mixes two index versions, even while a full pass swaps
+every posting list (that swap is one write transaction). The users store is read in its own short
+transaction; a user's history and the index may be from slightly different moments, which is harmless
+(history items unknown to the index are dropped).
+
+Either store may not exist yet when the server starts (the learner/indexer have not written anything):
+``/readyz`` says so with 503 and routes needing the index answer 503; users are treated as unknown
+(fallback) until the users store appears.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lmdb
+import numpy as np
+
+from mfli.config import Settings
+from mfli.storage import layout as L
+from mfli.storage.index_lmdb import LmdbIndex, LmdbIndexView
+from mfli.storage.users_lmdb import UsersStore
+
+log = logging.getLogger(__name__)
+
+
+class _ReadOnlyIndex(LmdbIndex):
+    """LmdbIndex whose named databases are opened outside an explicit read transaction.
+
+    Work-around (reported to the indexer owner): ``LmdbIndex._open`` opens the sub-database handles
+    inside ``with env.begin()``; py-lmdb ends a read-only transaction by aborting it, which discards
+    handles opened in it, so every later ``get`` fails with ``mdb_get: Invalid argument`` in a process
+    that did not also write the index (measured: the standalone ``mfli serve`` never became ready).
+    """
+
+    def _open(self) -> None:
+        env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=L.MAX_DBS, readonly=True, lock=True,
+                        readahead=False, subdir=True, create=False)
+        self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
+        self._env, self._pid = env, os.getpid()
+
+
+class _LmdbRead:
+    """:class:`~mfli.server.state.ReadState` over one index read transaction."""
+
+    def __init__(self, view: LmdbIndexView, users: UsersStore | None) -> None:
+        self.view = view
+        self._users = users
+        self.index_version = view.version
+        # LmdbIndexView has no public accessor for it yet; the meta key is part of the documented layout.
+        self.codebook_version = L.unpack_i64(view._get("meta", b"cb_in_use"), default=-1)
+
+    def rows_of(self, item_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+        rows = self.view.rows_of(item_ids)
+        known = rows >= 0
+        if known.any():
+            idx = np.flatnonzero(known)
+            alive = self.view.clusters_of(rows[idx])[:, 0] >= 0  # deleted items have no cluster
+            known[idx[~alive]] = False
+        return rows[known], [i for i, ok in zip(item_ids, known.tolist()) if not ok]
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        return self.view.item_ids(rows) if rows.size else []
+
+    def item_info(self, row: int) -> dict:
+        rec = self.view.records(np.array([row]))[0]
+        return {"codes": rec["codes"].tolist(), "version": int(rec["version"]), "updated_ts": int(rec["update_ts"])}
+
+    def history(self, user_id: str) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._users is None:
+            return None
+        items, ts, applied = self._users.history(user_id)
+        if not applied:
+            return None
+        rows = self.view.rows_of(items)
+        keep = rows >= 0
+        return rows[keep], np.asarray(ts, dtype=np.int64)[keep]
+
+    def fresh(self, n: int) -> np.ndarray:
+        # Rows are assigned on first sight, so the highest live rows are the newest items.
+        live = self.view.live_rows()
+        return live[-n:][::-1] if n > 0 else np.empty(0, np.int64)
+
+    def n_items(self) -> int:
+        return self.view.n_live()
+
+
+class LmdbState:
+    """:class:`~mfli.server.state.StateSource` over the index and users LMDB environments."""
+
+    def __init__(self, settings: Settings, index: LmdbIndex | None = None) -> None:
+        """``index``: an already-open handle (a process that also writes the index must share the
+        writer's environment: py-lmdb refuses to open one twice)."""
+        self.settings = settings
+        self.index = index or _ReadOnlyIndex(settings.index.path, map_size=settings.index.map_size)
+        self._users: UsersStore | None = None
+        self._ready_until = 0.0
+
+    def open(self) -> None:
+        """Try to open both stores now; a missing store is retried on later requests (not fatal)."""
+        ok, reason = self.ready()
+        if not ok:
+            log.warning("index not ready yet: %s", reason)
+        self._open_users()
+
+    def _open_users(self) -> UsersStore | None:
+        if self._users is None:
+            path = self.settings.learner.users_path
+            try:
+                self._users = UsersStore(path, history=self.settings.model.history, readonly=True)
+            except lmdb.Error as exc:
+                log.debug("users store %s not available yet: %s", path, exc)
+        return self._users
+
+    def close(self) -> None:
+        if self._users is not None:
+            self._users.close()
+            self._users = None
+        self.index.close()
+
+    def ready(self) -> tuple[bool, str]:
+        """Index open, codebook present, live items. A positive answer is cached for a second: routes
+        check it on every request and it costs a read transaction."""
+        if time.monotonic() < self._ready_until:
+            return True, ""
+        try:
+            with self.index.view() as view:
+                view.codebooks()
+                if view.n_live() <= 0:
+                    return False, "index holds no live items"
+        except (lmdb.Error, RuntimeError, KeyError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        self._ready_until = time.monotonic() + 1.0
+        return True, ""
+
+    @contextmanager
+    def read(self) -> Iterator[_LmdbRead]:
+        with self.index.view() as view:
+            yield _LmdbRead(view, self._open_users())
+
+    def users_version(self) -> int:
+        users = self._open_users()
+        return users.version() if users is not None else -1
