@@ -10,6 +10,10 @@ liveness) loaded from LMDB at start: drift detection, replay filtering and the t
 numpy operations instead of LMDB reads. LMDB stays the truth; the mirror is updated only after a
 commit succeeds.
 
+Durability: ``sync=True, metasync=False`` — one fsync per commit; an OS crash may undo the last
+committed transaction but never breaks consistency (LMDB's documented NOMETASYNC guarantee), and since
+the offsets live in the same transaction the indexer then simply re-reads those deltas.
+
 Drift: an item moves between posting lists only when its cluster in a facet changed. Members added
 by delta are appended to the posting list (the prior order is restored by the next full pass); with
 clusters bounded by B_upp <= N_k a request reads every member anyway.
@@ -82,13 +86,18 @@ def _settings(settings: IndexSettings | Settings | None) -> IndexSettings:
 class IndexWriter:
     """Owns the index LMDB environment for writing. One per index directory (LMDB allows one writer)."""
 
-    def __init__(self, path: str | Path, settings: IndexSettings | Settings | None = None) -> None:
+    def __init__(
+        self, path: str | Path, settings: IndexSettings | Settings | None = None, auto_bootstrap: bool = True
+    ) -> None:
+        """``auto_bootstrap``: build clusters with a full pass as soon as items and a codebook are both
+        present (benchmarks turn it off to time the full pass on its own)."""
         self.settings = _settings(settings)
+        self.auto_bootstrap = auto_bootstrap
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
             str(self.path), map_size=self.settings.map_size, max_dbs=L.MAX_DBS, lock=True, readahead=False,
-            subdir=True, metasync=True, sync=True,
+            subdir=True, metasync=False, sync=True,
         )
         with self.env.begin(write=True) as txn:
             self.db = {name: self.env.open_db(name.encode(), txn=txn) for name in L.DB_NAMES}
@@ -243,7 +252,7 @@ class IndexWriter:
         if pending is not None:
             self._commit_mirror(pending, batch)
         self._export(result, batch, int(time.time() * 1000))
-        if self.clusters is None and self.n_live and self.shape and self.shape["codewords"]:
+        if self.auto_bootstrap and self.clusters is None and self.n_live and self.shape and self.shape["codewords"]:
             self.full_pass()  # bootstrap: the first items and a codebook are here, build clusters
         result.index_version = self.index_version
         return result
@@ -349,43 +358,47 @@ class IndexWriter:
         return cand[np.lexsort((cand, -prior[cand]))]
 
     def _edit_postings(self, txn, removals, additions) -> None:
-        """Read every touched posting list once, apply removals and appends in bulk, write each once."""
-        touched = {}
+        """Read every touched posting list once, apply removals and appends in bulk, write each once.
+
+        ``removals`` / ``additions`` are per-facet ``(facet, clusters, rows)``. A row sits in exactly one
+        list per facet, so a removal is a (facet, row) mark; no per-list Python work beyond key handling.
+        """
+        touched: dict[tuple[int, int], int] = {}
         for f, clusters, _ in removals + additions:
             for c in np.unique(clusters).tolist():
                 touched.setdefault((f, c), len(touched))
         if not touched:
             return
         keys = [L.post_key(f, c) for f, c in touched]
+        label_facet = np.array([f for f, _ in touched], dtype=np.int64)
         with txn.cursor(db=self.db["post"]) as cur:
-            found = dict((bytes(k), v) for k, v in cur.getmulti(keys))
+            found = {bytes(k): v for k, v in cur.getmulti(keys)}
         values = [found.get(k, b"") for k in keys]
         lengths = np.array([len(v) // 8 for v in values], dtype=np.int64)
         cur_rows = np.frombuffer(b"".join(values), dtype="<i8").astype(np.int64)
         cur_label = np.repeat(np.arange(len(keys), dtype=np.int64), lengths)
-
-        def labelled(edits) -> tuple[np.ndarray, np.ndarray]:
-            labels, rows = [], []
-            for f, clusters, r in edits:
-                if clusters.size:
-                    lut = np.array([touched[(f, c)] for c in clusters.tolist()], dtype=np.int64)
-                    labels.append(lut)
-                    rows.append(r)
-            if not labels:
-                return np.empty(0, np.int64), np.empty(0, np.int64)
-            return np.concatenate(labels), np.concatenate(rows)
-
-        del_label, del_rows = labelled(removals)
-        add_label, add_rows = labelled(additions)
-        shift = np.int64(1) << np.int64(40)
-        keep = ~np.isin(cur_label * shift + cur_rows, del_label * shift + del_rows)
-        all_label = np.concatenate([cur_label[keep], add_label])
-        all_rows = np.concatenate([cur_rows[keep], add_rows])
-        order = np.argsort(all_label, kind="stable")
-        all_rows, all_label = all_rows[order], all_label[order]
-        counts = np.bincount(all_label, minlength=len(keys))
+        cap = int(max(cur_rows.max(initial=0), *(int(r.max(initial=0)) for _, _, r in removals + additions))) + 1
+        remove = np.zeros((self.shape["facets"], cap), bool)
+        for f, _, rows in removals:
+            remove[f, rows] = True
+        keep = ~remove[label_facet[cur_label], cur_rows]
+        kept_label, kept_rows = cur_label[keep], cur_rows[keep]
+        add_label, add_rows = [], []
+        for f, clusters, rows in additions:
+            if clusters.size:
+                add_label.append(np.array([touched[(f, c)] for c in clusters.tolist()], dtype=np.int64))
+                add_rows.append(rows)
+        if add_label:
+            al, ar = np.concatenate(add_label), np.concatenate(add_rows)
+            order = np.argsort(al, kind="stable")
+            al, ar = al[order], ar[order]
+            # kept_label is already grouped ascending: insert the additions at the end of their group
+            pos = np.searchsorted(kept_label, al, side="right")
+            kept_rows = np.insert(kept_rows, pos, ar)
+            kept_label = np.insert(kept_label, pos, al)
+        counts = np.bincount(kept_label, minlength=len(keys))
         bounds = np.concatenate([[0], np.cumsum(counts)]) * 8
-        buf = all_rows.astype("<i8").tobytes()
+        buf = kept_rows.astype("<i8").tobytes()
         puts = [(k, buf[bounds[i] : bounds[i + 1]]) for i, k in enumerate(keys) if counts[i]]
         for i, k in enumerate(keys):
             if counts[i] == 0 and k in found:
