@@ -1,0 +1,90 @@
+"""Full-pass atomicity: readers see the old index or the new one, never a mix."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from mfli.deltas import CodebookSnapshot
+from mfli.indexer.writer import IndexWriter
+from test_index_writer import SETTINGS, _batch, _catalogue
+
+F = 3
+
+
+def _consistent(view, rows) -> bool:
+    clusters = view.clusters_of(rows)
+    for f in range(F):
+        for c in np.unique(clusters[:, f]).tolist():
+            members = view.members(f, c, 1_000_000)
+            if not set(rows[clusters[:, f] == c].tolist()) <= set(members.tolist()):
+                return False
+    return True
+
+
+def test_reader_holding_a_txn_keeps_the_old_state_through_a_full_pass(tmp_path):
+    cb, v, codes, prior = _catalogue(1500, seed=5)
+    writer = IndexWriter(tmp_path / "ix", SETTINGS)
+    try:
+        writer.apply(_batch(range(1500), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+        index = writer.reader()
+        rows = np.arange(1500)
+        old_view = index.view()
+        before = old_view.clusters_of(rows).copy()
+        # a new codebook changes every code path, so the full pass changes the clusters
+        cb2 = np.roll(cb, 1, axis=2)
+        writer.apply(None, {}, [CodebookSnapshot(2, cb2)])
+        writer.full_pass()
+        assert np.array_equal(old_view.clusters_of(rows), before)
+        assert _consistent(old_view, rows)
+        old_view.close()
+        with index.view() as new_view:
+            after = new_view.clusters_of(rows)
+            assert not np.array_equal(after, before)
+            assert _consistent(new_view, rows)
+    finally:
+        writer.close()
+
+
+READER = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from mfli.config import IndexSettings
+    from mfli.indexer.check import check_index
+    from mfli.storage.index_lmdb import LmdbIndex
+    path, done = Path(sys.argv[1]), Path(sys.argv[2])
+    index = LmdbIndex(path, 1 << 28)
+    checks, bad, versions = 0, [], set()
+    while not done.exists() or checks == 0:
+        report = check_index(index, IndexSettings(map_size=1 << 28, target_cluster_size=16))
+        checks += 1
+        versions.add(report.index_version)
+        if not report.ok:
+            bad.append(report.violations[:3])
+    print(json.dumps({"checks": checks, "bad": bad, "versions": len(versions)}))
+""")
+
+
+def test_concurrent_reader_process_never_sees_a_half_applied_pass(tmp_path):
+    cb, v, codes, prior = _catalogue(3000, seed=6)
+    path, done = tmp_path / "ix", tmp_path / "done"
+    writer = IndexWriter(path, SETTINGS)
+    try:
+        writer.apply(_batch(range(3000), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(done)], stdout=subprocess.PIPE,
+                                  text=True)
+        rng = np.random.default_rng(0)
+        for version in range(2, 10):
+            cb_next = np.roll(cb, version, axis=2) if version % 2 else cb
+            writer.apply(None, {}, [CodebookSnapshot(version, cb_next)])
+            writer.full_pass()
+            rows = rng.choice(3000, 300, replace=False)
+            writer.apply(_batch(rows, v[::-1], codes[::-1], prior, version=version), {})
+        done.touch()
+        out = json.loads(reader.communicate(timeout=60)[0])
+    finally:
+        writer.close()
+    assert out["bad"] == []
+    assert out["checks"] >= 2 and out["versions"] >= 2
