@@ -48,3 +48,14 @@ class DedupeWindow:
         if len(self._order) > self.capacity:
             self._ids.discard(self._order.popleft())
         return False
+
+    def recent(self, n: int) -> list[str]:
+        """The newest ``n`` admitted ids, oldest first: what a checkpoint stores to survive a restart."""
+        if n <= 0:
+            return []
+        return list(self._order)[-n:]
+
+    def admit_many(self, event_ids: list[str]) -> None:
+        """Re-admit ids restored from a checkpoint, in their original order."""
+        for event_id in event_ids:
+            self.seen(event_id)

@@ -22,12 +22,18 @@ from mfli.learner.learner import MFLILearner
 FORMAT_VERSION = 1
 
 
-def save_checkpoint(learner: MFLILearner, path: str | Path, offsets: dict | None = None) -> Path:
-    """Write ``learner``'s state and the caller's opaque ``offsets`` atomically to ``path``."""
+def save_checkpoint(
+    learner: MFLILearner, path: str | Path, offsets: dict | None = None, extra: dict | None = None
+) -> Path:
+    """Write ``learner``'s state, the caller's opaque ``offsets`` and ``extra`` atomically to ``path``.
+
+    ``extra`` is process state that must move together with the model (the learner process keeps its
+    recent event ids there so de-duplication survives a restart)."""
     t0 = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT_VERSION, "learner": learner.state_dict(), "offsets": dict(offsets or {})}
+    payload = {"format": FORMAT_VERSION, "learner": learner.state_dict(), "offsets": dict(offsets or {}),
+               "extra": dict(extra or {})}
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -49,10 +55,16 @@ def save_checkpoint(learner: MFLILearner, path: str | Path, offsets: dict | None
 
 def load_checkpoint(path: str | Path) -> tuple[MFLILearner, dict]:
     """A learner restored from ``path`` (settings included) and the offsets saved with it."""
+    learner, offsets, _ = read_checkpoint(path)
+    return learner, offsets
+
+
+def read_checkpoint(path: str | Path) -> tuple[MFLILearner, dict, dict]:
+    """Like :func:`load_checkpoint`, plus the ``extra`` dict saved with it."""
     payload = torch.load(Path(path), weights_only=False)
     if payload.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: checkpoint format {payload.get('format')!r}, expected {FORMAT_VERSION}")
     state = payload["learner"]
     learner = MFLILearner(ModelSettings(**state["settings"]))
     learner.load_state_dict(state)
-    return learner, payload["offsets"]
+    return learner, payload["offsets"], payload.get("extra", {})

@@ -37,7 +37,7 @@ from mfli.config import Settings
 from mfli.consumers.clients import make_producer
 from mfli.consumers.stream import Batch, EventStream
 from mfli.deltas import CodebookSnapshot, encode_codebook, encode_deltas
-from mfli.learner.checkpoint import load_checkpoint, save_checkpoint
+from mfli.learner.checkpoint import read_checkpoint, save_checkpoint
 from mfli.learner.learner import MFLILearner
 from mfli.storage.users_lmdb import UsersStore
 
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "learner.ckpt"
 DELTAS_PER_MESSAGE = 256  # ~200 KB per message at F=3, d=64: well under Kafka's 1 MB default
+DEDUPE_IDS_KEPT = 100_000  # newest event ids checkpointed: duplicates arrive close to their original
 TRENDING_REFRESH = 500  # top items whose prior is republished so the index's trending source stays current
 
 
@@ -68,15 +69,20 @@ class LearnerProcess:
         ls = settings.learner
         self.ckpt_path = Path(ls.checkpoint_dir) / CHECKPOINT_NAME
         self.offsets: dict[TopicPartition, int] = {}
+        recent_ids: list[str] = []
         if self.ckpt_path.exists():
-            self.learner, stored = load_checkpoint(self.ckpt_path)
+            self.learner, stored, extra = read_checkpoint(self.ckpt_path)
             self.offsets = offsets_from_json(stored)
+            recent_ids = extra.get("recent_event_ids", [])
             log.info("restored checkpoint at step %d (%d events), offsets %s", self.learner.step,
                      self.learner.events_seen, stored)
         else:
             self.learner = MFLILearner(settings.model)
         self.users = UsersStore(ls.users_path, history=settings.model.history)
         self.stream = EventStream(settings, group_id=settings.kafka.learner_group)
+        # The de-duplication window is part of the state: without it, a duplicate whose original sits
+        # before the checkpoint and whose copy sits after it would be learned twice after a restart.
+        self.stream.dedupe.admit_many(recent_ids)
         self.stream.seek_to(self.offsets)
         self.producer = make_producer(settings.kafka)
         self.topic = settings.kafka.item_updates_topic
@@ -184,7 +190,8 @@ class LearnerProcess:
     def checkpoint(self) -> None:
         """Deltas out, state on disk (with offsets), then — and only then — the Kafka commit."""
         self.flush()
-        save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets))
+        save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets),
+                        extra={"recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT)})
         self.stream.commit(dict(self.offsets))
         self._last_ckpt = time.monotonic()
         self._dirty = False

@@ -91,6 +91,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         if state.exists():
             shutil.rmtree(state)
+        (state / "logs").mkdir(parents=True)
         broker = EmbeddedBroker(log_path=state / "logs" / "broker.log").start()
         bootstrap = broker.bootstrap
     from mfli.broker import ensure_topics

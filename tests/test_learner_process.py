@@ -95,3 +95,30 @@ def test_restart_resumes_from_checkpoint_without_reapplying(kafka_settings, tmp_
     finally:
         restarted.close()
     assert applied == first + second
+
+
+def test_duplicate_straddling_a_restart_is_learned_once(kafka_settings, tmp_path):
+    settings = _settings(kafka_settings, tmp_path)
+    first = _produce(settings, 500, seed=3)
+    proc = LearnerProcess(settings)
+    try:
+        _run_until(proc, first)
+        proc.checkpoint()
+    finally:
+        proc.close()
+    # The producer retries an event it already sent before the restart: same event_id, new offset.
+    stream = SyntheticStream(n_users=50, n_items=200, n_topics=5, seed=3)
+    original = stream.events(1)[0]
+    producer = make_producer(settings.kafka)
+    producer.send(settings.kafka.events_topic, key=original.user_id.encode(), value=original.model_dump_json().encode())
+    producer.flush()
+    producer.close()
+    extra = _produce(settings, 200, seed=4, start_ts=1_800_000_000_000)
+    restarted = LearnerProcess(settings)
+    try:
+        _run_until(restarted, first + extra)
+        for _ in range(5):  # anything left would show up as an extra learned event
+            restarted.run_once()
+        assert restarted.learner.events_seen == first + extra
+    finally:
+        restarted.close()
