@@ -175,3 +175,26 @@ def test_writer_reopens_from_lmdb(tmp_path):
     finally:
         w2.close()
     assert isinstance(lmdb.version(), tuple)
+
+
+@pytest.mark.slow  # two CLI subprocesses; the CLI imports every subcommand's module
+def test_check_cli_exit_status(tmp_path):
+    import subprocess
+    import sys
+
+    cb, v, codes, prior = _catalogue(300)
+    w = IndexWriter(tmp_path / "ix", SETTINGS)
+    w.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+    w.close()
+    cmd = [sys.executable, "-m", "mfli.cli", "index", "check", "--path", str(tmp_path / "ix"), "--min-in-bounds", "0"]
+    env = {"MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert '"ok": true' in ok.stdout
+    w = IndexWriter(tmp_path / "ix", SETTINGS)
+    with w.env.begin(write=True) as txn:  # drop one whole posting list
+        key = next(iter(txn.cursor(db=w.db["post"])))[0]
+        txn.delete(key, db=w.db["post"])
+    w.close()
+    bad = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert bad.returncode == 1 and '"ok": false' in bad.stdout
