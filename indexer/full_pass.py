@@ -27,6 +27,8 @@ from mfli import metrics
 from mfli.retrieval.clusters import build_facet_clusters
 from mfli.storage import layout as L
 
+from mfli.indexer.writer import export_cluster_sizes  # noqa: E402  (writer imports us lazily)
+
 if TYPE_CHECKING:
     from mfli.indexer.writer import IndexWriter
 
@@ -148,13 +150,9 @@ def _swap(writer: "IndexWriter", rows: np.ndarray, rec: np.ndarray, built, cb_ve
 def _export(built, report: FullPassReport) -> None:
     metrics.FULL_PASS_SECONDS.observe(report.seconds)
     metrics.INDEX_VERSION.set(report.index_version)
+    export_cluster_sizes(built)
     for f, fc in enumerate(built):
         label = str(f)
-        metrics.INDEX_CLUSTERS.labels(facet=label).set(fc.n_clusters)
-        sizes = fc.sizes
-        for stat, value in (("min", sizes.min()), ("max", sizes.max()), ("p50", np.median(sizes)),
-                            ("p90", np.quantile(sizes, 0.9)), ("mean", sizes.mean())):
-            metrics.CLUSTER_SIZE.labels(facet=label, stat=stat).set(float(value))
         multi_path = int((np.diff(fc.path_ptr) > 1).sum())  # paths split into several clusters
         paths_per_cluster = np.bincount(fc.path_ids, minlength=fc.n_clusters)
         metrics.SPLITS.labels(facet=label).inc(multi_path)

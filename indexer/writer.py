@@ -53,6 +53,18 @@ class ApplyResult:
     index_version: int = 0
 
 
+def export_cluster_sizes(clusters: list[FacetClusters]) -> None:
+    """Clusters per facet and their size distribution (empty clusters after deletes excluded)."""
+    for f, fc in enumerate(clusters):
+        sizes = fc.sizes[fc.sizes > 0]
+        label = str(f)
+        metrics.INDEX_CLUSTERS.labels(facet=label).set(int(sizes.size))
+        if sizes.size:
+            for stat, value in (("min", sizes.min()), ("max", sizes.max()), ("p50", np.median(sizes)),
+                                ("p90", np.quantile(sizes, 0.9)), ("mean", sizes.mean())):
+                metrics.CLUSTER_SIZE.labels(facet=label, stat=stat).set(float(value))
+
+
 class _Mirror:
     """Dense per-row columns of the stored items (row -> state), grown by doubling."""
 
@@ -257,6 +269,25 @@ class IndexWriter:
         result.index_version = self.index_version
         return result
 
+    def load_snapshot(self, snapshot, chunk: int = 50_000) -> None:
+        """Apply every live item of an :class:`~mfli.retrieval.snapshot.ItemSnapshot` plus its codebooks
+        (evaluation and tooling: index a learner state without a broker), then run a full pass."""
+        version = max(1, int(snapshot.version))
+        live = snapshot.live_rows()
+        self.apply(None, {}, [CodebookSnapshot(version, snapshot.codebooks)])
+        bootstrap, self.auto_bootstrap = self.auto_bootstrap, False
+        try:
+            for start in range(0, live.size, chunk):
+                rows = live[start : start + chunk]
+                self.apply(DeltaBatch(
+                    [str(i) for i in snapshot.item_ids[rows]], rows, np.full(rows.size, version, np.int64),
+                    np.zeros(rows.size, np.int64), snapshot.vectors[rows], snapshot.codes[rows],
+                    snapshot.prior[rows].astype(np.float32), np.zeros(rows.size, bool), [],
+                ), {})
+        finally:
+            self.auto_bootstrap = bootstrap
+        self.full_pass()
+
     def full_pass(self, seed: int = 0):
         """Re-encode, rebuild split/merged clusters and swap atomically (see :mod:`.full_pass`)."""
         from mfli.indexer.full_pass import run_full_pass
@@ -446,6 +477,8 @@ class IndexWriter:
         metrics.INDEX_ITEMS.set(self.n_live)
         for key, value in self.offsets.items():
             metrics.INDEX_APPLIED_OFFSET.labels(partition=key).set(value)
+        if self.clusters is not None and (any(result.moved) or result.deleted):
+            export_cluster_sizes(self.clusters)
         if batch is not None and result.applied:
             ts = batch.event_ts[:: max(1, len(batch) // FRESHNESS_SAMPLES)]
             for lag in ((now_ms - ts) / 1000.0).tolist():

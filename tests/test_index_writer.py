@@ -198,3 +198,20 @@ def test_check_cli_exit_status(tmp_path):
     w.close()
     bad = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert bad.returncode == 1 and '"ok": false' in bad.stdout
+
+
+def test_load_snapshot_indexes_a_learner_state_and_exports_cluster_metrics(writer):
+    n = 500
+    cb, v, codes, prior = _catalogue(n, seed=9)
+    live = np.ones(n, bool)
+    live[::10] = False
+    snap = ItemSnapshot(np.array([f"i{i}" for i in range(n)], dtype=object), v, codes, cb, prior, live, version=4)
+    writer.load_snapshot(snap)
+    mem = MemoryIndexView.from_settings(snap, SETTINGS)
+    with writer.reader().view() as view:
+        rows = snap.live_rows()
+        assert np.array_equal(view.live_rows(), rows)
+        assert np.array_equal(view.clusters_of(rows), mem.clusters_of(rows))
+    assert check_index(writer.reader(), SETTINGS).ok
+    clusters = metrics.REGISTRY.get_sample_value("mfli_index_clusters", {"facet": "0"})
+    assert clusters == len(mem.clusters[0].centroids)
