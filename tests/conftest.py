@@ -6,7 +6,7 @@
 * ``kafka_settings``: :class:`~mfli.config.Settings` pointing at the broker, with this test's own topic
   and group names (events, items, DLQ, item updates; topics created with 2 partitions) and the small
   group timeouts that keep joins at about 1.5 s on Tansu (KAFKA.md).
-* ``kafka_env(settings)``: the same settings as ``MFLI_*`` environment variables, for subprocesses.
+* ``kafka_env(settings)`` (fixture returning a function): the same settings as ``MFLI_*`` environment variables, for subprocesses.
 """
 
 from __future__ import annotations
@@ -75,9 +75,15 @@ def kafka_settings(broker, unique_name) -> Settings:
     return make_kafka_settings(broker.bootstrap, unique_name)
 
 
-def kafka_env(settings: Settings) -> dict[str, str]:
+def settings_env(settings: Settings) -> dict[str, str]:
     """``os.environ`` plus ``MFLI_KAFKA__*`` variables reproducing ``settings.kafka`` in a child process."""
     env = dict(os.environ)
     for key, value in settings.kafka.model_dump().items():
         env[f"MFLI_KAFKA__{key.upper()}"] = str(value)
     return env
+
+
+@pytest.fixture
+def kafka_env() -> Callable[[Settings], dict[str, str]]:
+    """``kafka_env(settings)``: environment for a subprocess that must see the same Kafka settings."""
+    return settings_env
