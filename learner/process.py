@@ -70,10 +70,13 @@ class LearnerProcess:
         self.ckpt_path = Path(ls.checkpoint_dir) / CHECKPOINT_NAME
         self.offsets: dict[TopicPartition, int] = {}
         recent_ids: list[str] = []
+        #: valid, distinct events this state reflects (the model skips those on already-deleted items)
+        self.events_received = 0
         if self.ckpt_path.exists():
             self.learner, stored, extra = read_checkpoint(self.ckpt_path)
             self.offsets = offsets_from_json(stored)
             recent_ids = extra.get("recent_event_ids", [])
+            self.events_received = int(extra.get("events_received", 0))
             log.info("restored checkpoint at step %d (%d events), offsets %s", self.learner.step,
                      self.learner.events_seen, stored)
         else:
@@ -103,6 +106,7 @@ class LearnerProcess:
             if batch.items:
                 self.learner.upsert_items(batch.items)
             if batch.events:
+                self.events_received += len(batch.events)
                 stats = self.learner.learn(batch.events)
                 for phase, seconds in stats.seconds.items():
                     metrics.LEARNER_STEP_SECONDS.labels(phase=phase).observe(seconds)
@@ -191,7 +195,8 @@ class LearnerProcess:
         """Deltas out, state on disk (with offsets), then — and only then — the Kafka commit."""
         self.flush()
         save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets),
-                        extra={"recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT)})
+                        extra={"recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
+                               "events_received": self.events_received})
         self.stream.commit(dict(self.offsets))
         self._last_ckpt = time.monotonic()
         self._dirty = False

@@ -80,8 +80,12 @@ def produce_records(
     invalid_fraction: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    sent_valid: set[str] | None = None,
 ) -> Counter[str]:
-    """Send ``records`` in order; returns counts by kind (``events``, ``items``, ``invalid:<kind>``)."""
+    """Send ``records`` in order; returns counts by kind (``events``, ``items``, ``invalid:<kind>``).
+
+    ``sent_valid``, if given, collects the ``event_id`` of every event sent intact (not corrupted), so a
+    caller can tell exactly which events the pipeline must deliver."""
     if not 0.0 <= invalid_fraction <= 1.0:
         raise ValueError(f"invalid_fraction must be in [0, 1], not {invalid_fraction}")
     if rate is not None and rate <= 0:
@@ -107,6 +111,8 @@ def produce_records(
             else:
                 value = record.model_dump_json().encode()
                 counts["events"] += 1
+                if sent_valid is not None:
+                    sent_valid.add(record.event_id)
             producer.send(k.events_topic, key=key, value=value)
             sent += 1
             if sent % 256 == 0:
