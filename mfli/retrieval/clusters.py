@@ -63,8 +63,9 @@ def _csr_nearest(
 ) -> np.ndarray:
     """Nearest centroid per item among its candidate list ``ids[ptr[g]:ptr[g+1]]`` (g = groups[i]).
 
-    Items whose list has one entry are assigned directly; the rest are padded to a common width and
-    scored in chunks, so there is no Python loop over items or groups.
+    Items whose list has one entry are assigned directly. For the rest: when many items share few
+    lists (a full pass), one small matmul per list; otherwise (a delta batch) the lists are padded to
+    a common width and scored in chunks, so there is no Python loop over items.
     """
     width = ptr[groups + 1] - ptr[groups]
     out = np.empty(groups.shape[0], dtype=np.int64)
@@ -74,6 +75,16 @@ def _csr_nearest(
     if multi.size == 0:
         return out
     c_sq = np.einsum("cd,cd->c", centroids, centroids)
+    uniq, inverse = np.unique(groups[multi], return_inverse=True)
+    if multi.size >= 16 * uniq.size:
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=uniq.size))])
+        for j, g in enumerate(uniq.tolist()):
+            items = multi[order[bounds[j] : bounds[j + 1]]]
+            cand = ids[ptr[g] : ptr[g + 1]]
+            dist = c_sq[cand][None, :] - 2.0 * (vectors[items] @ centroids[cand].T)
+            out[items] = cand[np.argmin(dist, axis=1)]
+        return out
     # bucket by width (powers of two) so one wide list does not pad every item to its width
     bucket = np.ceil(np.log2(width[multi])).astype(np.int64)
     for b in np.unique(bucket):
@@ -122,13 +133,16 @@ class FacetClusters:
         clusters: np.ndarray,
     ) -> "FacetClusters":
         """Build the path map from (path key, cluster) pairs (duplicates allowed)."""
-        pairs = np.unique(np.stack([keys.astype(np.int64), clusters.astype(np.int64)], axis=1), axis=0)
-        uniq, counts = np.unique(pairs[:, 0], return_counts=True)
+        keys, clusters = keys.astype(np.int64), clusters.astype(np.int64)
+        width = int(clusters.max(initial=0)) + 1
+        combined = np.unique(keys * width + clusters)  # 1-D unique: far faster than unique(axis=0)
+        pair_keys, pair_ids = combined // width, combined % width
+        uniq, counts = np.unique(pair_keys, return_counts=True)
         ptr = np.zeros(uniq.size + 1, dtype=np.int64)
         np.cumsum(counts, out=ptr[1:])
         return cls(
             levels, codewords, np.ascontiguousarray(centroids, dtype=np.float32), sizes.astype(np.int64),
-            uniq, ptr, np.ascontiguousarray(pairs[:, 1]),
+            uniq, ptr, np.ascontiguousarray(pair_ids),
         )
 
     def keys_of(self, codes: np.ndarray) -> np.ndarray:
@@ -230,10 +244,13 @@ def _split_labels(x: np.ndarray, target: int, rng: np.random.Generator) -> np.nd
 
 
 def _cluster_means(assign: np.ndarray, vectors: np.ndarray, n_clusters: int) -> np.ndarray:
-    counts = np.bincount(assign, minlength=n_clusters).astype(np.float64)
-    sums = np.stack([np.bincount(assign, weights=vectors[:, j], minlength=n_clusters)
-                     for j in range(vectors.shape[1])], axis=1)
-    return (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
+    counts = np.bincount(assign, minlength=n_clusters)
+    order = np.argsort(assign, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    nonempty = counts > 0
+    sums = np.zeros((n_clusters, vectors.shape[1]), dtype=np.float32)
+    sums[nonempty] = np.add.reduceat(vectors[order], starts[nonempty], axis=0)
+    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32)
 
 
 def _reconstruct(codes: np.ndarray, codebook: np.ndarray) -> np.ndarray:
@@ -332,7 +349,8 @@ def build_facet_clusters(
     centroids = _cluster_means(assign, vectors, n_clusters)
     # Final assignment = assign() under the final centroids, so members always reproduce their cluster.
     draft = FacetClusters.from_pairs(levels, codewords, centroids, np.bincount(assign), keys, assign)
-    final = draft.assign(codes, vectors)
+    with threadpool_limits(limits=1, user_api="blas"):
+        final = draft.assign(codes, vectors)
     used, final = np.unique(final, return_inverse=True)
     final = final.astype(np.int64).ravel()
     fc = FacetClusters.from_pairs(
