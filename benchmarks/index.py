@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=10_000, help="item deltas per write transaction")
     parser.add_argument("--update-batches", type=int, default=10)
     parser.add_argument("--noise", type=float, default=0.01, help="per-dimension noise of an ordinary update")
-    parser.add_argument("--drift", type=float, default=0.05, help="share of updates that move far (re-cluster)")
+    parser.add_argument("--drift", type=float, default=0.05,
+                        help="share of updates that move far (re-cluster)")
     parser.add_argument("--reader-reps", type=int, default=50)
     parser.add_argument("--path", default=None, help="index directory (default: a temporary one, removed)")
     parser.add_argument("--seed", type=int, default=0)
@@ -87,14 +88,16 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     prior = rng.gamma(1.0, 1.0, n).astype(np.float32)
     log.info("catalogue of %d items built in %.1f s (M=%d)", n, time.perf_counter() - t0, cb.shape[2])
     tmp = Path(args.path) if args.path else Path(tempfile.mkdtemp(prefix="mfli-bench-index-"))
-    index_settings: IndexSettings = settings.index.model_copy(update={"map_size": max(settings.index.map_size, 16 << 30)})
+    map_size = max(settings.index.map_size, 16 << 30)
+    index_settings: IndexSettings = settings.index.model_copy(update={"map_size": map_size})
     writer = IndexWriter(tmp, index_settings, auto_bootstrap=False)
     rows_out: list[Row] = []
     try:
         load_rates = []
         for start in range(0, n, args.batch):
             rows = np.arange(start, min(n, start + args.batch))
-            b = _batch(rows, vectors[rows], codes[rows], prior[rows], np.ones(rows.size), int(time.time() * 1000))
+            now = int(time.time() * 1000)
+            b = _batch(rows, vectors[rows], codes[rows], prior[rows], np.ones(rows.size), now)
             t = time.perf_counter()
             writer.apply(b, {"bench:0": start + rows.size})
             load_rates.append(rows.size / (time.perf_counter() - t))
@@ -111,7 +114,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         for _ in range(args.update_batches):
             version += 1
             rows = np.sort(rng.choice(n, args.batch, replace=False))
-            v = vectors[rows] + args.noise * rng.normal(size=(rows.size, args.facets, args.dim)).astype(np.float32)
+            noise = rng.normal(size=(rows.size, args.facets, args.dim)).astype(np.float32)
+            v = vectors[rows] + args.noise * noise
             far = rng.random(rows.size) < args.drift
             v[far] = vectors[rng.choice(n, int(far.sum()))]
             v /= np.linalg.norm(v, axis=2, keepdims=True)

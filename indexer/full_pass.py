@@ -24,10 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mfli import metrics
-from mfli.retrieval.clusters import build_facet_clusters
+from mfli.retrieval.clusters import FacetClusters, build_facet_clusters
 from mfli.storage import layout as L
-
-from mfli.indexer.writer import export_cluster_sizes  # noqa: E402  (writer imports us lazily)
 
 if TYPE_CHECKING:
     from mfli.indexer.writer import IndexWriter
@@ -145,6 +143,18 @@ def _swap(writer: "IndexWriter", rows: np.ndarray, rec: np.ndarray, built, cb_ve
         txn.put(b"full_pass_ts", L.pack_i64(int(time.time() * 1000)), db=meta)
         txn.put(b"index_version", L.pack_i64(writer.index_version + 1), db=meta)
     writer.index_version += 1
+
+
+def export_cluster_sizes(clusters: list[FacetClusters]) -> None:
+    """Clusters per facet and their size distribution (empty clusters after deletes excluded)."""
+    for f, fc in enumerate(clusters):
+        sizes = fc.sizes[fc.sizes > 0]
+        label = str(f)
+        metrics.INDEX_CLUSTERS.labels(facet=label).set(int(sizes.size))
+        if sizes.size:
+            for stat, value in (("min", sizes.min()), ("max", sizes.max()), ("p50", np.median(sizes)),
+                                ("p90", np.quantile(sizes, 0.9)), ("mean", sizes.mean())):
+                metrics.CLUSTER_SIZE.labels(facet=label, stat=stat).set(float(value))
 
 
 def _export(built, report: FullPassReport) -> None:

@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the indexer (default), check the invariants, or run a full pass now")
     parser.add_argument("--path", default=None, help="index LMDB directory (default: index.path)")
     parser.add_argument("--min-in-bounds", type=float, default=0.95,
-                        help="check: required share of items in clusters within [B_low, B_upp] (0 = report only)")
+                        help="check: required share of items in clusters within [B_low, B_upp] "
+                        "(0 = report only)")
     parser.add_argument("--max-batches", type=int, default=0, help="run: stop after this many polls (tests)")
 
 
@@ -123,7 +124,8 @@ class IndexerLoop:
         ensure_topics(bootstrap, k, [k.item_updates_topic])
         consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, client_id=f"{k.client_id}-indexer", group_id=k.indexer_group,
-            enable_auto_commit=False, fetch_max_wait_ms=k.fetch_max_wait_ms, max_poll_records=k.max_poll_records,
+            enable_auto_commit=False, fetch_max_wait_ms=k.fetch_max_wait_ms,
+            max_poll_records=k.max_poll_records,
             request_timeout_ms=k.request_timeout_ms, reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
             auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20,
         )

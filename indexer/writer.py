@@ -34,6 +34,8 @@ from mfli import metrics
 from mfli.config import IndexSettings, Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, ItemDelta
 from mfli.retrieval.clusters import FacetClusters, path_keys
+from mfli.indexer.mirror import ItemMirror
+from mfli.indexer.postings import edit_postings
 from mfli.storage import layout as L
 
 log = logging.getLogger(__name__)
@@ -51,42 +53,6 @@ class ApplyResult:
     deleted: int = 0
     moved: list[int] = field(default_factory=list)  # per facet: items whose cluster changed
     index_version: int = 0
-
-
-def export_cluster_sizes(clusters: list[FacetClusters]) -> None:
-    """Clusters per facet and their size distribution (empty clusters after deletes excluded)."""
-    for f, fc in enumerate(clusters):
-        sizes = fc.sizes[fc.sizes > 0]
-        label = str(f)
-        metrics.INDEX_CLUSTERS.labels(facet=label).set(int(sizes.size))
-        if sizes.size:
-            for stat, value in (("min", sizes.min()), ("max", sizes.max()), ("p50", np.median(sizes)),
-                                ("p90", np.quantile(sizes, 0.9)), ("mean", sizes.mean())):
-                metrics.CLUSTER_SIZE.labels(facet=label, stat=stat).set(float(value))
-
-
-class _Mirror:
-    """Dense per-row columns of the stored items (row -> state), grown by doubling."""
-
-    def __init__(self, facets: int) -> None:
-        self.facets = facets
-        self.version = np.full(0, -1, np.int64)
-        self.prior = np.zeros(0, np.float32)
-        self.clusters = np.full((0, facets), -1, np.int64)
-        self.live = np.zeros(0, bool)
-        self.exists = np.zeros(0, bool)
-
-    def ensure(self, n: int) -> None:
-        cap = self.version.size
-        if n <= cap:
-            return
-        new = max(n, 2 * cap, 1024)
-        grow = new - cap
-        self.version = np.concatenate([self.version, np.full(grow, -1, np.int64)])
-        self.prior = np.concatenate([self.prior, np.zeros(grow, np.float32)])
-        self.clusters = np.concatenate([self.clusters, np.full((grow, self.facets), -1, np.int64)])
-        self.live = np.concatenate([self.live, np.zeros(grow, bool)])
-        self.exists = np.concatenate([self.exists, np.zeros(grow, bool)])
 
 
 def _settings(settings: IndexSettings | Settings | None) -> IndexSettings:
@@ -116,7 +82,7 @@ class IndexWriter:
         self.shape: dict[str, int] | None = None
         self.vec_dtype = np.dtype("<f2") if self.settings.store_float16 else np.dtype("<f4")
         self.clusters: list[FacetClusters] | None = None
-        self.mirror: _Mirror | None = None
+        self.mirror: ItemMirror | None = None
         self.index_version = 0
         self.offsets: dict[str, int] = {}
         self._pending_clusters: dict[int, FacetClusters] = {}  # path maps grown in an open transaction
@@ -136,7 +102,7 @@ class IndexWriter:
             if raw is None:
                 return
             self.shape = orjson.loads(bytes(raw))
-            self.mirror = _Mirror(self.shape["facets"])
+            self.mirror = ItemMirror(self.shape["facets"])
             with txn.cursor(db=self.db["rec"]) as cur:
                 pairs = list(cur.iternext(keys=True, values=True))
             if pairs:
@@ -185,10 +151,11 @@ class IndexWriter:
     def _ensure_shape(self, txn, facets: int, dim: int, levels: int, codewords: int = 0) -> None:
         if self.shape is None:
             self.shape = {"facets": facets, "dim": dim, "levels": levels, "codewords": codewords}
-            self.mirror = _Mirror(facets)
+            self.mirror = ItemMirror(facets)
             txn.put(b"vec_dtype", self.vec_dtype.str.encode(), db=self.db["meta"])
         elif (self.shape["facets"], self.shape["dim"], self.shape["levels"]) != (facets, dim, levels):
-            raise ValueError(f"delta shape F={facets}, d={dim}, L={levels} does not match the index {self.shape}")
+            raise ValueError(
+                f"delta shape F={facets}, d={dim}, L={levels} does not match the index {self.shape}")
         if codewords and not self.shape["codewords"]:
             self.shape["codewords"] = codewords
         elif codewords and codewords != self.shape["codewords"]:
@@ -264,7 +231,8 @@ class IndexWriter:
         if pending is not None:
             self._commit_mirror(pending, batch)
         self._export(result, batch, int(time.time() * 1000))
-        if self.auto_bootstrap and self.clusters is None and self.n_live and self.shape and self.shape["codewords"]:
+        codebook_known = bool(self.shape and self.shape["codewords"])
+        if self.auto_bootstrap and self.clusters is None and self.n_live and codebook_known:
             self.full_pass()  # bootstrap: the first items and a codebook are here, build clusters
         result.index_version = self.index_version
         return result
@@ -347,7 +315,7 @@ class IndexWriter:
             result.moved[f] = int((gone & came).sum())
             edits_del.append((f, old_c[gone, f], rows[gone]))
             edits_add.append((f, new_c[came, f], rows[came]))
-        self._edit_postings(txn, edits_del, edits_add)
+        edit_postings(txn, self.db["post"], facets, edits_del, edits_add)
         for f, keys, clusters in path_updates:
             self._add_paths(txn, f, keys, clusters)
         # item records and vectors
@@ -364,7 +332,8 @@ class IndexWriter:
             vbuf = vectors[up].astype(self.vec_dtype).tobytes()
             vsize = facets * dim * self.vec_dtype.itemsize
             with txn.cursor(db=self.db["vec"]) as cur:
-                cur.putmulti([(keys[j], vbuf[i * vsize : (i + 1) * vsize]) for i, j in enumerate(up.tolist())])
+                cur.putmulti([(keys[j], vbuf[i * vsize : (i + 1) * vsize])
+                              for i, j in enumerate(up.tolist())])
         gone = np.flatnonzero(deleted)
         if gone.size:  # a deleted item keeps its record (version, for replays) but not its vectors
             for j in gone.tolist():
@@ -387,55 +356,6 @@ class IndexWriter:
         if cand.size > TRENDING_STORED:
             cand = cand[np.argpartition(-prior[cand], TRENDING_STORED)[:TRENDING_STORED]]
         return cand[np.lexsort((cand, -prior[cand]))]
-
-    def _edit_postings(self, txn, removals, additions) -> None:
-        """Read every touched posting list once, apply removals and appends in bulk, write each once.
-
-        ``removals`` / ``additions`` are per-facet ``(facet, clusters, rows)``. A row sits in exactly one
-        list per facet, so a removal is a (facet, row) mark; no per-list Python work beyond key handling.
-        """
-        touched: dict[tuple[int, int], int] = {}
-        for f, clusters, _ in removals + additions:
-            for c in np.unique(clusters).tolist():
-                touched.setdefault((f, c), len(touched))
-        if not touched:
-            return
-        keys = [L.post_key(f, c) for f, c in touched]
-        label_facet = np.array([f for f, _ in touched], dtype=np.int64)
-        with txn.cursor(db=self.db["post"]) as cur:
-            found = {bytes(k): v for k, v in cur.getmulti(keys)}
-        values = [found.get(k, b"") for k in keys]
-        lengths = np.array([len(v) // 8 for v in values], dtype=np.int64)
-        cur_rows = np.frombuffer(b"".join(values), dtype="<i8").astype(np.int64)
-        cur_label = np.repeat(np.arange(len(keys), dtype=np.int64), lengths)
-        cap = int(max(cur_rows.max(initial=0), *(int(r.max(initial=0)) for _, _, r in removals + additions))) + 1
-        remove = np.zeros((self.shape["facets"], cap), bool)
-        for f, _, rows in removals:
-            remove[f, rows] = True
-        keep = ~remove[label_facet[cur_label], cur_rows]
-        kept_label, kept_rows = cur_label[keep], cur_rows[keep]
-        add_label, add_rows = [], []
-        for f, clusters, rows in additions:
-            if clusters.size:
-                add_label.append(np.array([touched[(f, c)] for c in clusters.tolist()], dtype=np.int64))
-                add_rows.append(rows)
-        if add_label:
-            al, ar = np.concatenate(add_label), np.concatenate(add_rows)
-            order = np.argsort(al, kind="stable")
-            al, ar = al[order], ar[order]
-            # kept_label is already grouped ascending: insert the additions at the end of their group
-            pos = np.searchsorted(kept_label, al, side="right")
-            kept_rows = np.insert(kept_rows, pos, ar)
-            kept_label = np.insert(kept_label, pos, al)
-        counts = np.bincount(kept_label, minlength=len(keys))
-        bounds = np.concatenate([[0], np.cumsum(counts)]) * 8
-        buf = kept_rows.astype("<i8").tobytes()
-        puts = [(k, buf[bounds[i] : bounds[i + 1]]) for i, k in enumerate(keys) if counts[i]]
-        for i, k in enumerate(keys):
-            if counts[i] == 0 and k in found:
-                txn.delete(k, db=self.db["post"])
-        with txn.cursor(db=self.db["post"]) as cur:
-            cur.putmulti(puts)
 
     def _add_paths(self, txn, facet: int, keys: np.ndarray, clusters: np.ndarray) -> None:
         """New code paths seen in deltas join the path map (so path lookups find their items)."""
@@ -478,6 +398,8 @@ class IndexWriter:
         for key, value in self.offsets.items():
             metrics.INDEX_APPLIED_OFFSET.labels(partition=key).set(value)
         if self.clusters is not None and (any(result.moved) or result.deleted):
+            from mfli.indexer.full_pass import export_cluster_sizes
+
             export_cluster_sizes(self.clusters)
         if batch is not None and result.applied:
             ts = batch.event_ts[:: max(1, len(batch) // FRESHNESS_SAMPLES)]

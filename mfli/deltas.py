@@ -147,8 +147,8 @@ def encode_codebook(snapshot: CodebookSnapshot) -> bytes:
     cb = np.ascontiguousarray(snapshot.codebooks, dtype="<f4")
     if cb.ndim != 4:
         raise ValueError(f"codebooks must be float32[F, L, M, d], got shape {cb.shape}")
-    return _HEADER.pack(WIRE_MAGIC, WIRE_FORMAT, MSG_CODEBOOK, 0) + _CB_HEAD.pack(snapshot.version, *cb.shape) \
-        + cb.tobytes()
+    header = _HEADER.pack(WIRE_MAGIC, WIRE_FORMAT, MSG_CODEBOOK, 0)
+    return header + _CB_HEAD.pack(snapshot.version, *cb.shape) + cb.tobytes()
 
 
 def decode_message(payload: bytes) -> DeltaBatch | CodebookSnapshot:

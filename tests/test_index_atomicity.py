@@ -73,7 +73,8 @@ def test_concurrent_reader_process_never_sees_a_half_applied_pass(tmp_path):
     writer = IndexWriter(path, SETTINGS)
     try:
         writer.apply(_batch(range(3000), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
-        reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(done)], stdout=subprocess.PIPE,
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(done)],
+                                  stdout=subprocess.PIPE,
                                   text=True)
         rng = np.random.default_rng(0)
         for version in range(2, 10):

@@ -11,7 +11,8 @@ def _delta(i: int, deleted: bool = False) -> ItemDelta:
     rng = np.random.default_rng(i)
     return ItemDelta(
         item_id=f"item-é{i}", row=i, version=10 + i, event_ts=1_700_000_000_000 + i,
-        vectors=rng.normal(size=(3, 8)).astype(np.float32), codes=rng.integers(0, 50, (3, 2)).astype(np.int32),
+        vectors=rng.normal(size=(3, 8)).astype(np.float32),
+        codes=rng.integers(0, 50, (3, 2)).astype(np.int32),
         prior=0.5 * i, deleted=deleted, tags=["a", f"t{i}"],
     )
 

@@ -152,7 +152,8 @@ def test_lmdb_index_matches_memory_index_on_the_same_state(writer):
         for f in range(F):
             for c in range(0, len(mem.clusters[f].centroids), 3):
                 assert np.array_equal(view.members(f, c, 20), mem.members(f, c, 20))
-            assert np.array_equal(view.path_clusters(f, tuple(codes[0, f])), mem.path_clusters(f, tuple(codes[0, f])))
+            path = tuple(codes[0, f])
+            assert np.array_equal(view.path_clusters(f, path), mem.path_clusters(f, path))
         assert np.array_equal(view.trending(50), mem.trending(50))
         lmdb_ret, mem_ret = LearnedIndexRetriever(view), LearnedIndexRetriever(mem)
         for user in range(10):
@@ -186,7 +187,8 @@ def test_check_cli_exit_status(tmp_path):
     w = IndexWriter(tmp_path / "ix", SETTINGS)
     w.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
     w.close()
-    cmd = [sys.executable, "-m", "mfli.cli", "index", "check", "--path", str(tmp_path / "ix"), "--min-in-bounds", "0"]
+    cmd = [sys.executable, "-m", "mfli.cli", "index", "check", "--path", str(tmp_path / "ix"),
+           "--min-in-bounds", "0"]
     env = {"MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "PATH": "/usr/bin:/bin"}
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
@@ -205,7 +207,8 @@ def test_load_snapshot_indexes_a_learner_state_and_exports_cluster_metrics(write
     cb, v, codes, prior = _catalogue(n, seed=9)
     live = np.ones(n, bool)
     live[::10] = False
-    snap = ItemSnapshot(np.array([f"i{i}" for i in range(n)], dtype=object), v, codes, cb, prior, live, version=4)
+    ids = np.array([f"i{i}" for i in range(n)], dtype=object)
+    snap = ItemSnapshot(ids, v, codes, cb, prior, live, version=4)
     writer.load_snapshot(snap)
     mem = MemoryIndexView.from_settings(snap, SETTINGS)
     with writer.reader().view() as view:

@@ -47,7 +47,9 @@ class ItemInfo:
 class LmdbIndex:
     """A read-only handle on the index environment, safe to create before ``fork``."""
 
-    def __init__(self, path: str | Path, map_size: int = 8 << 30, env: lmdb.Environment | None = None) -> None:
+    def __init__(
+        self, path: str | Path, map_size: int = 8 << 30, env: lmdb.Environment | None = None
+    ) -> None:
         """``env``: share an environment already open in this process (py-lmdb refuses to open one
         twice, so an in-process reader of the writer's index passes ``writer.env``)."""
         self.path = Path(path)
