@@ -142,6 +142,7 @@ def _swap(writer: "IndexWriter", rows: np.ndarray, rec: np.ndarray, built, cb_ve
         txn.put(b"cb_in_use", L.pack_i64(cb_version), db=meta)
         txn.put(b"full_pass_ts", L.pack_i64(int(time.time() * 1000)), db=meta)
         txn.put(b"index_version", L.pack_i64(writer.index_version + 1), db=meta)
+        writer.log_change(txn, writer.index_version + 1, np.empty(0, np.int64))
     writer.index_version += 1
 
 

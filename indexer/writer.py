@@ -218,6 +218,8 @@ class IndexWriter:
                     new_offsets[key] = max(int(value), new_offsets.get(key, 0))
                 txn.put(b"offsets", orjson.dumps(new_offsets), db=self.db["meta"])
                 txn.put(b"index_version", L.pack_i64(self.index_version + 1), db=self.db["meta"])
+                changed = pending["rows"] if pending is not None else np.empty(0, np.int64)
+                self.log_change(txn, self.index_version + 1, changed)
                 if pending is not None:
                     txn.put(b"live", L.pack_i64(int(pending["live_count"])), db=self.db["meta"])
                     txn.put(b"trending", pending["trending"].astype("<i8").tobytes(), db=self.db["meta"])
@@ -261,6 +263,17 @@ class IndexWriter:
         from mfli.indexer.full_pass import run_full_pass
 
         return run_full_pass(self, seed=seed)
+
+    def log_change(self, txn, version: int, rows: np.ndarray) -> None:
+        """Record the rows a commit changed under its index version and prune the oldest entries."""
+        db = self.db["chg"]
+        txn.put(L.row_key(version), np.asarray(rows, dtype="<i8").tobytes(), db=db)
+        horizon = version - L.CHANGE_LOG_KEEP
+        if horizon <= 0:
+            return
+        with txn.cursor(db=db) as cur:
+            while cur.first() and L.key_rows(bytes(cur.key()))[0] <= horizon:
+                cur.delete()
 
     def _reload_after_abort(self) -> None:
         """The transaction aborted: drop in-memory state that may be ahead of LMDB, re-read the truth."""

@@ -258,6 +258,34 @@ class LmdbIndexView:
             clusters=clusters, codes=rec["codes"].tolist(),
         )
 
+    def oldest_change(self) -> int | None:
+        """Oldest index version still in the ``chg`` change log (None if the log is empty)."""
+        with self._txn.cursor(db=self._index.db("chg")) as cur:
+            return int(L.key_rows(bytes(cur.key()))[0]) if cur.first() else None
+
+    def changed_since(self, version: int) -> np.ndarray:
+        """Unique rows changed by commits after ``version`` up to this view's version (from ``chg``)."""
+        parts = []
+        with self._txn.cursor(db=self._index.db("chg")) as cur:
+            if cur.set_range(L.row_key(version + 1)):
+                for key, value in cur.iternext(keys=True, values=True):
+                    if L.key_rows(bytes(key))[0] > self.version:
+                        break
+                    parts.append(np.frombuffer(value, dtype="<i8"))
+        return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
+
+    def scan_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, records, float32 vectors; zeros for deleted rows) of every stored item, one cursor pass
+        per sub-db: what a reader-side cache loads in full."""
+        with self._txn.cursor(db=self._index.db("rec")) as cur:
+            pairs = list(cur.iternext(keys=True, values=True))
+        if not pairs:
+            return (np.empty(0, np.int64), np.empty(0, dtype=self._rec_dtype),
+                    np.empty((0, self.facets, self.dim), np.float32))
+        rows = L.key_rows([bytes(k) for k, _ in pairs])
+        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+        return rows, rec, self.vectors(rows)
+
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(live rows, float32[n, F, d]) for exact search, cached per index version."""
 

@@ -19,6 +19,11 @@ sub-db     key                               value
 ``paths``  facet (u16 BE) + path key (i64 BE) int64 cluster ids the code path maps to (ascending)
 ``cent``   facet (u16 BE)                    float32[C, d] cluster centroids of that facet
 ``cb``     codebook version (u64 BE)         float32[F, L, M, d] codebooks (shape in ``meta:cb_shape``)
+``chg``    index version (u64 BE)            change log: packed int64 rows whose ``rec``/``vec`` that
+                                             commit changed (empty for a full pass, which bumps
+                                             ``clusters_version`` instead); the last
+                                             :data:`CHANGE_LOG_KEEP` versions are kept, so a reader
+                                             caching item columns can catch up incrementally
 ``meta``   ascii name                        see below
 =========  ================================  =====================================================
 
@@ -40,7 +45,9 @@ import struct
 
 import numpy as np
 
-DB_NAMES = ("rec", "vec", "row2id", "id2row", "post", "paths", "cent", "cb", "meta")
+DB_NAMES = ("rec", "vec", "row2id", "id2row", "post", "paths", "cent", "cb", "chg", "meta")
+#: index versions kept in the ``chg`` change log
+CHANGE_LOG_KEEP = 2000
 MAX_DBS = 16
 
 _U64 = struct.Struct(">Q")
