@@ -107,8 +107,8 @@ def _check_facet(report, f, view, rows, rec, live, live_rows, p_rows, p_cluster,
                  f"{int(p_cluster[order][pos][i])}")
     # path map: the item's cluster is among its path's clusters
     codes = rec["codes"][live, f]
-    if clustered and view.codewords:
-        keys = path_keys(codes, view.codewords)
+    if clustered:
+        keys = path_keys(codes)
         map_keys, map_ids = [], []
         prefix = L.facet_key(f)
         with view._txn.cursor(db=view._index.db("paths")) as cur:

@@ -80,6 +80,7 @@ def _read_live(writer: "IndexWriter", rows: np.ndarray) -> tuple[np.ndarray, np.
 def run_full_pass(writer: "IndexWriter", seed: int = 0) -> FullPassReport | None:
     """Rebuild the whole index from the live items and the newest codebook; None if nothing to do."""
     started = time.perf_counter()
+    writer.full_pass_wanted = False
     cb = writer.latest_codebook()
     if cb is None or writer.mirror is None or writer.n_live == 0:
         log.info("full pass skipped: %s", "no codebook yet" if cb is None else "no live items")

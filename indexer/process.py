@@ -171,7 +171,7 @@ class IndexerLoop:
                     dirty = dirty or changed
                     batches += 1
                 due = dirty and time.monotonic() - last_full >= self.settings.index.full_pass_interval_s
-                if due or self._full_pass_requested:
+                if due or self._full_pass_requested or writer.full_pass_wanted:
                     self._full_pass_requested = False
                     writer.full_pass()
                     last_full, dirty = time.monotonic(), False

@@ -71,6 +71,7 @@ class IndexWriter:
         present (benchmarks turn it off to time the full pass on its own)."""
         self.settings = _settings(settings)
         self.auto_bootstrap = auto_bootstrap
+        self.full_pass_wanted = False  # set when a codebook of a new size arrives; the process loop obliges
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
@@ -156,10 +157,13 @@ class IndexWriter:
         elif (self.shape["facets"], self.shape["dim"], self.shape["levels"]) != (facets, dim, levels):
             raise ValueError(
                 f"delta shape F={facets}, d={dim}, L={levels} does not match the index {self.shape}")
-        if codewords and not self.shape["codewords"]:
+        if codewords and codewords != self.shape["codewords"]:
+            # the learner grows M with the catalogue; path keys do not depend on M, and the clusters
+            # move to the new codebook at the next full pass (requested now)
+            if self.shape["codewords"]:
+                log.info("codebook size changes from %d to %d codewords", self.shape["codewords"], codewords)
+                self.full_pass_wanted = True
             self.shape["codewords"] = codewords
-        elif codewords and codewords != self.shape["codewords"]:
-            raise ValueError(f"codebook has {codewords} codewords, the index uses {self.shape['codewords']}")
         txn.put(b"shape", orjson.dumps(self.shape), db=self.db["meta"])
 
     def _store_codebook(self, txn, snap: CodebookSnapshot) -> None:
@@ -315,7 +319,7 @@ class IndexWriter:
             for f in range(facets):
                 fc = self.clusters[f]
                 new_c[up, f] = fc.assign(codes[up, f], vectors[up, f])
-                keys = path_keys(codes[up, f], fc.codewords)
+                keys = path_keys(codes[up, f])
                 pos = np.minimum(np.searchsorted(fc.path_key, keys), max(fc.path_key.size - 1, 0))
                 unknown = (fc.path_key[pos] != keys) if fc.path_key.size else np.ones(keys.size, bool)
                 if unknown.any():

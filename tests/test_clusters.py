@@ -97,6 +97,8 @@ def test_rejects_bad_bounds_and_shapes():
         build_facet_clusters(np.zeros((2, 3), int), np.zeros((2, D), np.float32), cb, 32, 8, 256)
 
 
-def test_path_keys_are_mixed_radix():
-    assert path_keys(np.array([[1, 2], [0, 3]]), 4).tolist() == [6, 3]
+def test_path_keys_use_a_fixed_radix():
+    assert path_keys(np.array([[1, 2], [0, 3]])).tolist() == [(1 << 15) + 2, 3]
+    with pytest.raises(ValueError, match="levels"):
+        path_keys(np.zeros((1, 5), int))
     assert isinstance(FacetClusters, type)

@@ -235,3 +235,22 @@ def test_change_log_lists_the_rows_each_commit_changed(writer):
         assert view.oldest_change() == 1
         rows, rec, vec = view.scan_all()
         assert rows.tolist() == list(range(100)) and np.allclose(vec, v)
+
+
+def test_codebook_growing_keeps_working_and_asks_for_a_full_pass(writer):
+    """The learner grows M with the catalogue (seen in the freshness benchmark: 8 -> 11 codewords)."""
+    cb, v, codes, prior = _catalogue(300)
+    writer.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+    rng = np.random.default_rng(1)
+    bigger = np.concatenate([cb, (0.4 * rng.normal(size=(F, LV, 3, D))).astype(np.float32)], axis=2)
+    new_codes = np.stack([encode(v[:, f], bigger[f]) for f in range(F)], axis=1)
+    writer.apply(_batch(range(50), v, new_codes, prior, version=2), {}, [CodebookSnapshot(2, bigger)])
+    assert writer.full_pass_wanted
+    assert check_index(writer.reader(), SETTINGS).ok  # items on never-seen paths got clusters + path entries
+    writer.full_pass()
+    assert not writer.full_pass_wanted
+    with writer.reader().view() as view:
+        assert view.codebooks().shape == (F, LV, M + 3, D)
+        rows = np.arange(300)
+        assert np.all(view.clusters_of(rows) >= 0)
+    assert check_index(writer.reader(), SETTINGS).ok

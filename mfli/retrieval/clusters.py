@@ -37,14 +37,25 @@ KMEANS_ITERS = 6
 _BLOCK = 4096
 
 
-def path_keys(codes: np.ndarray, codewords: int) -> np.ndarray:
-    """int64 key per code path (mixed-radix number, level 0 most significant): a cheap sortable id."""
+#: bits per level in a path key. Fixed (not the codebook size M) because the learner grows M with the
+#: catalogue: keys must mean the same path before and after a codebook with more codewords arrives.
+PATH_BITS = 15
+PATH_RADIX = 1 << PATH_BITS
+
+
+def path_keys(codes: np.ndarray) -> np.ndarray:
+    """int64 key per code path (radix 2^15 per level, level 0 most significant): a cheap sortable id.
+
+    Supports up to 4 levels of up to 32768 codewords.
+    """
     codes = np.asarray(codes, dtype=np.int64)
     if codes.ndim == 1:
         codes = codes[None, :]
+    if codes.shape[1] * PATH_BITS > 62 or (codes.size and (codes.max() >= PATH_RADIX or codes.min() < 0)):
+        raise ValueError(f"code paths need <= 4 levels of codes in [0, {PATH_RADIX}), got shape {codes.shape}")
     keys = np.zeros(codes.shape[0], dtype=np.int64)
     for level in range(codes.shape[1]):
-        keys = keys * codewords + codes[:, level]
+        keys = (keys << PATH_BITS) | codes[:, level]
     return keys
 
 
@@ -113,7 +124,7 @@ class FacetClusters:
     """Clusters of one facet: centroids, sizes and the code-path -> clusters map (CSR, sorted by key)."""
 
     levels: int
-    codewords: int
+    codewords: int  # M of the codebook the clusters were built with (informational; keys do not use it)
     centroids: np.ndarray  # float32[C, d]
     sizes: np.ndarray  # int64[C]
     path_key: np.ndarray  # int64[P] sorted unique path keys
@@ -146,11 +157,11 @@ class FacetClusters:
         )
 
     def keys_of(self, codes: np.ndarray) -> np.ndarray:
-        return path_keys(codes, self.codewords)
+        return path_keys(codes)
 
     def path_clusters(self, path: tuple[int, ...] | np.ndarray) -> np.ndarray:
         """int64 clusters a code path maps to (empty if no item was ever seen on it)."""
-        key = int(path_keys(np.asarray(path, dtype=np.int64), self.codewords)[0])
+        key = int(path_keys(np.asarray(path, dtype=np.int64))[0])
         i = int(np.searchsorted(self.path_key, key))
         if i < self.path_key.size and self.path_key[i] == key:
             return self.path_ids[self.path_ptr[i] : self.path_ptr[i + 1]].copy()
@@ -159,7 +170,7 @@ class FacetClusters:
     def _prefix_map(self, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """CSR map of depth-``depth`` prefix keys -> union of the clusters of the paths below them."""
         if depth not in self._prefix_cache:
-            scale = self.codewords ** (self.levels - depth)
+            scale = PATH_RADIX ** (self.levels - depth)
             per_path = np.repeat(self.path_key // scale, np.diff(self.path_ptr))
             tmp = FacetClusters.from_pairs(
                 self.levels, self.codewords, self.centroids[:0], self.sizes[:0], per_path, self.path_ids
@@ -177,7 +188,7 @@ class FacetClusters:
             return out
         if self.n_clusters == 0:
             raise ValueError("cannot assign items: this facet has no clusters (run a full pass first)")
-        keys = path_keys(codes, self.codewords)
+        keys = path_keys(codes)
         todo = np.arange(n)
         for depth in range(self.levels, 0, -1):
             if depth == self.levels:
@@ -185,7 +196,7 @@ class FacetClusters:
                 k = keys[todo]
             else:
                 map_key, map_ptr, map_ids = self._prefix_map(depth)
-                k = keys[todo] // (self.codewords ** (self.levels - depth))
+                k = keys[todo] // (PATH_RADIX ** (self.levels - depth))
             if map_key.size == 0:
                 continue
             pos = np.minimum(np.searchsorted(map_key, k), map_key.size - 1)
@@ -331,7 +342,7 @@ def build_facet_clusters(
         raise ValueError(f"codes must be int[n={vectors.shape[0]}, L={levels}], got {codes.shape}")
     if not 0 < b_low <= target <= b_upp:
         raise ValueError(f"need 0 < b_low ({b_low}) <= target ({target}) <= b_upp ({b_upp})")
-    keys = path_keys(codes, codewords)
+    keys = path_keys(codes)
     if vectors.shape[0] == 0:
         empty = np.empty(0, dtype=np.int64)
         fc = FacetClusters.from_pairs(levels, codewords, np.empty((0, vectors.shape[1]), np.float32), empty,

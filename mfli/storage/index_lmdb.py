@@ -24,6 +24,7 @@ import lmdb
 import numpy as np
 import orjson
 
+from mfli.retrieval.clusters import path_keys
 from mfli.storage import layout as L
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,7 @@ class LmdbIndexView:
         return self._index.cached("codebooks", version, load)
 
     def path_clusters(self, facet: int, path: tuple[int, ...]) -> np.ndarray:
-        key = 0
-        for code in path:
-            key = key * self.codewords + int(code)
+        key = int(path_keys(np.asarray(path, dtype=np.int64))[0])
         raw = self._get("paths", L.path_key_bytes(facet, key))
         return np.empty(0, np.int64) if raw is None else np.frombuffer(raw, dtype="<i8").copy()
 

@@ -34,7 +34,8 @@ transaction as the state), ``shape`` (JSON ``{"facets", "dim", "levels", "codewo
 ``clusters_version`` (i64, bumps per full pass), ``full_pass_ts`` (i64 ms), ``live`` (i64 count of
 live items), ``trending`` (int64 rows of the highest-prior live items, descending), ``vec_dtype``.
 
-Path keys are mixed-radix numbers of the code path (:func:`mfli.retrieval.clusters.path_keys`).
+Path keys are the code path in radix 2^15 per level (:func:`mfli.retrieval.clusters.path_keys`),
+independent of the codebook size, which the learner grows with the catalogue.
 A full pass replaces ``post``, ``paths`` and ``cent`` and rewrites every ``rec`` inside ONE write
 transaction: a reader's transaction sees the old index or the new one, never a mix.
 """
