@@ -41,6 +41,7 @@ class FullPassReport:
     clusters: list[int] = field(default_factory=list)
     codes_changed: list[int] = field(default_factory=list)  # per facet: items whose code path changed
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # read / encode / cluster / swap seconds
     codebook_version: int = -1
     index_version: int = 0
 
@@ -88,12 +89,16 @@ def run_full_pass(writer: "IndexWriter", seed: int = 0) -> FullPassReport | None
     cb_version, codebooks = cb
     s = writer.settings
     rows = np.flatnonzero(writer.mirror.live).astype(np.int64)
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
     rec, vectors = _read_live(writer, rows)
+    phases["read"], mark = time.perf_counter() - mark, time.perf_counter()
     facets = writer.shape["facets"]
     report = FullPassReport(items=int(rows.size), codebook_version=cb_version)
     built = []
     for f in range(facets):
         codes = encode(vectors[:, f], codebooks[f])
+        phases["encode"], mark = phases.get("encode", 0.0) + time.perf_counter() - mark, time.perf_counter()
         report.codes_changed.append(int(np.any(codes != rec["codes"][:, f], axis=1).sum()))
         rec["codes"][:, f] = codes
         fc, assign = build_facet_clusters(
@@ -101,15 +106,19 @@ def run_full_pass(writer: "IndexWriter", seed: int = 0) -> FullPassReport | None
             split_merge=s.split_merge, seed=seed + f,
         )
         rec["clusters"][:, f] = assign
+        phases["cluster"], mark = phases.get("cluster", 0.0) + time.perf_counter() - mark, time.perf_counter()
         built.append(fc)
         report.clusters.append(fc.n_clusters)
     _swap(writer, rows, rec, built, cb_version)
+    phases["swap"] = time.perf_counter() - mark
+    report.phases = {k: round(v, 3) for k, v in phases.items()}
     writer.clusters = built
     writer.mirror.clusters[rows] = rec["clusters"]
     report.seconds = time.perf_counter() - started
     report.index_version = writer.index_version
     _export(built, report)
-    log.info("full pass: %d items, clusters per facet %s, %.2f s", rows.size, report.clusters, report.seconds)
+    log.info("full pass: %d items, clusters per facet %s, %.2f s (%s)", rows.size, report.clusters,
+             report.seconds, report.phases)
     return report
 
 
