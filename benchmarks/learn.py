@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
 from typing import Any
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see mfli.learner's docstring: must precede torch
+
+import torch  # noqa: E402
 
 from mfli.config import Settings
 from mfli.events import ItemEvent
