@@ -7,7 +7,8 @@
   where ``share_c`` is the share of live items on codeword c at the last usage count and ``scale`` the
   batch's mean best distance (so the penalty is in the units of the level it acts on).
 * **Dead-code reset**: a codeword with no live item for ``dead_window`` consecutive usage counts is
-  moved onto a random recent residual of its level.
+  moved onto a random recent residual of its level, drawn from the members of the most crowded
+  codeword (so a reset also splits the codeword that is absorbing the level).
 * **How M is chosen in a stream**: the catalogue size is unknown in advance, so M is fixed at the
   delayed start from the live items then (``M^L ~ items/32``, at least 8), and doubled whenever the
   live items outgrow ``4 * 32 * M^L``; new codewords start on recent residuals like reset ones.
@@ -158,7 +159,10 @@ class ResidualQuantizer:
         for lv in levels:
             resid = self.residuals(recent, codes, lv)
             for f in facets:
-                pick = torch.randint(0, recent.shape[0], (len(which),), generator=gen)
+                # draw from the members of the most crowded codeword: a reset then also splits it
+                crowded = torch.nonzero(codes[:, f, lv] == int(self.share[f, lv].argmax())).flatten()
+                pool = crowded if len(crowded) >= 2 else torch.arange(recent.shape[0])
+                pick = pool[torch.randint(0, len(pool), (len(which),), generator=gen)]
                 self.codebooks[f, lv, which] = resid[pick, f]
                 self.adagrad[f, lv, which] = 0
                 self.idle[f, lv, which] = 0

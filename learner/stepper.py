@@ -149,13 +149,17 @@ class Stepper:
         elif rq.active and L.step % s.usage_interval_steps == 0:
             recent = cat.vectors(np.unique(items))
             rq.maybe_grow(len(live), recent, L.gen)
+            before = rq.resets.copy()
             rq.update_usage(rq.encode(cat.vectors(live)), recent, L.gen)
+            dead = rq.dead_counts()
             for f in range(s.facets):
                 for lv in range(s.levels):
                     lab = {"facet": str(f), "level": str(lv)}
                     metrics.CODEBOOK_UTILISATION.labels(**lab).set(rq.utilisation[f, lv])
                     metrics.CODEBOOK_PERPLEXITY.labels(**lab).set(rq.perplexity[f, lv])
-                    metrics.CODEBOOK_DEAD.labels(**lab).set(float(rq.dead_counts()[f, lv]))
+                    metrics.CODEBOOK_DEAD.labels(**lab).set(float(dead[f, lv]))
+                    if rq.resets[f, lv] > before[f, lv]:
+                        metrics.CODEBOOK_RESETS.labels(**lab).inc(float(rq.resets[f, lv] - before[f, lv]))
 
     def _export(self, stats: "StepStats") -> None:
         for phase, seconds in stats.seconds.items():

@@ -24,10 +24,10 @@ def _feed(learner, cols, lo, hi, batch=250):
 
 def test_restore_and_continue_equals_never_stopping(tmp_path):
     torch.set_num_threads(2)
-    cols = clustered_stream(n_events=6_000, seed=2)
+    cols = clustered_stream(n_events=4_000, seed=2)
     straight = MFLILearner(_settings())
     straight.upsert_items(cols[4])
-    _feed(straight, cols, 0, 6_000)
+    _feed(straight, cols, 0, 4_000)
 
     first = MFLILearner(_settings())
     first.upsert_items(cols[4])
@@ -37,7 +37,7 @@ def test_restore_and_continue_equals_never_stopping(tmp_path):
     del first
     resumed, offsets = load_checkpoint(path)
     assert offsets == {"mfli.events": {"0": 2_000}}
-    _feed(resumed, cols, 2_000, 6_000)
+    _feed(resumed, cols, 2_000, 4_000)
 
     a, b = straight.state_dict(), resumed.state_dict()
     assert straight.rq.active == 2

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from mfli.config import ModelSettings
 from mfli.events import ItemEvent
@@ -53,6 +54,12 @@ def test_codebooks_are_fully_used_at_every_level_of_every_facet(trained):
             assert counts.max() <= 0.5 * len(live), f"level {lv} of facet {f} collapsed: {counts}"
     assert (rq.utilisation >= 0.9).all()
     assert (rq.perplexity > 4).all()
+    # the same numbers are exported as gauges
+    for f in range(3):
+        for lv in range(2):
+            labels = {"facet": str(f), "level": str(lv)}
+            assert REGISTRY.get_sample_value("mfli_codebook_utilisation_ratio", labels) == rq.utilisation[f, lv]
+            assert REGISTRY.get_sample_value("mfli_codebook_perplexity", labels) == pytest.approx(rq.perplexity[f, lv])
 
 
 def test_level0_codes_recover_the_planted_clusters(trained):
