@@ -6,8 +6,11 @@ rebuilds split/merged clusters (:func:`mfli.retrieval.clusters.build_facet_clust
 
 Atomicity: the new ``post``, ``paths`` and ``cent`` contents and every changed ``rec`` are written in a
 single LMDB write transaction, so a reader's transaction sees either the old index or the new one. The
-computation itself runs outside that transaction from a read snapshot; the writer is single-threaded,
-so nothing changes between reading and swapping.
+computation (:func:`compute_full_pass`) reads its own snapshot and may run in a background thread
+while the writer keeps applying deltas (at 10^6 items a pass takes minutes; stalling deltas that long
+would break freshness). :func:`commit_full_pass` then reconciles in the writer's thread: items whose
+version changed since the snapshot, new items and deletions are placed with the new clusters from
+their *current* state inside the same swap transaction.
 
 Cluster construction uses ``seed + facet`` and orders posting lists by (cluster, descending prior,
 ascending row), exactly like :class:`mfli.retrieval.memory.MemoryIndexView`, so the LMDB index and the
@@ -17,14 +20,16 @@ in-memory index agree on the same state.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import orjson
 
 from mfli import metrics
-from mfli.retrieval.clusters import FacetClusters, build_facet_clusters
+from mfli.retrieval.clusters import FacetClusters, build_facet_clusters, path_keys
 from mfli.storage import layout as L
 
 if TYPE_CHECKING:
@@ -41,6 +46,7 @@ class FullPassReport:
     clusters: list[int] = field(default_factory=list)
     codes_changed: list[int] = field(default_factory=list)  # per facet: items whose code path changed
     seconds: float = 0.0
+    reconciled: int = 0  # items changed by deltas while the pass computed, placed at commit
     phases: dict[str, float] = field(default_factory=dict)  # read / encode / cluster / swap seconds
     codebook_version: int = -1
     index_version: int = 0
@@ -61,42 +67,70 @@ def encode(vectors: np.ndarray, codebook: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _read_live(writer: "IndexWriter", rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(records, float32[n, F, d] vectors) of ``rows`` from one read snapshot."""
-    shape = writer.shape
-    recs, vecs = [], []
+@dataclass
+class PreparedPass:
+    """The result of :func:`compute_full_pass`: new clusters and the snapshot they were computed from."""
+
+    rows: np.ndarray  # int64 live rows of the snapshot, ascending
+    rec: np.ndarray  # their records as read, with new codes and clusters filled in
+    built: list[FacetClusters]
+    cb_version: int
+    codebooks: np.ndarray
+    report: FullPassReport
+    started: float
+
+
+def _read_snapshot(writer: "IndexWriter"):
+    """(codebook, live rows, records, float32 vectors) from ONE read transaction of this thread."""
+    facets, dim = writer.shape["facets"], writer.shape["dim"]
+    rec_dtype = L.record_dtype(facets, writer.shape["levels"])
     with writer.env.begin(buffers=True) as txn:
+        meta = writer.db["meta"]
+        version = L.unpack_i64(txn.get(b"cb_latest", db=meta), default=-1)
+        if version < 0:
+            return None
+        shape = orjson.loads(bytes(txn.get(b"cb_shape", db=meta)))
+        codebooks = np.frombuffer(bytes(txn.get(L.row_key(version), db=writer.db["cb"])), dtype="<f4")
+        codebooks = codebooks.reshape(shape).copy()
+        with txn.cursor(db=writer.db["rec"]) as cur:
+            pairs = list(cur.iternext(keys=True, values=True))
+        if not pairs:
+            return None
+        rows = L.key_rows([bytes(k) for k, _ in pairs])
+        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=rec_dtype)
+        live = rec["deleted"] == 0
+        rows, rec = rows[live], rec[live].copy()
+        vecs = []
         for start in range(0, rows.size, _READ_CHUNK):
-            keys = L.row_keys(rows[start : start + _READ_CHUNK])
-            with txn.cursor(db=writer.db["rec"]) as cur:
-                recs.append(b"".join(v for _, v in cur.getmulti(keys)))
             with txn.cursor(db=writer.db["vec"]) as cur:
-                vecs.append(b"".join(v for _, v in cur.getmulti(keys)))
-    rec = np.frombuffer(b"".join(recs), dtype=writer._rec_dtype()).copy()
-    vectors = np.frombuffer(b"".join(vecs), dtype=writer.vec_dtype)
-    vectors = vectors.reshape(rows.size, shape["facets"], shape["dim"]).astype(np.float32)
-    return rec, vectors
+                vecs.append(b"".join(v for _, v in cur.getmulti(L.row_keys(rows[start : start + _READ_CHUNK]))))
+    vectors = np.frombuffer(b"".join(vecs), dtype=writer.vec_dtype).reshape(rows.size, facets, dim)
+    return version, codebooks, rows, rec, vectors.astype(np.float32)
 
 
-def run_full_pass(writer: "IndexWriter", seed: int = 0) -> FullPassReport | None:
-    """Rebuild the whole index from the live items and the newest codebook; None if nothing to do."""
+def compute_full_pass(
+    writer: "IndexWriter", seed: int = 0, cancel: threading.Event | None = None
+) -> PreparedPass | None:
+    """Read a snapshot and build new clusters; safe to run in a background thread (it only reads LMDB,
+    through its own transaction, and never touches the writer's in-memory state). ``cancel`` is checked
+    between phases so a stopping process waits at most one phase before closing the environment."""
     started = time.perf_counter()
-    writer.full_pass_wanted = False
-    cb = writer.latest_codebook()
-    if cb is None or writer.mirror is None or writer.n_live == 0:
-        log.info("full pass skipped: %s", "no codebook yet" if cb is None else "no live items")
+    if writer.shape is None:
         return None
-    cb_version, codebooks = cb
-    s = writer.settings
-    rows = np.flatnonzero(writer.mirror.live).astype(np.int64)
-    phases: dict[str, float] = {}
     mark = time.perf_counter()
-    rec, vectors = _read_live(writer, rows)
-    phases["read"], mark = time.perf_counter() - mark, time.perf_counter()
-    facets = writer.shape["facets"]
+    snap = _read_snapshot(writer)
+    if snap is None or snap[2].size == 0:
+        log.info("full pass skipped: no codebook or no live items yet")
+        return None
+    cb_version, codebooks, rows, rec, vectors = snap
+    if cancel is not None and cancel.is_set():
+        return None
+    s = writer.settings
+    phases = {"read": time.perf_counter() - mark}
+    mark = time.perf_counter()
     report = FullPassReport(items=int(rows.size), codebook_version=cb_version)
     built = []
-    for f in range(facets):
+    for f in range(vectors.shape[1]):
         codes = encode(vectors[:, f], codebooks[f])
         phases["encode"], mark = phases.get("encode", 0.0) + time.perf_counter() - mark, time.perf_counter()
         report.codes_changed.append(int(np.any(codes != rec["codes"][:, f], axis=1).sum()))
@@ -109,51 +143,104 @@ def run_full_pass(writer: "IndexWriter", seed: int = 0) -> FullPassReport | None
         phases["cluster"], mark = phases.get("cluster", 0.0) + time.perf_counter() - mark, time.perf_counter()
         built.append(fc)
         report.clusters.append(fc.n_clusters)
-    _swap(writer, rows, rec, built, cb_version)
-    phases["swap"] = time.perf_counter() - mark
-    report.phases = {k: round(v, 3) for k, v in phases.items()}
+        if cancel is not None and cancel.is_set():
+            return None
+    report.phases = phases
+    return PreparedPass(rows, rec, built, cb_version, codebooks, report, started)
+
+
+def commit_full_pass(writer: "IndexWriter", prep: PreparedPass) -> FullPassReport:
+    """Swap a prepared pass in, in the writer's thread. Items changed since the snapshot (newer version,
+    new or deleted) are reconciled first: their current state is re-encoded and placed with the new
+    clusters, so deltas applied while the pass was computing are never lost."""
+    mark = time.perf_counter()
+    m = writer.mirror
+    rows, rec, built = prep.rows, prep.rec, prep.built
+    m.ensure(int(rows.max()) + 1)
+    same = m.live[rows] & (m.version[rows] == rec["version"])
+    rows, rec = rows[same], rec[same]
+    changed = np.setdiff1d(np.flatnonzero(m.live), rows).astype(np.int64)
+    with writer.env.begin(write=True) as txn:
+        if changed.size:
+            rec_c, vec_c = _read_rows(writer, txn, changed)
+            for f, fc in enumerate(built):
+                codes = encode(vec_c[:, f], prep.codebooks[f])
+                rec_c["codes"][:, f] = codes
+                rec_c["clusters"][:, f] = fc.assign(codes, vec_c[:, f])
+            rows, rec = np.concatenate([rows, changed]), np.concatenate([rec, rec_c])
+            order = np.argsort(rows, kind="stable")
+            rows, rec = rows[order], rec[order]
+        for f, fc in enumerate(built):  # path map and sizes from the final assignment
+            assign = rec["clusters"][:, f].astype(np.int64)
+            pairs = FacetClusters.from_pairs(fc.levels, fc.codewords, fc.centroids,
+                                             np.bincount(assign, minlength=fc.n_clusters),
+                                             np.concatenate([np.repeat(fc.path_key, np.diff(fc.path_ptr)),
+                                                             path_keys(rec["codes"][:, f])]),
+                                             np.concatenate([fc.path_ids, assign]))
+            built[f] = pairs
+        _swap(writer, txn, rows, rec, built, prep.cb_version)
+    writer.index_version += 1
     writer.clusters = built
-    writer.mirror.clusters[rows] = rec["clusters"]
-    report.seconds = time.perf_counter() - started
+    m.clusters[rows] = rec["clusters"]
+    report = prep.report
+    report.reconciled = int(changed.size)
+    report.phases["swap"] = time.perf_counter() - mark
+    report.phases = {k: round(v, 3) for k, v in report.phases.items()}
+    report.seconds = time.perf_counter() - prep.started
     report.index_version = writer.index_version
     _export(built, report)
-    log.info("full pass: %d items, clusters per facet %s, %.2f s (%s)", rows.size, report.clusters,
-             report.seconds, report.phases)
+    log.info("full pass: %d items (%d reconciled), clusters per facet %s, %.2f s (%s)", rows.size,
+             changed.size, report.clusters, report.seconds, report.phases)
     return report
 
 
-def _swap(writer: "IndexWriter", rows: np.ndarray, rec: np.ndarray, built, cb_version: int) -> None:
+def _read_rows(writer: "IndexWriter", txn, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keys = L.row_keys(rows)
+    with txn.cursor(db=writer.db["rec"]) as cur:
+        rec = np.frombuffer(b"".join(v for _, v in cur.getmulti(keys)), dtype=writer._rec_dtype()).copy()
+    with txn.cursor(db=writer.db["vec"]) as cur:
+        vec = np.frombuffer(b"".join(v for _, v in cur.getmulti(keys)), dtype=writer.vec_dtype)
+    return rec, vec.reshape(rows.size, writer.shape["facets"], writer.shape["dim"]).astype(np.float32)
+
+
+def run_full_pass(writer: "IndexWriter", seed: int = 0) -> FullPassReport | None:
+    """Synchronous full pass (compute + commit in this thread); None if there is nothing to index."""
+    writer.full_pass_wanted = False
+    prep = compute_full_pass(writer, seed)
+    return None if prep is None else commit_full_pass(writer, prep)
+
+
+def _swap(writer: "IndexWriter", txn, rows: np.ndarray, rec: np.ndarray, built, cb_version: int) -> None:
+    """Replace postings, path map and centroids and rewrite the records, inside the caller's txn."""
     db, meta = writer.db, writer.db["meta"]
     prior = rec["prior"]
-    with writer.env.begin(write=True) as txn:
-        for name in ("post", "paths", "cent"):
-            txn.drop(db[name], delete=False)
-        for f, fc in enumerate(built):
-            assign = rec["clusters"][:, f]
-            order = np.lexsort((rows, -prior, assign))
-            sorted_rows = rows[order].astype("<i8")
-            bounds = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=fc.n_clusters))]) * 8
-            buf = sorted_rows.tobytes()
-            with txn.cursor(db=db["post"]) as cur:
-                cur.putmulti([(L.post_key(f, c), buf[bounds[c] : bounds[c + 1]])
-                              for c in range(fc.n_clusters) if bounds[c + 1] > bounds[c]])
-            ids = fc.path_ids.astype("<i8").tobytes()
-            ptr = fc.path_ptr * 8
-            with txn.cursor(db=db["paths"]) as cur:
-                cur.putmulti([(L.path_key_bytes(f, int(k)), ids[ptr[i] : ptr[i + 1]])
-                              for i, k in enumerate(fc.path_key.tolist())])
-            txn.put(L.facet_key(f), fc.centroids.astype("<f4").tobytes(), db=db["cent"])
-        size = rec.dtype.itemsize
-        buf = rec.tobytes()
-        with txn.cursor(db=db["rec"]) as cur:
-            cur.putmulti([(k, buf[i * size : (i + 1) * size]) for i, k in enumerate(L.row_keys(rows))])
-        clusters_version = L.unpack_i64(txn.get(b"clusters_version", db=meta)) + 1
-        txn.put(b"clusters_version", L.pack_i64(clusters_version), db=meta)
-        txn.put(b"cb_in_use", L.pack_i64(cb_version), db=meta)
-        txn.put(b"full_pass_ts", L.pack_i64(int(time.time() * 1000)), db=meta)
-        txn.put(b"index_version", L.pack_i64(writer.index_version + 1), db=meta)
-        writer.log_change(txn, writer.index_version + 1, np.empty(0, np.int64))
-    writer.index_version += 1
+    for name in ("post", "paths", "cent"):
+        txn.drop(db[name], delete=False)
+    for f, fc in enumerate(built):
+        assign = rec["clusters"][:, f]
+        order = np.lexsort((rows, -prior, assign))
+        sorted_rows = rows[order].astype("<i8")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=fc.n_clusters))]) * 8
+        buf = sorted_rows.tobytes()
+        with txn.cursor(db=db["post"]) as cur:
+            cur.putmulti([(L.post_key(f, c), buf[bounds[c] : bounds[c + 1]])
+                          for c in range(fc.n_clusters) if bounds[c + 1] > bounds[c]])
+        ids = fc.path_ids.astype("<i8").tobytes()
+        ptr = fc.path_ptr * 8
+        with txn.cursor(db=db["paths"]) as cur:
+            cur.putmulti([(L.path_key_bytes(f, int(k)), ids[ptr[i] : ptr[i + 1]])
+                          for i, k in enumerate(fc.path_key.tolist())])
+        txn.put(L.facet_key(f), fc.centroids.astype("<f4").tobytes(), db=db["cent"])
+    size = rec.dtype.itemsize
+    buf = rec.tobytes()
+    with txn.cursor(db=db["rec"]) as cur:
+        cur.putmulti([(k, buf[i * size : (i + 1) * size]) for i, k in enumerate(L.row_keys(rows))])
+    clusters_version = L.unpack_i64(txn.get(b"clusters_version", db=meta)) + 1
+    txn.put(b"clusters_version", L.pack_i64(clusters_version), db=meta)
+    txn.put(b"cb_in_use", L.pack_i64(cb_version), db=meta)
+    txn.put(b"full_pass_ts", L.pack_i64(int(time.time() * 1000)), db=meta)
+    txn.put(b"index_version", L.pack_i64(writer.index_version + 1), db=meta)
+    writer.log_change(txn, writer.index_version + 1, np.empty(0, np.int64))
 
 
 def export_cluster_sizes(clusters: list[FacetClusters]) -> None:

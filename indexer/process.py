@@ -6,7 +6,8 @@
   and seeks to them, so a SIGKILL at any point resumes exactly after the last committed batch, and
   replayed deltas are no-ops by version. Offsets are also committed to Kafka after the LMDB commit,
   only so lag shows up in the usual tools.
-* A full pass runs every ``index.full_pass_interval_s`` when something changed, and on demand:
+* A full pass runs every ``index.full_pass_interval_s`` when something changed (computed in a
+  background thread, committed in the writer thread; see :mod:`mfli.indexer.full_pass`), and on demand:
   ``mfli index full-pass`` signals a running indexer (SIGUSR1, pid from its lock file) or, if none
   runs, does the pass itself.
 * ``mfli index check``: the invariant checker; exit status 1 on any violation.
@@ -21,7 +22,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from mfli import metrics
@@ -157,9 +160,16 @@ class IndexerLoop:
         signal.signal(signal.SIGUSR1, self._on_full_pass)
         metrics.serve_metrics(self.settings.index.metrics_port)
         metrics.UP.labels(process="indexer").set(1)
+        from mfli.indexer.full_pass import commit_full_pass, compute_full_pass
+
         writer = IndexWriter(self.path, self.settings)
         consumer = self._consumer(writer)
         metrics.READY.labels(process="indexer").set(1)
+        # the pass computes in a background thread (numpy releases the GIL) while deltas keep flowing;
+        # only its commit, which reconciles what changed meanwhile, runs in this, the writer's thread
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="full-pass")
+        cancel = threading.Event()
+        pending: Future | None = None
         last_full = time.monotonic()
         dirty = False
         batches = 0
@@ -170,14 +180,22 @@ class IndexerLoop:
                     changed = self._apply(writer, consumer, polled)
                     dirty = dirty or changed
                     batches += 1
+                if pending is not None and pending.done():
+                    prep = pending.result()
+                    if prep is not None:
+                        commit_full_pass(writer, prep)
+                    pending = None
                 due = dirty and time.monotonic() - last_full >= self.settings.index.full_pass_interval_s
-                if due or self._full_pass_requested or writer.full_pass_wanted:
-                    self._full_pass_requested = False
-                    writer.full_pass()
+                if pending is None and (due or self._full_pass_requested or writer.full_pass_wanted):
+                    self._full_pass_requested = writer.full_pass_wanted = False
+                    pending = pool.submit(compute_full_pass, writer, 0, cancel)
                     last_full, dirty = time.monotonic(), False
                 if max_batches and batches >= max_batches:
                     break
         finally:
+            # the pass thread may hold a read transaction: closing the environment under it would crash
+            cancel.set()
+            pool.shutdown(wait=True, cancel_futures=True)
             metrics.READY.labels(process="indexer").set(0)
             metrics.UP.labels(process="indexer").set(0)
             consumer.close(autocommit=False)

@@ -89,3 +89,33 @@ def test_concurrent_reader_process_never_sees_a_half_applied_pass(tmp_path):
         writer.close()
     assert out["bad"] == []
     assert out["checks"] >= 2 and out["versions"] >= 2
+
+
+def test_deltas_applied_while_a_pass_computes_are_reconciled(tmp_path):
+    from mfli.indexer.check import check_index
+    from mfli.indexer.full_pass import commit_full_pass, compute_full_pass, encode
+
+    cb, v, codes, prior = _catalogue(700, seed=8)
+    writer = IndexWriter(tmp_path / "ix", SETTINGS)
+    try:
+        writer.apply(_batch(range(600), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+        cb2 = np.roll(cb, 2, axis=2)
+        writer.apply(None, {}, [CodebookSnapshot(2, cb2)])
+        prep = compute_full_pass(writer)  # the snapshot: 600 items, codebook 2
+        moved = np.arange(20)
+        writer.apply(_batch(moved, v[::-1], codes[::-1], prior, version=2), {})  # far moves
+        writer.apply(_batch(range(20, 30), v, codes, prior, version=2, deleted=np.ones(10, bool)), {})
+        writer.apply(_batch(range(600, 620), v, codes, prior), {})  # new items
+        report = commit_full_pass(writer, prep)
+        assert report.reconciled == 40
+        index = writer.reader()
+        assert check_index(index, SETTINGS).ok
+        with index.view() as view:
+            live = view.live_rows()
+            assert not set(range(20, 30)) & set(live.tolist()) and set(range(600, 620)) <= set(live.tolist())
+            assert np.array_equal(view.vectors(moved), v[::-1][moved])  # not the stale snapshot state
+            rec = view.records(moved)
+            assert np.array_equal(rec["codes"][:, 0], encode(v[::-1][moved, 0], cb2[0]))
+            assert rec["version"].tolist() == [2] * 20
+    finally:
+        writer.close()
