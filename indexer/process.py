@@ -180,6 +180,7 @@ class IndexerLoop:
                     changed = self._apply(writer, consumer, polled)
                     dirty = dirty or changed
                     batches += 1
+                writer.maybe_sync()
                 if pending is not None and pending.done():
                     prep = pending.result()
                     if prep is not None:

@@ -10,9 +10,9 @@ liveness) loaded from LMDB at start: drift detection, replay filtering and the t
 numpy operations instead of LMDB reads. LMDB stays the truth; the mirror is updated only after a
 commit succeeds.
 
-Durability: ``sync=True, metasync=False`` — one fsync per commit; an OS crash may undo the last
-committed transaction but never breaks consistency (LMDB's documented NOMETASYNC guarantee), and since
-the offsets live in the same transaction the indexer then simply re-reads those deltas.
+Durability: ``sync=True, metasync=False`` (default, ``index.sync_commits``) — one fsync per commit;
+an OS crash may undo the last committed transaction but never breaks consistency (LMDB's documented
+NOMETASYNC guarantee), and since the offsets live in the same transaction the indexer then simply re-reads those deltas.
 
 Drift: an item moves between posting lists only when its cluster in a facet changed. Members added
 by delta are appended to the posting list (the prior order is restored by the next full pass); with
@@ -71,12 +71,13 @@ class IndexWriter:
         present (benchmarks turn it off to time the full pass on its own)."""
         self.settings = _settings(settings)
         self.auto_bootstrap = auto_bootstrap
+        self._last_sync = time.monotonic()
         self.full_pass_wanted = False  # set when a codebook of a new size arrives; the process loop obliges
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.env = lmdb.open(
             str(self.path), map_size=self.settings.map_size, max_dbs=L.MAX_DBS, lock=True, readahead=False,
-            subdir=True, metasync=False, sync=True,
+            subdir=True, metasync=False, sync=self.settings.sync_commits,
         )
         with self.env.begin(write=True) as txn:
             self.db = {name: self.env.open_db(name.encode(), txn=txn) for name in L.DB_NAMES}
@@ -429,5 +430,16 @@ class IndexWriter:
 
         return LmdbIndex(self.path, self.settings.map_size, env=self.env)
 
+    def maybe_sync(self, every_s: float = 1.0) -> None:
+        """With ``sync_commits`` off, flush to disk at most every ``every_s`` (the process loop calls it)."""
+        if self.settings.sync_commits:
+            return
+        now = time.monotonic()
+        if now - self._last_sync >= every_s:
+            self.env.sync(True)
+            self._last_sync = now
+
     def close(self) -> None:
+        if not self.settings.sync_commits:
+            self.env.sync(True)
         self.env.close()

@@ -140,6 +140,13 @@ class IndexSettings(BaseModel):
     full_pass_interval_s: float = Field(180.0, gt=0)
     store_float16: bool = False
     metrics_port: int = Field(9102, ge=0)
+    sync_commits: bool = Field(
+        True,
+        description="fsync every write transaction (durable). False: the indexer syncs about once per "
+        "second instead; measured ~2x delta throughput at 10^6 items (20.7k -> 47.9k updates/s, batch 50k). "
+        "A process crash loses nothing either way; an OS crash may lose the last second (re-read from "
+        "Kafka via the stored offsets) and, on filesystems that reorder writes, corrupt the index",
+    )
 
     @property
     def b_upp(self) -> int:
