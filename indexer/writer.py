@@ -12,7 +12,8 @@ commit succeeds.
 
 Durability: ``sync=True, metasync=False`` (default, ``index.sync_commits``) — one fsync per commit;
 an OS crash may undo the last committed transaction but never breaks consistency (LMDB's documented
-NOMETASYNC guarantee), and since the offsets live in the same transaction the indexer then simply re-reads those deltas.
+NOMETASYNC guarantee), and since the offsets live in the same transaction the indexer then simply
+re-reads those deltas.
 
 Drift: an item moves between posting lists only when its cluster in a facet changed. Members added
 by delta are appended to the posting list (the prior order is restored by the next full pass); with
