@@ -103,7 +103,8 @@ def _read_snapshot(writer: "IndexWriter"):
         vecs = []
         for start in range(0, rows.size, _READ_CHUNK):
             with txn.cursor(db=writer.db["vec"]) as cur:
-                vecs.append(b"".join(v for _, v in cur.getmulti(L.row_keys(rows[start : start + _READ_CHUNK]))))
+                keys = L.row_keys(rows[start : start + _READ_CHUNK])
+                vecs.append(b"".join(v for _, v in cur.getmulti(keys)))
     vectors = np.frombuffer(b"".join(vecs), dtype=writer.vec_dtype).reshape(rows.size, facets, dim)
     return version, codebooks, rows, rec, vectors.astype(np.float32)
 

@@ -52,7 +52,8 @@ def path_keys(codes: np.ndarray) -> np.ndarray:
     if codes.ndim == 1:
         codes = codes[None, :]
     if codes.shape[1] * PATH_BITS > 62 or (codes.size and (codes.max() >= PATH_RADIX or codes.min() < 0)):
-        raise ValueError(f"code paths need <= 4 levels of codes in [0, {PATH_RADIX}), got shape {codes.shape}")
+        raise ValueError(
+            f"code paths need <= 4 levels of codes in [0, {PATH_RADIX}), got shape {codes.shape}")
     keys = np.zeros(codes.shape[0], dtype=np.int64)
     for level in range(codes.shape[1]):
         keys = (keys << PATH_BITS) | codes[:, level]
