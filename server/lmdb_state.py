@@ -98,7 +98,7 @@ class LmdbState:
         """``index``: an already-open handle (a process that also writes the index must share the
         writer's environment: py-lmdb refuses to open one twice)."""
         self.settings = settings
-        self.index = index or _ReadOnlyIndex(settings.index.path, map_size=settings.index.map_size)
+        self.index = index or _ReadOnlyIndex(settings.index.path, map_size=settings.index.map_size, mirror=True)
         self._users: UsersStore | None = None
         self._ready_until = 0.0
 

@@ -72,8 +72,13 @@ def finish(
     rows, first = np.unique(rows, return_index=True)
     facets, clusters = facets[first], clusters[first]
     if exclude.size:
-        keep = ~np.isin(rows, exclude, assume_unique=False)
-        rows, facets, clusters = rows[keep], facets[keep], clusters[keep]
+        # rows is sorted and unique: a binary search per excluded row beats np.isin's sort of both.
+        pos = np.searchsorted(rows, exclude)
+        hit = pos[(pos < rows.size) & (rows[np.minimum(pos, rows.size - 1)] == exclude)]
+        if hit.size:
+            keep = np.ones(rows.size, bool)
+            keep[hit] = False
+            rows, facets, clusters = rows[keep], facets[keep], clusters[keep]
     if rows.size == 0:
         return empty_recommendation()
     scores = score(q, view.vectors(rows), view.prior(rows))
@@ -105,24 +110,22 @@ class LearnedIndexRetriever:
         q = self.query_vector(history)
         chosen = self._trigger_clusters(history[-p.history :], query)
         chosen.extend(self._query_path_clusters(q))
-        rows, facets, clusters = [], [], []
-        seen_clusters: set[tuple[int, int]] = set()
-        for facet, cluster in chosen:
-            if (facet, cluster) in seen_clusters or cluster < 0:
-                continue
-            seen_clusters.add((facet, cluster))
-            members = view.members(facet, cluster, p.members_per_cluster)
-            rows.append(members)
-            facets.append(np.full(members.size, facet, np.int16))
-            clusters.append(np.full(members.size, cluster, np.int64))
+        rows: list[np.ndarray] = []
+        origin: list[tuple[int, int]] = []
+        for facet, cluster in dict.fromkeys(chosen):  # de-duplicated, first-come order kept
+            if cluster >= 0:
+                rows.append(view.members(facet, cluster, p.members_per_cluster))
+                origin.append((facet, cluster))
         if p.trending:
-            hot = view.trending(p.trending)
-            rows.append(hot)
-            facets.append(np.full(hot.size, TRENDING_FACET, np.int16))
-            clusters.append(np.full(hot.size, -1, np.int64))
+            rows.append(view.trending(p.trending))
+            origin.append((TRENDING_FACET, -1))
+        if not rows:
+            return self._fallback(query)
+        sizes = [r.size for r in rows]
+        pairs = np.asarray(origin, dtype=np.int64).reshape(-1, 2)
         exclude = np.asarray(query.exclude, dtype=np.int64)
-        return finish(view, q, np.concatenate(rows), np.concatenate(facets), np.concatenate(clusters),
-                      exclude, query.k)
+        return finish(view, q, np.concatenate(rows), np.repeat(pairs[:, 0], sizes).astype(np.int16),
+                      np.repeat(pairs[:, 1], sizes), exclude, query.k)
 
     def _trigger_clusters(self, triggers: np.ndarray, query: Query) -> list[tuple[int, int]]:
         """The K (facet, cluster) pairs with the most trigger votes, across facets."""

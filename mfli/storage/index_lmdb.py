@@ -26,6 +26,7 @@ import orjson
 
 from mfli.retrieval.clusters import path_keys
 from mfli.storage import layout as L
+from mfli.storage.mirror import IndexMirror
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,15 @@ class LmdbIndex:
     """A read-only handle on the index environment, safe to create before ``fork``."""
 
     def __init__(
-        self, path: str | Path, map_size: int = 8 << 30, env: lmdb.Environment | None = None
+        self, path: str | Path, map_size: int = 8 << 30, env: lmdb.Environment | None = None,
+        mirror: bool = False,
     ) -> None:
         """``env``: share an environment already open in this process (py-lmdb refuses to open one
-        twice, so an in-process reader of the writer's index passes ``writer.env``)."""
+        twice, so an in-process reader of the writer's index passes ``writer.env``).
+        ``mirror``: keep a dense numpy copy of vectors/priors/clusters (:mod:`mfli.storage.mirror`) so
+        views gather candidates without per-key reads; the server turns it on."""
         self.path = Path(path)
+        self.mirror: IndexMirror | None = IndexMirror() if mirror else None
         self.map_size = map_size
         self._env: lmdb.Environment | None = None
         self._pid = -1
@@ -121,6 +126,10 @@ class LmdbIndexView:
         vec_dtype = self._get("meta", b"vec_dtype")
         self._vec_dtype = np.dtype(bytes(vec_dtype).decode()) if vec_dtype is not None else np.dtype("<f4")
         self._rec_dtype = L.record_dtype(self.facets, self.levels)
+        self._m = None  # mirror arrays at exactly this view's version, if the index keeps a mirror
+        mirror = index.mirror
+        if mirror is not None and mirror.sync(self) and mirror.version == self.version:
+            self._m = mirror.arrays
 
     # --- plumbing ---------------------------------------------------------------------------------------
     def __enter__(self) -> "LmdbIndexView":
@@ -157,9 +166,11 @@ class LmdbIndexView:
         return np.frombuffer(self._multi("rec", rows), dtype=self._rec_dtype)
 
     # --- IndexView --------------------------------------------------------------------------------------
-    def vectors(self, rows: np.ndarray) -> np.ndarray:
+    def vectors(self, rows: np.ndarray, use_mirror: bool = True) -> np.ndarray:
         """float32[n, F, d]; deleted items have no stored vectors and come back as zeros."""
         rows = np.asarray(rows, dtype=np.int64)
+        if use_mirror and self._m is not None:
+            return self._m.vectors[rows].astype(np.float32, copy=False)
         if rows.size == 0:
             return np.empty((0, self.facets, self.dim), dtype=np.float32)
         keys = L.row_keys(rows)
@@ -176,9 +187,13 @@ class LmdbIndexView:
         return out
 
     def prior(self, rows: np.ndarray) -> np.ndarray:
+        if self._m is not None:
+            return self._m.prior[np.asarray(rows, dtype=np.int64)]
         return self.records(rows)["prior"].astype(np.float32)
 
     def clusters_of(self, rows: np.ndarray) -> np.ndarray:
+        if self._m is not None:
+            return self._m.clusters[np.asarray(rows, dtype=np.int64)]
         rec = self.records(rows)
         out = rec["clusters"].astype(np.int64).reshape(-1, self.facets)
         out[rec["deleted"] != 0] = -1
@@ -221,6 +236,8 @@ class LmdbIndexView:
         return live[np.argsort(-prior, kind="stable")[:n]]
 
     def live_rows(self) -> np.ndarray:
+        if self._m is not None and self._index.mirror is not None and self._index.mirror.version == self.version:
+            return self._index.mirror.live_rows()
         return self._index.cached("live_rows", self.version, self._scan_live)
 
     # --- beyond the protocol ----------------------------------------------------------------------------
