@@ -152,7 +152,7 @@ def _movielens_ablation(args: argparse.Namespace, settings: Settings) -> dict[st
                                                          "ratio"))
                 bounds = [round(x, 4) for x in report.in_bounds]
                 notes.append(f"{name}: clusters {report.clusters}, in bounds {bounds}, "
-                             f"sizes {report.size_stats}, load+full pass {load_s:.2f} s, check ok={report.ok}")
+                             f"sizes {report.size_stats}, load+full pass {load_s:.2f} s, ok={report.ok}")
             finally:
                 writer.close()
     finally:
