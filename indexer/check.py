@@ -53,7 +53,7 @@ def check_index(
         txn = view._txn
         with txn.cursor(db=index.db("rec")) as cur:
             pairs = list(cur.iternext(keys=True, values=True))
-        rows = L.key_rows([bytes(k) for k, _ in pairs]) if pairs else np.empty(0, np.int64)
+        rows = L.key_rows(b"".join(k for k, _ in pairs)) if pairs else np.empty(0, np.int64)
         rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=L.record_dtype(view.facets, view.levels))
         live = rec["deleted"] == 0
         report.items = int(live.sum())

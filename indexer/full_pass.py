@@ -96,7 +96,7 @@ def _read_snapshot(writer: "IndexWriter"):
             pairs = list(cur.iternext(keys=True, values=True))
         if not pairs:
             return None
-        rows = L.key_rows([bytes(k) for k, _ in pairs])
+        rows = L.key_rows(b"".join(k for k, _ in pairs))
         rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=rec_dtype)
         live = rec["deleted"] == 0
         rows, rec = rows[live], rec[live].copy()

@@ -109,7 +109,7 @@ class IndexWriter:
             with txn.cursor(db=self.db["rec"]) as cur:
                 pairs = list(cur.iternext(keys=True, values=True))
             if pairs:
-                rows = L.key_rows([bytes(k) for k, _ in pairs])
+                rows = L.key_rows(b"".join(k for k, _ in pairs))
                 rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype())
                 m = self.mirror
                 m.ensure(int(rows.max()) + 1)

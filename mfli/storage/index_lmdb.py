@@ -207,6 +207,28 @@ class LmdbIndexView:
             return np.empty(0, np.int64)
         return np.frombuffer(raw, dtype="<i8", count=min(limit, len(raw) // 8)).copy()
 
+    def members_many(self, facets: np.ndarray, clusters: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batched :meth:`members` (one ``getmulti``): rows of all pairs concatenated, count per pair."""
+        keys = [L.post_key(f, c) for f, c in zip(facets.tolist(), clusters.tolist())]
+        with self._txn.cursor(db=self._index.db("post")) as cur:
+            found = {bytes(k): v for k, v in cur.getmulti(keys)}
+        parts, counts = [], []
+        for key in keys:
+            raw = found.get(key)
+            part = np.frombuffer(raw, dtype="<i8", count=min(limit, len(raw) // 8)) if raw is not None else None
+            counts.append(0 if part is None else part.size)
+            if part is not None:
+                parts.append(part)
+        rows = np.concatenate(parts) if parts else np.empty(0, np.int64)  # a copy: outlives the txn
+        return rows, np.asarray(counts, dtype=np.int64)
+
+    def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
+        """Batched :meth:`path_clusters` for int paths ``[p, L]`` (one ``getmulti``)."""
+        keys = [L.path_key_bytes(facet, k) for k in path_keys(np.asarray(paths, dtype=np.int64)).tolist()]
+        with self._txn.cursor(db=self._index.db("paths")) as cur:
+            found = [np.frombuffer(v, dtype="<i8") for _, v in cur.getmulti(keys)]
+        return np.concatenate(found) if found else np.empty(0, np.int64)
+
     def codebooks(self) -> np.ndarray:
         version = L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
         if version < 0:
@@ -298,7 +320,7 @@ class LmdbIndexView:
         if not pairs:
             return (np.empty(0, np.int64), np.empty(0, dtype=self._rec_dtype),
                     np.empty((0, self.facets, self.dim), np.float32))
-        rows = L.key_rows([bytes(k) for k, _ in pairs])
+        rows = L.key_rows(b"".join(k for k, _ in pairs))
         rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
         return rows, rec, self.vectors(rows)
 
@@ -316,6 +338,6 @@ class LmdbIndexView:
             pairs = list(cur.iternext(keys=True, values=True))
         if not pairs:
             return np.empty(0, np.int64)
-        rows = L.key_rows([bytes(k) for k, _ in pairs])
+        rows = L.key_rows(b"".join(k for k, _ in pairs))
         rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
         return rows[rec["deleted"] == 0]
