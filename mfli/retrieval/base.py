@@ -97,6 +97,16 @@ class IndexView(Protocol):
         """int64 rows of every indexed (not deleted) item: the universe of exact search."""
 
 
+def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Indices ``starts[i] .. starts[i] + counts[i]`` for every i, concatenated (CSR gather, no loop)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, np.int64)
+    shift = np.asarray(starts, dtype=np.int64) - np.concatenate([[0], np.cumsum(counts)[:-1]])
+    return np.repeat(shift, counts) + np.arange(total, dtype=np.int64)
+
+
 def pool_query(history_vectors: np.ndarray, decay: float) -> np.ndarray:
     """Recency-weighted mean of ``float32[h, F, d]`` history vectors (oldest first) → ``float32[F, d]``.
 

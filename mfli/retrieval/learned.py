@@ -110,19 +110,21 @@ class LearnedIndexRetriever:
         q = self.query_vector(history)
         chosen = self._trigger_clusters(history[-p.history :], query)
         chosen.extend(self._query_path_clusters(q))
-        rows: list[np.ndarray] = []
-        origin: list[tuple[int, int]] = []
-        for facet, cluster in dict.fromkeys(chosen):  # de-duplicated, first-come order kept
-            if cluster >= 0:
-                rows.append(view.members(facet, cluster, p.members_per_cluster))
-                origin.append((facet, cluster))
+        pairs = np.asarray(list(dict.fromkeys(chosen)), dtype=np.int64).reshape(-1, 2)  # dedup, order kept
+        pairs = pairs[pairs[:, 1] >= 0]
+        if hasattr(view, "members_many"):
+            found, sizes = view.members_many(pairs[:, 0], pairs[:, 1], p.members_per_cluster)
+            rows, sizes = [found], list(sizes.tolist())
+        else:
+            rows = [view.members(int(f), int(c), p.members_per_cluster) for f, c in pairs.tolist()]
+            sizes = [r.size for r in rows]
         if p.trending:
-            rows.append(view.trending(p.trending))
-            origin.append((TRENDING_FACET, -1))
-        if not rows:
+            hot = view.trending(p.trending)
+            rows.append(hot)
+            sizes.append(hot.size)
+            pairs = np.vstack([pairs, [[TRENDING_FACET, -1]]])
+        if not sum(sizes):
             return self._fallback(query)
-        sizes = [r.size for r in rows]
-        pairs = np.asarray(origin, dtype=np.int64).reshape(-1, 2)
         exclude = np.asarray(query.exclude, dtype=np.int64)
         return finish(view, q, np.concatenate(rows), np.repeat(pairs[:, 0], sizes).astype(np.int16),
                       np.repeat(pairs[:, 1], sizes), exclude, query.k)
@@ -148,25 +150,38 @@ class LearnedIndexRetriever:
         return [(int(key % n_facets), int(key // n_facets)) for key in uniq[pick]]
 
     def _query_path_clusters(self, q: np.ndarray) -> list[tuple[int, int]]:
-        """Beam-descend each facet's RQ codebook with the query vector; clusters of the best paths."""
+        """Beam-descend every facet's RQ codebook with the query vector at once; clusters of the best paths.
+
+        A path's score is ``q_f . (c_1 + ... + c_l)``, the query's affinity to the reconstruction so far;
+        the beam keeps ``beam`` partial paths per facet and the last level keeps ``query_paths``.
+        """
         p = self.params
         if p.query_paths <= 0:
             return []
         books = self.view.codebooks()  # [F, L, M, d]
+        n_facets, levels, m, _ = books.shape
+        # Level scores are additive: q . (c_1 + c_2) = q . c_1 + q . c_2, so score codewords once.
+        word_scores = np.einsum("fd,flmd->flm", q, books)  # [F, L, M]
+        paths = np.zeros((n_facets, 1, 0), np.int64)
+        partial = np.zeros((n_facets, 1), np.float32)
+        for level in range(levels):
+            width = p.beam if level < levels - 1 else p.query_paths
+            cand = partial[:, :, None] + word_scores[:, level][:, None, :]  # [F, beam, M]
+            flat = cand.reshape(n_facets, -1)
+            keep = min(width, flat.shape[1])
+            best = np.argpartition(-flat, keep - 1, axis=1)[:, :keep] if keep < flat.shape[1] else \
+                np.broadcast_to(np.arange(flat.shape[1]), (n_facets, flat.shape[1]))
+            parent, word = best // m, best % m
+            paths = np.concatenate([np.take_along_axis(paths, parent[:, :, None], axis=1), word[:, :, None]], axis=2)
+            partial = np.take_along_axis(flat, best, axis=1)
         out: list[tuple[int, int]] = []
-        for facet in range(books.shape[0]):
-            paths, partial, qf = [()], np.zeros((1, books.shape[3]), np.float32), q[facet]
-            for level in range(books.shape[1]):
-                width = p.beam if level < books.shape[1] - 1 else p.query_paths
-                # Score every extension of every path in the beam by q . (reconstruction so far + codeword).
-                cand = (partial[:, None, :] + books[facet, level][None, :, :]) @ qf  # [beam, M]
-                flat = cand.reshape(-1)
-                best = top_k(flat, min(width, flat.size))
-                m = books.shape[2]
-                paths = [paths[i // m] + (int(i % m),) for i in best]
-                partial = partial[best // m] + books[facet, level][best % m]
-            for path in paths:
-                out.extend((facet, int(c)) for c in self.view.path_clusters(facet, path))
+        batched = hasattr(self.view, "paths_clusters")
+        for facet in range(n_facets):
+            if batched:
+                clusters = self.view.paths_clusters(facet, paths[facet]).tolist()
+            else:
+                clusters = [int(c) for path in paths[facet].tolist() for c in self.view.path_clusters(facet, tuple(path))]
+            out.extend((facet, c) for c in clusters)
         return out
 
     def _fallback(self, query: Query) -> Recommendation:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfli.retrieval.clusters import FacetClusters, build_facet_clusters
+from mfli.retrieval.base import concat_ranges
+from mfli.retrieval.clusters import FacetClusters, build_facet_clusters, path_keys
 from mfli.retrieval.snapshot import ItemSnapshot
 
 
@@ -51,6 +52,12 @@ class MemoryIndexView:
             counts = np.bincount(assign, minlength=len(fc.centroids))
             self._offsets.append(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
         self._trending = live[np.argsort(-self._prior[live], kind="stable")]
+        # One CSR over all facets for batched gathers: global cluster id = facet base + cluster.
+        self._all_rows = np.concatenate(self._sorted_rows) if self._sorted_rows else np.empty(0, np.int64)
+        row_base = np.cumsum([0] + [r.size for r in self._sorted_rows])
+        self._cluster_base = np.cumsum([0] + [o.size - 1 for o in self._offsets]).astype(np.int64)
+        self._gstart = np.concatenate([o[:-1] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
+        self._gend = np.concatenate([o[1:] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
 
     @classmethod
     def from_settings(cls, snapshot: ItemSnapshot, index_settings, seed: int = 0) -> "MemoryIndexView":
@@ -75,6 +82,23 @@ class MemoryIndexView:
             return np.empty(0, np.int64)
         start, end = offsets[cluster], offsets[cluster + 1]
         return self._sorted_rows[facet][start : min(end, start + limit)]
+
+    def members_many(self, facets: np.ndarray, clusters: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batched :meth:`members`: (rows of all pairs concatenated, count per pair)."""
+        g = self._cluster_base[facets] + clusters
+        starts = self._gstart[g]
+        counts = np.minimum(self._gend[g] - starts, limit)
+        return self._all_rows[concat_ranges(starts, counts)], counts
+
+    def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
+        """Batched :meth:`path_clusters` for int paths ``[p, L]``: all their clusters, concatenated."""
+        fc = self.clusters[facet]
+        keys = path_keys(paths)
+        pos = np.searchsorted(fc.path_key, keys)
+        found = pos < fc.path_key.size
+        found[found] = fc.path_key[pos[found]] == keys[found]
+        pos = pos[found]
+        return fc.path_ids[concat_ranges(fc.path_ptr[pos], fc.path_ptr[pos + 1] - fc.path_ptr[pos])]
 
     def codebooks(self) -> np.ndarray:
         return self._codebooks
