@@ -107,13 +107,8 @@ class LearnerProcess:
                 self.learner.upsert_items(batch.items)
             if batch.events:
                 self.events_received += len(batch.events)
-                stats = self.learner.learn(batch.events)
-                for phase, seconds in stats.seconds.items():
-                    metrics.LEARNER_STEP_SECONDS.labels(phase=phase).observe(seconds)
-                for key, value in stats.losses.items():
-                    facet, objective, kind = key.split("/")
-                    metrics.LEARNER_LOSS.labels(facet=facet.lstrip("f"), objective=objective, kind=kind).set(value)
-                metrics.LEARNER_EVENTS.inc(len(batch.events))
+                # the stepper exports events, step phases and losses itself (Stepper._export)
+                self.learner.learn(batch.events)
             self.users.apply(batch.events, offsets=offsets_to_json(batch.offsets))
             metrics.LEARNER_STEP_SECONDS.labels(phase="total").observe(time.perf_counter() - t0)
         if batch.offsets:

@@ -130,6 +130,8 @@ class IndexMirror:
 
     @staticmethod
     def _write(arrays: MirrorArrays, rows: np.ndarray, rec: np.ndarray, vec: np.ndarray) -> None:
+        if rows.size == 0:  # an index with no items yet (server started before the first delta)
+            return
         live = rec["deleted"] == 0
         arrays.vectors[rows] = vec
         arrays.prior[rows] = rec["prior"]
