@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1024, help="events per learner step")
     parser.add_argument("--json", default=None, help="write the numbers here")
     parser.add_argument("--plot", default=None, help="PNG of prequential recall over time")
+    parser.add_argument("--report", default=None,
+                        help="self-contained HTML report: recall over time, cluster sizes, codebook usage")
     parser.add_argument("--ablations", action="store_true", help="also F=1, no quantised loss, no delayed start")
     parser.add_argument("--no-prequential", action="store_true", help="skip the test-then-train pass")
     parser.add_argument("--beta", type=float, default=None, help="skip tuning: use this prior weight")
@@ -143,6 +145,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     report["codebook"] = {"codewords": learner.rq.m, "utilisation": learner.rq.utilisation.tolist(),
                           "perplexity": learner.rq.perplexity.tolist()}
     report["static"] = static_eval(learner, settings, data, cut)
+    if getattr(args, "report", None):  # the index as it was evaluated (prequential keeps learning)
+        from mfli.report import snapshot_stats
+
+        html_stats = snapshot_stats(learner.snapshot(), settings.index, seed=model.seed)
     sys.stdout.write(_table(f"{data.name}: static recall, {report['static']['test_users']} test users "
                             f"(prior beta={beta:g}, half-life={hl:g} events, passes={args.passes})",
                             report["static"]))
@@ -176,4 +182,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         with open(args.json, "wb") as fh:
             fh.write(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    if getattr(args, "report", None):
+        from mfli.report import eval_report, write_report
+
+        sizes, counts = html_stats
+        write_report(args.report, eval_report(report, sizes, (settings.index.b_low, settings.index.b_upp), counts))
+        log.info("wrote %s", args.report)
     return 0
