@@ -35,7 +35,7 @@ import orjson
 
 from mfli.config import Settings
 from mfli.events import InteractionEvent
-from mfli.supervisor import Supervisor, wait_http
+from mfli.supervisor import Supervisor, exit_on_sigterm, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from mfli.sources.produce import produce_records
     from mfli.sources.synthetic import SyntheticStream
 
+    exit_on_sigterm()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     state = Path(args.state_dir).resolve()
     shutil.rmtree(state, ignore_errors=True)

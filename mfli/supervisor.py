@@ -85,10 +85,26 @@ class Child:
             return ""
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` so ``finally`` blocks stop the children (and the embedded
+    broker): they run in their own sessions, so nobody else would, and they would outlive us."""
+
+    def _raise(signum: int, _frame: object) -> None:
+        for sup in list(Supervisor.running):
+            sup.stop_all()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 class Supervisor:
     """Starts children, notices crashes, stops everything in reverse order."""
 
+    #: supervisors with children that may be alive (stopped by :func:`exit_on_sigterm`'s handler)
+    running: list["Supervisor"] = []
+
     def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
+        Supervisor.running.append(self)
         self.log_dir = log_dir
         self.env = dict(env)
         self.children: dict[str, Child] = {}
@@ -114,6 +130,8 @@ class Supervisor:
     def stop_all(self) -> None:
         for child in reversed(list(self.children.values())):
             child.stop()
+        if self in Supervisor.running:
+            Supervisor.running.remove(self)
 
 
 def scrape(url: str, timeout_s: float = 1.0) -> dict[str, float]:

@@ -1,0 +1,171 @@
+"""``mfli bench freshness``: how long until an event about a brand-new item makes it retrievable.
+
+The whole write path runs for real: embedded broker, ``mfli learn`` and ``mfli index`` as child
+processes, and a steady background replay of synthetic events so the learner is busy. A probe is an
+``ItemEvent`` (upsert) plus an ``InteractionEvent`` on a never-seen item; its latency is from the
+moment the probe was handed to the producer until a fresh read transaction on the index LMDB shows
+the item live with a cluster in every facet (so the server would find it in a posting list).
+
+Baseline in the same run: the Kafka hop alone (produce → a plain consumer receives it), the part of
+the budget the pipeline cannot go below. The ratio says what learning + publishing + indexing add.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from mfli.benchmarks.report import Row, result
+from mfli.config import Settings
+from mfli.events import InteractionEvent, ItemEvent
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--probes", type=int, default=200, help="brand-new items probed")
+    parser.add_argument("--rate", type=float, default=2_000.0, help="background events/s replayed meanwhile")
+    parser.add_argument("--interval", type=float, default=0.25, help="seconds between probes")
+    parser.add_argument("--warmup-events", type=int, default=20_000, help="events learned before probing")
+    parser.add_argument("--state-dir", default="var/bench-freshness")
+
+
+def _kafka_hop(settings: Settings, n: int = 50) -> list[float]:
+    """Produce → receive latency of single small records through the same broker."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from mfli.broker import ensure_topics
+    from mfli.consumers.clients import make_producer
+
+    topic = "mfli.bench.hop"
+    ensure_topics(settings.kafka.bootstrap_servers, settings.kafka, [topic], partitions=1)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False,
+                             fetch_max_wait_ms=settings.kafka.fetch_max_wait_ms)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    producer = make_producer(settings.kafka, linger_ms=0)
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        producer.send(topic, value=str(i).encode())
+        producer.flush()
+        got = False
+        while not got:
+            for records in consumer.poll(timeout_ms=1000).values():
+                got = got or any(r.value == str(i).encode() for r in records)
+        out.append(time.perf_counter() - t0)
+    producer.close()
+    consumer.close()
+    return out
+
+
+def _visible(index, item_id: str) -> bool:
+    import numpy as np
+
+    try:
+        with index.view() as view:
+            row = view.row_of(item_id)
+            return row is not None and bool((view.clusters_of(np.array([row]))[0] >= 0).all())
+    except Exception:  # index not created yet, or a reader race at start-up: not visible
+        return False
+
+
+def _live(index) -> int:
+    try:
+        with index.view() as view:
+            return view.n_live()
+    except Exception:  # not created yet
+        return 0
+
+
+def run(args: argparse.Namespace, settings: Settings) -> dict:
+    from mfli.broker import EmbeddedBroker, ensure_topics
+    from mfli.consumers.clients import make_producer
+    from mfli.server.lmdb_state import _ReadOnlyIndex
+    from mfli.sources.produce import produce_records
+    from mfli.sources.synthetic import SyntheticStream
+    from mfli.supervisor import Supervisor, exit_on_sigterm
+
+    exit_on_sigterm()
+    state = Path(args.state_dir).resolve()
+    shutil.rmtree(state, ignore_errors=True)
+    (state / "logs").mkdir(parents=True)
+    with EmbeddedBroker(log_path=state / "logs" / "broker.log") as broker:
+        settings = settings.model_copy(deep=True)
+        settings.kafka.bootstrap_servers = broker.bootstrap
+        k = settings.kafka
+        ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
+        env = {**os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
+               "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
+               "MFLI_LEARNER__CHECKPOINT_DIR": str(state / "learner"), "MFLI_LEARNER__USERS_PATH": str(state / "users"),
+               "MFLI_INDEX__PATH": str(state / "index"), "MFLI_LEARNER__METRICS_PORT": "0",
+               "MFLI_INDEX__METRICS_PORT": "0"}
+        sup = Supervisor(state / "logs", env)
+        sup.add("learner", ["--log-level", "WARNING", "learn"])
+        sup.add("indexer", ["--log-level", "WARNING", "index"])
+        sup.start_all()
+        hop = _kafka_hop(settings)
+
+        stream = SyntheticStream(n_users=2_000, n_items=5_000, n_topics=20, seed=11)
+        stop = threading.Event()
+
+        def background() -> None:
+            producer = make_producer(k)
+            produce_records(producer, settings, stream.records(args.warmup_events), progress=False)
+
+            def endless():
+                while not stop.is_set():
+                    yield from stream.records(1_000)
+
+            produce_records(producer, settings, endless(), rate=args.rate, progress=False)
+            producer.close()
+
+        feeder = threading.Thread(target=background, daemon=True)
+        feeder.start()
+        index = _ReadOnlyIndex(state / "index", map_size=settings.index.map_size)
+        deadline = time.monotonic() + 600
+        while _live(index) < 1_000 and time.monotonic() < deadline:
+            time.sleep(0.2)  # wait until the warm-up catalogue is learned and indexed
+        probe_producer = make_producer(k, linger_ms=0)
+        latencies: list[float] = []
+        missed = 0
+        for i in range(args.probes):
+            item, user = f"fresh-{i}", f"u{i % 2000}"
+            t0 = time.perf_counter()
+            now_ms = int(time.time() * 1000)
+            probe_producer.send(k.items_topic, key=item.encode(), value=ItemEvent(
+                item_id=item, op="upsert", created_ts=now_ms, tags=["t1"]).model_dump_json().encode())
+            probe_producer.send(k.events_topic, key=user.encode(), value=InteractionEvent(
+                event_id=f"probe-{i}", user_id=user, item_id=item, event_type="view", ts=now_ms,
+            ).model_dump_json().encode())
+            probe_producer.flush()
+            limit = time.perf_counter() + 30
+            while not _visible(index, item):
+                if time.perf_counter() > limit:
+                    missed += 1
+                    break
+                time.sleep(0.005)
+            else:
+                latencies.append(time.perf_counter() - t0)
+            time.sleep(args.interval)
+        stop.set()
+        probe_producer.close()
+        crashed = [c.name for c in sup.crashed()]
+        sup.stop_all()
+    if not latencies:
+        raise RuntimeError(f"no probe became visible (missed {missed}; crashed: {crashed})")
+    base = Row.from_samples("kafka hop (produce -> consume)", hop, "s")
+    fresh = Row.from_samples("new item visible in LMDB", latencies, "s").against(base)
+    return result(
+        "freshness", [fresh, base],
+        params={"probes": args.probes, "background_rate": args.rate, "interval_s": args.interval,
+                "flush_interval_ms": settings.learner.flush_interval_ms},
+        targets={"p95 <= 1 s": (fresh.p95 or 0) <= 1.0, "no probe missed": missed == 0},
+        notes=[f"missed probes (not visible within 30 s): {missed}", f"crashed children: {crashed or 'none'}"],
+    )
