@@ -97,8 +97,9 @@ def static_eval(learner: MFLILearner, settings: Settings, data: Interactions, cu
         ExactRetriever(view, model.history, model.recency_decay),
     ]
     if baselines:
+        # one build thread: hnswlib's parallel insertion order makes the graph (and recall) vary per run
         retrievers.append(HnswRetriever(view, history=model.history, recency_decay=model.recency_decay,
-                                        seed=model.seed))
+                                        seed=model.seed, threads=1))
         n = cut
         for name, lo in (("popularity", 0), ("recent_popularity_20pct", n - n // 5),
                          ("recent_popularity_5pct", n - n // 20)):

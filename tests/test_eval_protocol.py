@@ -6,6 +6,7 @@ import pytest
 from mfli.learner.counts import DecayedCounts, decayed_counts
 from mfli.learner.offline import tune_prior
 from mfli.learner.protocol import build_test_set, rank_excluding, recall_at, temporal_cut
+from mfli.learner.streaming import _ranks, _seen_before
 from mfli.retrieval.snapshot import ItemSnapshot
 
 # (user, item) in time order: 9 training events, 1 cut, test events after
@@ -70,3 +71,17 @@ def test_prior_tuning_picks_the_popularity_weight_that_helps():
     beta, _, table = tune_prior(snap, stream, hist, excl, truth, 0.9, 10, [0.0, 1.0], [1e9])
     assert beta == 1.0
     assert [row["recall@20"] for row in table] == [0.0, 1.0]
+
+
+def test_prequential_rank_ignores_items_the_user_already_engaged_with():
+    scores = np.asarray([[0.9, 0.5, 0.7, 0.1]])
+    # item 0 (seen) and item 2 score above the target 1: only item 2 counts
+    assert _ranks(scores, np.asarray([1]), [np.asarray([0])]).tolist() == [1]
+    assert _ranks(scores, np.asarray([1]), [np.empty(0, np.int64)]).tolist() == [2]
+
+
+def test_prequential_seen_sets_include_earlier_events_of_the_same_batch():
+    users, items = np.asarray([0, 0, 1, 0]), np.asarray([5, 6, 5, 5])
+    out = _seen_before(users, items, np.asarray([0, 1, 2, 3]), {0: {1}})
+    # a re-engagement (event 3, item 5 again) is not excluded as its own target
+    assert [sorted(o.tolist()) for o in out] == [[1], [1, 5], [], [1, 6]]
