@@ -47,7 +47,7 @@ def _dump(path_or_env) -> dict[str, dict[bytes, bytes]]:
         for name in L.DB_NAMES:
             db = env.open_db(name.encode(), txn=txn, create=False)
             out[name] = {k: v for k, v in txn.cursor(db=db)}
-    for key in (b"index_version", b"offsets", b"full_pass_ts"):
+    for key in (b"index_version", b"offsets", b"full_pass_ts", b"clusters_version"):  # counters, clocks
         out["meta"].pop(key, None)
     out.pop("chg")  # per-commit change log, like index_version
     for key, value in list(out["rec"].items()):  # update_ts is wall-clock time
