@@ -421,7 +421,9 @@ class IndexWriter:
 
             export_cluster_sizes(self.clusters)
         if batch is not None and result.applied:
-            ts = batch.event_ts[:: max(1, len(batch) // FRESHNESS_SAMPLES)]
+            # event_ts <= 0 marks a prior refresh no event caused (learner.process): not freshness
+            ts = batch.event_ts[batch.event_ts > 0]
+            ts = ts[:: max(1, len(ts) // FRESHNESS_SAMPLES)]
             for lag in ((now_ms - ts) / 1000.0).tolist():
                 metrics.FRESHNESS_SECONDS.observe(max(lag, 0.0))
 

@@ -165,6 +165,11 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
             fresh_p95 = prom.scalar(
                 "histogram_quantile(0.95, sum by (le) (increase(mfli_index_freshness_seconds_bucket[5m])))")
             assert fresh_p95 is not None and 0 <= fresh_p95 <= 60, fresh_p95
+            # nothing slower than the top bucket: prior refreshes (no event behind them) must not count
+            # as freshness (they did, as ~56-year lags, before the writer skipped event_ts == 0)
+            beyond = prom.scalar('sum(mfli_index_freshness_seconds_bucket{job="mfli-indexer",le="+Inf"}) - '
+                                 'sum(mfli_index_freshness_seconds_bucket{job="mfli-indexer",le="60.0"})')
+            assert beyond == 0, f"{beyond} freshness observations above 60 s"
 
             util = prom.wait_for("mfli_codebook_utilisation_ratio", lambda r: len(r) == 6, **wait)
             assert all(0 < s["value"] <= 1 for s in util), util
