@@ -14,7 +14,8 @@ Reason codes (the ``mfli.reason`` DLQ header; also the ``reason`` label of ``EVE
 =====================  ==============================================================
 ``oversized``          value longer than ``settings.ingest.max_event_bytes``
 ``malformed_json``     not JSON at all (or not UTF-8)
-``schema``             JSON, but not an object / a field missing / a wrong type or bound
+``schema``             JSON, but not an object / a field missing / a wrong type or bound, or an id
+                       longer than :data:`MAX_ID_BYTES` in UTF-8 (ids are LMDB keys downstream)
 ``non_finite``         ``value`` is NaN or ±infinity
 ``unknown_event_type`` ``event_type`` is not one of ``settings.ingest.event_types``
 ``empty``              a record with no value (a tombstone): nothing to learn from
@@ -29,6 +30,12 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from mfli.events import InteractionEvent, ItemEvent
+
+#: LMDB's maximum key size. Ids become keys in the users store and the index (``id2row``); the wire schema
+#: bounds them at 256 *characters*, which is up to 1 KB of UTF-8, and a longer key would crash the learner
+#: on every restart (the record is re-read), so such events are dead letters instead.
+MAX_ID_BYTES = 511
+_ID_FIELDS = ("event_id", "user_id", "item_id")
 
 Reason = Literal["oversized", "malformed_json", "schema", "non_finite", "unknown_event_type", "empty"]
 REASONS: tuple[str, ...] = ("oversized", "malformed_json", "schema", "non_finite", "unknown_event_type", "empty")
@@ -88,6 +95,10 @@ class Validator:
             return _classify(exc)
         except (ValueError, UnicodeDecodeError) as exc:  # defensive: decoding problems outside pydantic
             return Rejection("malformed_json", str(exc)[:300])
+        for name in _ID_FIELDS:
+            value = getattr(obj, name, None)
+            if value is not None and len(value) * 4 > MAX_ID_BYTES and len(value.encode()) > MAX_ID_BYTES:
+                return Rejection("schema", f"{name}: longer than {MAX_ID_BYTES} bytes in UTF-8")
         if self.event_types is not None and obj.event_type not in self.event_types:  # type: ignore[attr-defined]
             return Rejection("unknown_event_type", f"event_type {obj.event_type!r} is not accepted")  # type: ignore[attr-defined]
         return obj
