@@ -35,8 +35,9 @@ from mfli.sources.movielens import Interactions, load_movielens
 
 log = logging.getLogger(__name__)
 
-BETAS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-HALF_LIVES_FRACTION = [0.01, 0.03, 0.1, 0.3, 1e6]  # of the training events; 1e6 ~ no decay
+# ml-100k's first run chose the grid's corner (beta 6, the 1000-event half-life floor): grid widened.
+BETAS = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 9.0, 12.0]
+HALF_LIVES_FRACTION = [0.003, 0.01, 0.03, 0.1, 0.3, 1e6]  # of the training events; 1e6 ~ no decay
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +74,7 @@ def tune(model: ModelSettings, data: Interactions, cut: int, passes: int, batch:
     ts = test_set(data, 0, vcut, cut)
     hist, excl, truth = user_rows(learner, ts)
     rows = np.asarray([learner.items.ids.get(i) for i in data.items[:vcut].tolist()], dtype=np.int64)
-    half_lives = [max(1000.0, f * vcut) for f in HALF_LIVES_FRACTION]
+    half_lives = [max(200.0, f * vcut) for f in HALF_LIVES_FRACTION]
     beta, hl, table = tune_prior(learner.snapshot(), rows, hist, excl, truth, model.recency_decay,
                                  model.history, BETAS, half_lives)
     log.info("prior tuned on %d validation users: beta=%.2f half_life=%.0f events", len(ts.users), beta, hl)
