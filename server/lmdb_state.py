@@ -29,6 +29,8 @@ from mfli.storage.users_lmdb import UsersStore
 
 log = logging.getLogger(__name__)
 
+_MAX_KEY = 511  # LMDB's maximum key size (bytes)
+
 
 class _ReadOnlyIndex(LmdbIndex):
     """LmdbIndex whose named databases are opened outside an explicit read transaction.
@@ -57,7 +59,16 @@ class _LmdbRead:
         self.codebook_version = L.unpack_i64(view._get("meta", b"cb_in_use"), default=-1)
 
     def rows_of(self, item_ids: list[str]) -> tuple[np.ndarray, list[str]]:
-        rows = self.view.rows_of(item_ids)
+        # An id LMDB cannot hold as a key (empty, or > 511 bytes) is unknown by definition; asking the
+        # cursor for it raises BadValsizeError (found by tests/test_fuzz_http.py: a 500 on POST triggers).
+        keyable = [0 < len(i) and len(i.encode()) <= _MAX_KEY for i in item_ids]
+        if not all(keyable):
+            rows = np.full(len(item_ids), -1, np.int64)
+            idx = [j for j, ok in enumerate(keyable) if ok]
+            if idx:
+                rows[idx] = self.view.rows_of([item_ids[j] for j in idx])
+        else:
+            rows = self.view.rows_of(item_ids)
         known = rows >= 0
         if known.any():
             idx = np.flatnonzero(known)
