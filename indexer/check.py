@@ -48,7 +48,7 @@ def check_index(
     s = settings or IndexSettings()
     index = path if isinstance(path, LmdbIndex) else LmdbIndex(path, s.map_size)
     report = CheckReport()
-    with index.view() as view:
+    with index.view(buffers=False) as view:
         report.index_version = view.version
         txn = view._txn
         with txn.cursor(db=index.db("rec")) as cur:

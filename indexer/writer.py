@@ -93,7 +93,7 @@ class IndexWriter:
 
     # --- start-up -------------------------------------------------------------------------------------
     def _load(self) -> None:
-        with self.env.begin(buffers=True) as txn:
+        with self.env.begin() as txn:  # bytes, not memoryviews: >10x faster for a full scan
             meta = self.db["meta"]
             raw = txn.get(b"shape", db=meta)
             self.index_version = L.unpack_i64(txn.get(b"index_version", db=meta))

@@ -90,9 +90,13 @@ class LmdbIndex:
         self.env()
         return self._dbs[name]
 
-    def view(self) -> "LmdbIndexView":
-        """A view over a fresh read transaction; use as a context manager (or call ``close()``)."""
-        return LmdbIndexView(self)
+    def view(self, buffers: bool = True) -> "LmdbIndexView":
+        """A view over a fresh read transaction; use as a context manager (or call ``close()``).
+
+        ``buffers=True`` (requests) returns zero-copy memoryviews: fastest for random ``getmulti``.
+        ``buffers=False`` (whole-index scans: checker, caches) was measured >10x faster for cursor
+        scans over 10^6 keys (py-lmdb's per-item memoryview creation dominates those)."""
+        return LmdbIndexView(self, buffers=buffers)
 
     def cached(self, name: str, version: int, build):
         """Per-index-version memo shared by views (exact-search vectors, live rows, codebooks)."""
@@ -112,10 +116,10 @@ class LmdbIndex:
 class LmdbIndexView:
     """:class:`~mfli.retrieval.base.IndexView` over one LMDB read transaction (a consistent snapshot)."""
 
-    def __init__(self, index: LmdbIndex) -> None:
+    def __init__(self, index: LmdbIndex, buffers: bool = True) -> None:
         self._index = index
         env = index.env()
-        self._txn = env.begin(buffers=True)
+        self._txn = env.begin(buffers=buffers)
         shape = self._meta_json(b"shape")
         if shape is None:
             self._txn.abort()
