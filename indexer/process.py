@@ -27,6 +27,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import lmdb
+
 from mfli import metrics
 from mfli.config import Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
@@ -173,11 +175,31 @@ class IndexerLoop:
         last_full = time.monotonic()
         dirty = False
         batches = 0
+        map_full_backoff = 0.0
         try:
             while not self._stop:
                 polled = consumer.poll(timeout_ms=200)
                 if polled:
-                    changed = self._apply(writer, consumer, polled)
+                    try:
+                        changed = self._apply(writer, consumer, polled)
+                    except lmdb.MapFullError:
+                        # the writer aborted the transaction (index unchanged, mfli_lmdb_errors_total
+                        # counted); stay up, not ready, and retry the same records with backoff rather
+                        # than crash-loop: the server keeps answering from the last committed state
+                        map_full_backoff = min(30.0, max(0.5, map_full_backoff * 2))
+                        log.error("index LMDB map full (index.map_size = %d bytes): batch not applied, "
+                                  "retrying in %.1f s; raise MFLI_INDEX__MAP_SIZE and restart the indexer",
+                                  self.settings.index.map_size, map_full_backoff)
+                        metrics.READY.labels(process="indexer").set(0)
+                        self._rewind(consumer, writer)
+                        time.sleep(map_full_backoff)
+                        batches += 1
+                        if max_batches and batches >= max_batches:
+                            break
+                        continue
+                    if map_full_backoff:
+                        map_full_backoff = 0.0
+                        metrics.READY.labels(process="indexer").set(1)
                     dirty = dirty or changed
                     batches += 1
                 writer.maybe_sync()
@@ -202,6 +224,18 @@ class IndexerLoop:
             consumer.close(autocommit=False)
             writer.close()
         return 0
+
+    @staticmethod
+    def _rewind(consumer, writer) -> None:
+        """Seek every partition back to the offsets the index holds (the failed batch is read again)."""
+        from kafka import TopicPartition
+
+        for tp in consumer.assignment():
+            stored = writer.offsets.get(f"{tp.topic}:{tp.partition}")
+            if stored is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, stored)
 
     def _apply(self, writer, consumer, polled) -> bool:
         from kafka.structs import OffsetAndMetadata
