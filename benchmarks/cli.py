@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, str] = {
     "freshness": "event time -> visible in the LMDB index",
     "index": "index recall and cost vs exact search and HNSW",
     "serve": "HTTP recommend latency and throughput",
+    "load": "server under 2x its sustainable rate for 60 s: errors, p99, RSS growth",
 }
 
 
