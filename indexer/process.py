@@ -153,6 +153,19 @@ class IndexerLoop:
                  sorted(parts), writer.offsets)
         return consumer
 
+    def _export_lag(self, consumer) -> None:
+        """Lag of the item-update partitions (high watermark from fetches, correct on Tansu and Kafka),
+        at most once a second: the "index stuck while deltas wait" alert keys on it."""
+        now = time.monotonic()
+        if now - getattr(self, "_lag_at", 0.0) < 1.0:
+            return
+        self._lag_at = now
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - consumer.position(tp))
+                metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
+
     def run(self, max_batches: int = 0) -> int:
         from mfli.indexer.writer import IndexWriter
 
@@ -160,7 +173,7 @@ class IndexerLoop:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGUSR1, self._on_full_pass)
-        metrics.serve_metrics(self.settings.index.metrics_port)
+        metrics.serve_metrics(self.settings.index.metrics_port, process="indexer")
         metrics.UP.labels(process="indexer").set(1)
         from mfli.indexer.full_pass import commit_full_pass, compute_full_pass
 
@@ -203,6 +216,7 @@ class IndexerLoop:
                     dirty = dirty or changed
                     batches += 1
                 writer.maybe_sync()
+                self._export_lag(consumer)
                 if pending is not None and pending.done():
                     prep = pending.result()
                     if prep is not None:

@@ -219,7 +219,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.kafka.bootstrap_servers:
         log.error("no Kafka bootstrap servers: set MFLI_KAFKA__BOOTSTRAP_SERVERS or --bootstrap")
         return 2
-    metrics.serve_metrics(settings.learner.metrics_port)
+    metrics.serve_metrics(settings.learner.metrics_port, process="learner")
     stop = False
 
     def _stop(*_: object) -> None:

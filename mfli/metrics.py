@@ -72,7 +72,45 @@ UP = Gauge("mfli_process_up", "1 while the process main loop runs", ["process"])
 READY = Gauge("mfli_process_ready", "1 when the process can do its work (broker, index reachable)", ["process"])
 
 
-def serve_metrics(port: int, registry: CollectorRegistry = REGISTRY) -> None:
-    """Expose ``/metrics`` on ``port`` from a daemon thread (learner and indexer; the server uses its own port)."""
+# Which families each process exports. All metrics live in one module (one place for names), but a
+# process must not export another's: an unlabelled gauge would show up as a constant 0 from every
+# process, doubling dashboard series and making "is the indexer stuck?" alerts match the learner.
+PROCESS_PREFIXES: dict[str, tuple[str, ...]] = {
+    "learner": ("mfli_events_", "mfli_consumer_lag", "mfli_ingest_", "mfli_learner_", "mfli_codebook_",
+                "mfli_embedding_", "mfli_user_", "mfli_checkpoint_", "mfli_item_updates_", "mfli_process_"),
+    "indexer": ("mfli_index_items", "mfli_index_clusters", "mfli_index_cluster_size", "mfli_index_reassignments",
+                "mfli_index_deltas", "mfli_index_splits", "mfli_index_merges", "mfli_index_full_pass",
+                "mfli_index_freshness", "mfli_index_version", "mfli_index_applied", "mfli_lmdb_",
+                "mfli_consumer_lag", "mfli_process_"),
+    "server": ("mfli_request", "mfli_candidates", "mfli_fallbacks", "mfli_index_recall", "mfli_prequential",
+               "mfli_lmdb_", "mfli_process_"),
+}
+
+
+class _ProcessCollector:
+    """The default registry's families whose name starts with one of a process's prefixes (plus the
+    client's own ``process_*``/``python_*`` families)."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.prefixes = prefixes
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            if not family.name.startswith("mfli_") or family.name.startswith(self.prefixes):
+                yield family
+
+
+def process_registry(process: str) -> CollectorRegistry:
+    """A registry exposing only ``process``'s metrics (``learner``, ``indexer`` or ``server``)."""
+    if process not in PROCESS_PREFIXES:
+        raise ValueError(f"process must be one of {sorted(PROCESS_PREFIXES)}, not {process!r}")
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_ProcessCollector(PROCESS_PREFIXES[process]))
+    return registry
+
+
+def serve_metrics(port: int, process: str | None = None) -> None:
+    """Expose ``/metrics`` on ``port`` from a daemon thread (learner and indexer; the server uses its own
+    port). With ``process``, only that process's families are exported."""
     if port:
-        start_http_server(port, registry=registry)
+        start_http_server(port, registry=process_registry(process) if process else REGISTRY)

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _metrics_body():
     """Renderer for /metrics: the multi-process collector when workers share a port, else the default."""
-    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry, generate_latest
 
     if os.environ.get(_MULTIPROC_ENV):
         from prometheus_client import multiprocess
@@ -52,7 +52,10 @@ def _metrics_body():
             return generate_latest(registry)
 
         return render
-    return lambda: generate_latest(REGISTRY)
+    from mfli.metrics import process_registry
+
+    registry = process_registry("server")
+    return lambda: generate_latest(registry)
 
 
 def app_factory():

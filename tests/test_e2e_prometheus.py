@@ -157,8 +157,13 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
             dead = prom.wait_for("sum(mfli_events_invalid_total)", lambda r: r and r[0]["value"] == invalid, **wait)
             lag = prom.wait_for("sum(mfli_consumer_lag_messages)", lambda r: r and r[0]["value"] == 0, **wait)
             lag_series = prom.query("mfli_consumer_lag_messages")
-            # one lag series per partition of the events and items topics, all labelled with the job
-            assert len(lag_series) >= 2 and {s["metric"]["job"] for s in lag_series} == {"mfli-learner"}
+            # one series per partition: the learner's of the events and items topics, the indexer's of the
+            # item-update topic (what the "index not advancing" alert keys on); each process only its own
+            by_job = {(s["metric"]["job"], s["metric"]["topic"]) for s in lag_series}
+            assert {job for job, _ in by_job} == {"mfli-learner", "mfli-indexer"}, by_job
+            assert {topic for job, topic in by_job if job == "mfli-indexer"} == {kafka_settings.kafka.item_updates_topic}
+            index_items = prom.query("mfli_index_items")
+            assert {s["metric"]["job"] for s in index_items} == {"mfli-indexer"}, "only the indexer exports it"
 
             fresh_count = prom.wait_for('mfli_index_freshness_seconds_count{job="mfli-indexer"}',
                                         lambda r: r and r[0]["value"] > 0)
