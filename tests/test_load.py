@@ -31,7 +31,7 @@ Requests/sec:   3000.00
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (.ci/run installs it)")
 def test_twice_the_sustainable_load_without_errors_or_growth():
     settings = load_settings(model={"dim": 32}, index={"map_size": 1 << 30})
-    args = argparse.Namespace(items=5000, connections=16, probe_seconds=3, seconds=10, timeout=5,
+    args = argparse.Namespace(items=5000, connections=16, warmup_seconds=3, probe_seconds=3, seconds=10, timeout=5,
                               allow_timeouts=False, max_rss_growth_mb=30.0)
     out = run_load(args, settings)
     print(f"\nload: sustainable {out['sustainable_rps']:.0f} req/s; 2x ({out['driver']}): "
