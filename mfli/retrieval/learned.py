@@ -68,24 +68,27 @@ def finish(
     view: IndexView, q: np.ndarray, rows: np.ndarray, facets: np.ndarray, clusters: np.ndarray,
     exclude: np.ndarray, k: int,
 ) -> Recommendation:
-    """Deduplicate candidates (first source wins), drop excluded rows, rerank exactly, keep top k."""
-    rows, first = np.unique(rows, return_index=True)
-    facets, clusters = facets[first], clusters[first]
-    if exclude.size:
-        # rows is sorted and unique: a binary search per excluded row beats np.isin's sort of both.
-        pos = np.searchsorted(rows, exclude)
-        hit = pos[(pos < rows.size) & (rows[np.minimum(pos, rows.size - 1)] == exclude)]
-        if hit.size:
-            keep = np.ones(rows.size, bool)
-            keep[hit] = False
-            rows, facets, clusters = rows[keep], facets[keep], clusters[keep]
+    """Rerank candidates exactly, then drop duplicates and excluded rows among the best, keep top k.
+
+    Candidates may repeat (an item sits in one cluster per facet and may also be trending). Scoring the
+    repeats costs less than de-duplicating thousands of rows first, and only the best few can reach the
+    answer: each row repeats at most F + 1 times, so the top ``(k + |exclude|) * (F + 1)`` scores always
+    contain the top k distinct, non-excluded rows. Among equal rows the first source wins.
+    """
     if rows.size == 0:
         return empty_recommendation()
     scores = score(q, view.vectors(rows), view.prior(rows))
-    order = top_k(scores, k)
+    m = min(rows.size, (k + exclude.size) * (view.facets + 1))
+    head = np.argpartition(-scores, m - 1)[:m] if m < rows.size else np.arange(rows.size)
+    head = head[np.lexsort((head, -scores[head]))]  # best first; ties: earliest candidate (source order)
+    _, first = np.unique(rows[head], return_index=True)
+    head = head[np.sort(first)]
+    if exclude.size:
+        head = head[~np.isin(rows[head], exclude)]
+    head = head[:k]
     return Recommendation(
-        rows=rows[order], scores=scores[order].astype(np.float32), facets=facets[order].astype(np.int16),
-        clusters=clusters[order], candidates=int(rows.size),
+        rows=rows[head], scores=scores[head].astype(np.float32), facets=facets[head].astype(np.int16),
+        clusters=clusters[head], candidates=int(rows.size),
     )
 
 
