@@ -180,6 +180,13 @@ class IndexWriter:
         txn.put(b"cb_shape", orjson.dumps(list(cb.shape)), db=meta)
         txn.put(b"cb_latest", L.pack_i64(snap.version), db=meta)
         in_use = L.unpack_i64(txn.get(b"cb_in_use", db=meta), default=-1)
+        # The learner activates levels one by one (coarse before fine) and starts a level from all-zero
+        # codewords; until a full pass the clusters ignore a newly active level, so ask for one now.
+        active = int((np.abs(cb).reshape(f, levels, -1).max(axis=2) > 0).any(axis=0).sum())
+        if active != getattr(self, "_active_levels", active):
+            log.info("codebook has %d active levels (was %d): full pass requested", active, self._active_levels)
+            self.full_pass_wanted = True
+        self._active_levels = active
         # keep the codebook the clusters were built with and the newest; older ones serve nobody
         with txn.cursor(db=self.db["cb"]) as cur:
             stale = [bytes(k) for k in cur.iternext(keys=True, values=False)
