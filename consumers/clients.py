@@ -7,11 +7,18 @@ never duplicate or reorder a record, which is what makes "at-least-once, idempot
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
 
+from mfli import metrics
 from mfli.config import KafkaSettings
+
+log = logging.getLogger(__name__)
 
 
 def bootstrap_of(kafka: KafkaSettings, override: str | None = None) -> str:
@@ -62,3 +69,39 @@ def make_producer(kafka: KafkaSettings, bootstrap: str | None = None, **override
     )
     config.update(overrides)
     return KafkaProducer(**config)
+
+
+def broker_reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:
+    """True if any bootstrap address accepts a TCP connection (cheap; no Kafka client state)."""
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def wait_for_broker(kafka: KafkaSettings, process: str, stopping: Callable[[], bool] = lambda: False) -> bool:
+    """Block until the broker answers, with exponential backoff up to ``reconnect_backoff_max_ms``.
+
+    Why: kafka-python gives up on an unreachable bootstrap after ``request_timeout_ms`` with an
+    exception, so a process started before its broker would exit and be restarted in a loop. Waiting
+    here, not ready (``mfli_process_ready`` 0) until the broker is back, is what operators expect.
+    Returns False if ``stopping()`` became true first.
+    """
+    bootstrap = bootstrap_of(kafka)
+    backoff, logged = 0.1, False
+    while not broker_reachable(bootstrap):
+        metrics.READY.labels(process=process).set(0)
+        if not logged:
+            log.warning("Kafka at %s is not reachable; waiting (retrying with backoff)", bootstrap)
+            logged = True
+        if stopping():
+            return False
+        time.sleep(backoff)
+        backoff = min(backoff * 2, kafka.reconnect_backoff_max_ms / 1000)
+    if logged:
+        log.info("Kafka at %s is reachable again", bootstrap)
+    return True

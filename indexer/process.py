@@ -125,7 +125,10 @@ class IndexerLoop:
         if not bootstrap:
             raise SystemExit("mfli index needs MFLI_KAFKA__BOOTSTRAP_SERVERS (the demo sets it)")
         from mfli.broker import ensure_topics
+        from mfli.consumers.clients import wait_for_broker
 
+        if not wait_for_broker(k, "indexer", lambda: self._stop):
+            raise SystemExit(0)
         ensure_topics(bootstrap, k, [k.item_updates_topic])
         consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, client_id=f"{k.client_id}-indexer", group_id=k.indexer_group,

@@ -34,7 +34,9 @@ from kafka import TopicPartition
 
 from mfli import metrics
 from mfli.config import Settings
-from mfli.consumers.clients import make_producer
+from kafka.errors import KafkaError
+
+from mfli.consumers.clients import make_producer, wait_for_broker
 from mfli.consumers.stream import Batch, EventStream
 from mfli.deltas import CodebookSnapshot, encode_codebook, encode_deltas
 from mfli.learner.checkpoint import read_checkpoint, save_checkpoint
@@ -131,6 +133,23 @@ class LearnerProcess:
         self._last_flush = time.monotonic()
         self._mark_trending()
         deltas = self.learner.drain_changed()
+        try:
+            sent = self._publish(deltas)
+        except KafkaError:
+            # Not acknowledged: put the rows back so the next flush publishes their newest state.
+            for d in deltas:
+                if d.deleted:
+                    self.learner.deleted.add(d.row)
+                else:
+                    self.learner.changed[d.row] = max(self.learner.changed.get(d.row, -1), d.event_ts or -1)
+            self._codebook_version = -1  # resend the codebook too
+            raise
+        self._window_start = None
+        metrics.ITEM_UPDATES_PUBLISHED.inc(sent)
+        self._export_gauges()
+        return sent
+
+    def _publish(self, deltas: list) -> int:
         sent = 0
         snapshot = self.learner.codebook_snapshot()
         if snapshot.version != self._codebook_version:
@@ -150,10 +169,7 @@ class LearnerProcess:
                 # One partition keeps the indexer's view in publication order (it is the single writer).
                 self.producer.send(self.topic, encode_deltas(deltas[i : i + DELTAS_PER_MESSAGE]), partition=0)
             sent = len(deltas)
-        self.producer.flush()
-        self._window_start = None
-        metrics.ITEM_UPDATES_PUBLISHED.inc(sent)
-        self._export_gauges()
+        self.producer.flush(timeout=self.settings.kafka.request_timeout_ms / 1000)
         return sent
 
     def _mark_trending(self) -> None:
@@ -228,13 +244,28 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    proc = LearnerProcess(settings)
     metrics.UP.labels(process="learner").set(1)
+    if not wait_for_broker(settings.kafka, "learner", lambda: stop):
+        return 0
+    proc = LearnerProcess(settings)
     metrics.READY.labels(process="learner").set(1)
     started = time.monotonic()
+    backoff = 0.0
     try:
         while not stop:
-            proc.run_once()
+            try:
+                proc.run_once()
+            except KafkaError as exc:
+                # The broker went away mid-run: stay up, not ready, and retry; nothing is lost because
+                # offsets only move with a checkpoint and unacknowledged deltas were put back.
+                backoff = min(max(0.5, backoff * 2), settings.kafka.reconnect_backoff_max_ms / 1000)
+                log.warning("Kafka error (%s); retrying in %.1f s", exc, backoff)
+                metrics.READY.labels(process="learner").set(0)
+                time.sleep(backoff)
+                continue
+            if backoff:
+                backoff = 0.0
+                metrics.READY.labels(process="learner").set(1)
             if args.max_seconds and time.monotonic() - started >= args.max_seconds:
                 break
     finally:

@@ -82,7 +82,10 @@ class EmbeddedBroker:
     Storage is in memory: stopping the broker loses topics, messages and committed offsets.
     """
 
-    def __init__(self, *, start_timeout_s: float = 15.0, attempts: int = 5, log_path: Path | None = None) -> None:
+    def __init__(self, *, start_timeout_s: float = 15.0, attempts: int = 5, log_path: Path | None = None,
+                 port: int | None = None) -> None:
+        """``port``: listen on this port (a restart "at the same address", e.g. broker-outage tests);
+        by default a free port is picked per attempt."""
         if start_timeout_s <= 0:
             raise ValueError(f"start_timeout_s must be positive, not {start_timeout_s}")
         if attempts < 1:
@@ -93,6 +96,7 @@ class EmbeddedBroker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: Path | None = None
         self.port: int | None = None
+        self._fixed_port = port
 
     @property
     def bootstrap(self) -> str:
@@ -116,7 +120,7 @@ class EmbeddedBroker:
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
         last_log = ""
         for attempt in range(1, self.attempts + 1):
-            port = _free_port()
+            port = self._fixed_port or _free_port()
             url = f"tcp://127.0.0.1:{port}"
             log_file = self._log_path or Path(tempfile.mkstemp(prefix="mfli-tansu-", suffix=".log")[1])
             with open(log_file, "wb") as out:

@@ -1,0 +1,106 @@
+"""Broker unavailable: the learner and indexer wait with backoff, report not-ready, then carry on.
+
+Real processes against a real broker that is absent at start, appears later on the same address,
+and (for the learner) disappears and comes back mid-run — no crash loop, no lost event.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from mfli.broker import EmbeddedBroker, ensure_topics
+from mfli.consumers.clients import make_producer
+from mfli.sources.produce import produce_records
+from mfli.sources.synthetic import SyntheticStream
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ready(port: int, process: str) -> float | None:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f'mfli_process_ready{{process="{process}"}}'):
+            return float(line.split()[-1])
+    return None
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_processes_wait_for_the_broker_then_work(tmp_path):
+    kafka_port, learner_metrics, indexer_metrics = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
+           "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
+           "MFLI_KAFKA__RECONNECT_BACKOFF_MAX_MS": "1000",
+           "MFLI_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"), "MFLI_LEARNER__USERS_PATH": str(tmp_path / "users"),
+           "MFLI_LEARNER__CHECKPOINT_INTERVAL_S": "1", "MFLI_INDEX__PATH": str(tmp_path / "index"),
+           "MFLI_LEARNER__METRICS_PORT": str(learner_metrics), "MFLI_INDEX__METRICS_PORT": str(indexer_metrics)}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.cli", name], env=env,
+                                    stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
+             for name in ("learn", "index")}
+    broker = None
+    try:
+        # no broker: both stay up and say they are not ready (no crash loop)
+        assert _wait(lambda: _ready(learner_metrics, "learner") == 0.0, 30)
+        assert _wait(lambda: _ready(indexer_metrics, "indexer") == 0.0, 30)
+        time.sleep(3)
+        assert all(p.poll() is None for p in procs.values()), "a process exited while the broker was down"
+
+        broker = EmbeddedBroker(port=kafka_port, log_path=tmp_path / "broker.log").start()
+        from mfli.config import load_settings
+
+        settings = load_settings(kafka={"bootstrap_servers": broker.bootstrap, "partitions": 2,
+                                        "session_timeout_ms": 3000, "heartbeat_interval_ms": 500})
+        k = settings.kafka
+        ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
+        assert _wait(lambda: _ready(learner_metrics, "learner") == 1.0, 60), (tmp_path / "learn.log").read_text()[-2000:]
+        producer = make_producer(k)
+        produced = produce_records(producer, settings, SyntheticStream(n_users=50, n_items=200, n_topics=5).records(2000),
+                                   progress=False)
+        producer.close()
+        from mfli.storage.users_lmdb import UsersStore
+
+        def applied() -> int:
+            try:
+                store = UsersStore(tmp_path / "users", readonly=True)
+            except Exception:
+                return 0
+            try:
+                return sum(store.history(u)[2] for u in store.recent_users(1000))
+            finally:
+                store.close()
+
+        assert _wait(lambda: applied() == produced["events"], 90), applied()
+        assert _wait(lambda: _ready(indexer_metrics, "indexer") == 1.0, 60)
+        assert all(p.poll() is None for p in procs.values())
+    finally:
+        for p in procs.values():
+            p.terminate()
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if broker is not None:
+            broker.stop()
