@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import threading
 import time
@@ -90,7 +89,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
     from mfli.server.lmdb_state import _ReadOnlyIndex
     from mfli.sources.produce import produce_records
     from mfli.sources.synthetic import SyntheticStream
-    from mfli.supervisor import Supervisor, exit_on_sigterm
+    from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env
 
     exit_on_sigterm()
     state = Path(args.state_dir).resolve()
@@ -101,11 +100,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         settings.kafka.bootstrap_servers = broker.bootstrap
         k = settings.kafka
         ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-        env = {**os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-               "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
-               "MFLI_LEARNER__CHECKPOINT_DIR": str(state / "learner"), "MFLI_LEARNER__USERS_PATH": str(state / "users"),
-               "MFLI_INDEX__PATH": str(state / "index"), "MFLI_LEARNER__METRICS_PORT": "0",
-               "MFLI_INDEX__METRICS_PORT": "0"}
+        env = pipeline_env(state, broker.bootstrap, MFLI_LEARNER__METRICS_PORT="0", MFLI_INDEX__METRICS_PORT="0")
         sup = Supervisor(state / "logs", env)
         sup.add("learner", ["--log-level", "WARNING", "learn"])
         sup.add("indexer", ["--log-level", "WARNING", "index"])
@@ -128,7 +123,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
 
         feeder = threading.Thread(target=background, daemon=True)
         feeder.start()
-        index = _ReadOnlyIndex(state / "index", map_size=settings.index.map_size)
+        index = _ReadOnlyIndex(state / "index.lmdb", map_size=settings.index.map_size)
         deadline = time.monotonic() + 600
         while _live(index) < 1_000 and time.monotonic() < deadline:
             time.sleep(0.2)  # wait until the warm-up catalogue is learned and indexed

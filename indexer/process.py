@@ -245,8 +245,6 @@ class IndexerLoop:
     @staticmethod
     def _rewind(consumer, writer) -> None:
         """Seek every partition back to the offsets the index holds (the failed batch is read again)."""
-        from kafka import TopicPartition
-
         for tp in consumer.assignment():
             stored = writer.offsets.get(f"{tp.topic}:{tp.partition}")
             if stored is None:

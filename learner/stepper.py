@@ -40,7 +40,6 @@ class Stepper:
         L.events_seen += len(items)
         sel = np.flatnonzero(has)
         stats.trained = len(sel)
-        fd = s.facets * s.dim
         if len(sel):
             tgt = items[sel]
             positive = np.nan_to_num(values[sel], nan=-np.inf) >= s.positive_threshold

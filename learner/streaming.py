@@ -51,7 +51,6 @@ def prequential(learner: MFLILearner, data: Interactions, lo: int, hi: int, batc
                 windows: int = 20) -> dict:
     """Test-then-train over ``[lo, hi)``. Returns recall@K for MFLI (exact) and online popularity,
     plus a per-window curve of recall@100 for the plot."""
-    s = learner.settings
     seen: dict[int, set[int]] = {}
     for u, i in zip(learner.users.users.add(data.users[:lo].tolist())[0].tolist(),
                     learner.items.rows_for(data.items[:lo].tolist(), learner.gen)[0].tolist()):

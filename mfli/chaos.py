@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import shutil
 import sys
@@ -35,7 +34,7 @@ import orjson
 
 from mfli.config import Settings
 from mfli.events import InteractionEvent
-from mfli.supervisor import Supervisor, exit_on_sigterm, wait_http
+from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +148,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         settings.kafka.session_timeout_ms, settings.kafka.heartbeat_interval_ms = 3000, 500
         k = settings.kafka
         ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-        env = {
-            **os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
-            "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
-            "MFLI_LEARNER__CHECKPOINT_DIR": str(state / "learner"),
-            "MFLI_LEARNER__USERS_PATH": str(state / "users.lmdb"), "MFLI_INDEX__PATH": str(state / "index.lmdb"),
-            "MFLI_LEARNER__CHECKPOINT_INTERVAL_S": "3", "MFLI_INDEX__FULL_PASS_INTERVAL_S": "20",
-            "MFLI_SERVE__PORT": str(settings.serve.port), "PYTHONUNBUFFERED": "1",
-        }
+        env = pipeline_env(state, broker.bootstrap, MFLI_LEARNER__CHECKPOINT_INTERVAL_S="3",
+                           MFLI_INDEX__FULL_PASS_INTERVAL_S="20", MFLI_SERVE__PORT=str(settings.serve.port))
         settings.learner.checkpoint_dir = state / "learner"
         settings.learner.users_path = state / "users.lmdb"
         settings.index.path = state / "index.lmdb"

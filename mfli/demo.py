@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import shutil
 import signal
 import sys
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from mfli.config import Settings
-from mfli.supervisor import Supervisor, scrape, wait_http
+from mfli.supervisor import Supervisor, pipeline_env, scrape, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +128,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     k = settings.kafka
     ensure_topics(bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-    env = {
-        **os.environ,
-        "MFLI_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
-        "MFLI_DATA_DIR": str(state),
-        "MFLI_LEARNER__CHECKPOINT_DIR": str(state / "learner"),
-        "MFLI_LEARNER__USERS_PATH": str(state / "users.lmdb"),
-        "MFLI_INDEX__PATH": str(state / "index.lmdb"),
-        "MFLI_SERVE__PORT": str(port),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = pipeline_env(state, bootstrap, fast_groups=False, MFLI_SERVE__PORT=str(port))
     if broker is not None:  # a local demo: quick group joins on the embedded broker (KAFKA.md)
         env.setdefault("MFLI_KAFKA__SESSION_TIMEOUT_MS", "6000")
         env.setdefault("MFLI_KAFKA__HEARTBEAT_INTERVAL_MS", "1000")

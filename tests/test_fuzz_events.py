@@ -25,7 +25,6 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import orjson
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 from kafka import KafkaConsumer, TopicPartition

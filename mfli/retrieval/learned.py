@@ -29,7 +29,6 @@ from mfli.retrieval.base import (
     Recommendation,
     pool_query,
     score,
-    top_k,
 )
 
 
