@@ -97,6 +97,11 @@ class LearnerProcess:
         self._last_flush = self._last_ckpt = self._last_trending = time.monotonic()
         self._published_top = np.empty(0, np.int64)
         self._dirty = False
+        # Last published state per row; rows with smaller drifts wait in _held until a checkpoint.
+        self._pub_vec = np.zeros((0, settings.model.facets, settings.model.dim), np.float32)
+        self._pub_prior = np.zeros(0, np.float32)
+        self._pub_seen = np.zeros(0, bool)
+        self._held: set[int] = set()
 
     # --- one round ------------------------------------------------------------------------------------
     def run_once(self) -> Batch:
@@ -128,11 +133,19 @@ class LearnerProcess:
         self._clock = max(self._clock + 1, time.time_ns() // 1000)
         return self._clock
 
-    def flush(self) -> int:
-        """Publish changed item rows (and new codebooks) and wait until Kafka acknowledged them."""
+    def flush(self, everything: bool = False) -> int:
+        """Publish changed item rows (and new codebooks) and wait until Kafka acknowledged them.
+
+        Rows that only drifted a little are held back (see ``publish_min_drift``) unless
+        ``everything``: the checkpoint flush publishes them all, so the index never lags the
+        checkpoint by more than that drift."""
         self._last_flush = time.monotonic()
         self._mark_trending()
-        deltas = self.learner.drain_changed()
+        if everything:
+            for row in self._held:
+                self.learner.changed.setdefault(row, -1)
+            self._held.clear()
+        deltas = self._significant(self.learner.drain_changed(), everything)
         try:
             sent = self._publish(deltas)
         except KafkaError:
@@ -145,9 +158,47 @@ class LearnerProcess:
             self._codebook_version = -1  # resend the codebook too
             raise
         self._window_start = None
+        self._remember(deltas)
         metrics.ITEM_UPDATES_PUBLISHED.inc(sent)
         self._export_gauges()
         return sent
+
+    def _significant(self, deltas: list, everything: bool) -> list:
+        """New, deleted, re-prioritised or clearly moved rows; the rest go to ``_held``."""
+        if not deltas:
+            return deltas
+        rows = np.fromiter((d.row for d in deltas), np.int64, len(deltas))
+        self._grow(int(rows.max()) + 1)
+        if everything:
+            return deltas
+        ls = self.settings.learner
+        vec = np.stack([d.vectors for d in deltas])
+        moved = np.linalg.norm(vec - self._pub_vec[rows], axis=2).max(axis=1) > ls.publish_min_drift
+        prior = np.fromiter((d.prior for d in deltas), np.float32, len(deltas))
+        reprioritised = np.abs(prior - self._pub_prior[rows]) > ls.publish_min_prior_change
+        deleted = np.fromiter((d.deleted for d in deltas), bool, len(deltas))
+        keep = ~self._pub_seen[rows] | moved | reprioritised | deleted
+        self._held.update(rows[~keep].tolist())
+        self._held.difference_update(rows[keep].tolist())
+        return [d for d, k in zip(deltas, keep.tolist()) if k]
+
+    def _grow(self, need: int) -> None:
+        if need <= self._pub_seen.size:
+            return
+        cap = max(need, 2 * self._pub_seen.size)
+        vec = np.zeros((cap,) + self._pub_vec.shape[1:], np.float32)
+        vec[: self._pub_vec.shape[0]] = self._pub_vec
+        prior = np.zeros(cap, np.float32)
+        prior[: self._pub_prior.size] = self._pub_prior
+        seen = np.zeros(cap, bool)
+        seen[: self._pub_seen.size] = self._pub_seen
+        self._pub_vec, self._pub_prior, self._pub_seen = vec, prior, seen
+
+    def _remember(self, deltas: list) -> None:
+        for d in deltas:
+            self._pub_vec[d.row] = d.vectors
+            self._pub_prior[d.row] = d.prior
+            self._pub_seen[d.row] = not d.deleted
 
     def _publish(self, deltas: list) -> int:
         sent = 0
@@ -204,7 +255,7 @@ class LearnerProcess:
     # --- durability -------------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Deltas out, state on disk (with offsets), then — and only then — the Kafka commit."""
-        self.flush()
+        self.flush(everything=True)
         save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets),
                         extra={"recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
                                "events_received": self.events_received})
