@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "learner.ckpt"
 DELTAS_PER_MESSAGE = 256  # ~200 KB per message at F=3, d=64: well under Kafka's 1 MB default
 DEDUPE_IDS_KEPT = 100_000  # newest event ids checkpointed: duplicates arrive close to their original
-TRENDING_REFRESH = 500  # top items whose prior is republished so the index's trending source stays current
+TRENDING_REFRESH = 500
+HELD_PER_FLUSH = 256  # held (slightly drifted) rows republished per flush  # top items whose prior is republished so the index's trending source stays current
 
 
 def offsets_to_json(offsets: dict[TopicPartition, int]) -> dict[str, int]:
@@ -136,16 +137,16 @@ class LearnerProcess:
     def flush(self, everything: bool = False) -> int:
         """Publish changed item rows (and new codebooks) and wait until Kafka acknowledged them.
 
-        Rows that only drifted a little are held back (see ``publish_min_drift``) unless
-        ``everything``: the checkpoint flush publishes them all, so the index never lags the
-        checkpoint by more than that drift."""
+        Rows that only drifted a little are held back (see ``publish_min_drift``) and trickle out a few
+        hundred per flush, so the index converges to the model without bursts that would delay fresh
+        events behind them; ``everything`` (a clean shutdown) publishes all of them at once."""
         self._last_flush = time.monotonic()
         self._mark_trending()
-        if everything:
-            for row in self._held:
-                self.learner.changed.setdefault(row, -1)
-            self._held.clear()
-        deltas = self._significant(self.learner.drain_changed(), everything)
+        forced = [self._held.pop() for _ in range(len(self._held) if everything else
+                                                  min(HELD_PER_FLUSH, len(self._held)))]
+        for row in forced:
+            self.learner.changed.setdefault(row, -1)
+        deltas = self._significant(self.learner.drain_changed(), everything, np.asarray(forced, np.int64))
         try:
             sent = self._publish(deltas)
         except KafkaError:
@@ -163,8 +164,8 @@ class LearnerProcess:
         self._export_gauges()
         return sent
 
-    def _significant(self, deltas: list, everything: bool) -> list:
-        """New, deleted, re-prioritised or clearly moved rows; the rest go to ``_held``."""
+    def _significant(self, deltas: list, everything: bool, forced: np.ndarray) -> list:
+        """New, deleted, re-prioritised, clearly moved or ``forced`` rows; the rest go to ``_held``."""
         if not deltas:
             return deltas
         rows = np.fromiter((d.row for d in deltas), np.int64, len(deltas))
@@ -177,7 +178,7 @@ class LearnerProcess:
         prior = np.fromiter((d.prior for d in deltas), np.float32, len(deltas))
         reprioritised = np.abs(prior - self._pub_prior[rows]) > ls.publish_min_prior_change
         deleted = np.fromiter((d.deleted for d in deltas), bool, len(deltas))
-        keep = ~self._pub_seen[rows] | moved | reprioritised | deleted
+        keep = ~self._pub_seen[rows] | moved | reprioritised | deleted | np.isin(rows, forced)
         self._held.update(rows[~keep].tolist())
         self._held.difference_update(rows[keep].tolist())
         return [d for d, k in zip(deltas, keep.tolist()) if k]
@@ -253,9 +254,9 @@ class LearnerProcess:
             metrics.CONSUMER_LAG.labels(topic=key.topic, partition=str(key.partition)).set(value)
 
     # --- durability -------------------------------------------------------------------------------------
-    def checkpoint(self) -> None:
+    def checkpoint(self, final: bool = False) -> None:
         """Deltas out, state on disk (with offsets), then — and only then — the Kafka commit."""
-        self.flush(everything=True)
+        self.flush(everything=final)
         save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets),
                         extra={"recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
                                "events_received": self.events_received})
@@ -267,8 +268,7 @@ class LearnerProcess:
 
     def close(self) -> None:
         try:
-            if self._dirty:
-                self.checkpoint()
+            self.checkpoint(final=True)
         finally:
             self.stream.close()
             self.producer.close()
