@@ -36,7 +36,9 @@ class KafkaSettings(BaseModel):
     max_poll_records: int = Field(
         20_000, ge=1, description="records per poll; large, because kafka-python sends the next fetch only once "
         "a poll drained the buffer (20k vs 5k: ~1.6x validated ingest rate, `mfli bench ingest`)")
-    fetch_max_wait_ms: int = Field(100, ge=0)
+    # 20 ms: a fetch waits this long only when no data is there, so it costs no throughput and took
+    # ~80 ms off every hop of the freshness path (measured with `mfli bench freshness`).
+    fetch_max_wait_ms: int = Field(20, ge=0)
     request_timeout_ms: int = Field(30_000, ge=1000)
     reconnect_backoff_max_ms: int = Field(5_000, ge=50)
     auto_offset_reset: Literal["earliest", "latest"] = Field(
@@ -61,7 +63,9 @@ class IngestSettings(BaseModel):
     """Validation, de-duplication and micro-batching of interaction events."""
 
     batch_size: int = Field(2_048, ge=1, description="events handed to the learner per micro-batch")
-    batch_timeout_ms: int = Field(200, ge=1, description="flush a partial batch after this long")
+    batch_timeout_ms: int = Field(
+        100, ge=1, description="hand over a partial batch after this long (only matters when not backlogged; "
+        "100 ms measured: freshness p95 1.3 s -> 0.95 s with the flush interval below)")
     dedupe_window: int = Field(1_000_000, ge=0, description="recent event_ids remembered for de-duplication")
     max_event_bytes: int = Field(16_384, ge=64, description="larger records go to the DLQ as oversized")
     event_types: list[str] = Field(
@@ -123,7 +127,7 @@ class LearnerSettings(BaseModel):
 
     checkpoint_dir: Path = Path("var/learner")
     checkpoint_interval_s: float = Field(30.0, gt=0)
-    flush_interval_ms: int = Field(200, ge=1, description="coalesce changed item rows this long")
+    flush_interval_ms: int = Field(100, ge=1, description="coalesce changed item rows this long")
     publish_min_drift: float = Field(
         0.05, ge=0,
         description="publish a changed row at once only if some facet vector moved more than this (L2) since "
