@@ -127,10 +127,10 @@ class MemoryState:
         self._users_version = 0
 
     def open(self) -> None:
-        pass
+        """Nothing to open: the state lives in memory (the LMDB state opens its environments here)."""
 
     def close(self) -> None:
-        pass
+        """Nothing to release (see :meth:`open`)."""
 
     def ready(self) -> tuple[bool, str]:
         return True, ""
