@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _ID = Field(min_length=1, max_length=256)
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 class InteractionEvent(BaseModel):
@@ -29,8 +30,10 @@ class InteractionEvent(BaseModel):
     @field_validator("value")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("value must be finite (NaN and infinity are rejected)")
+        # The learner keeps values as float32: anything beyond its range would turn into infinity there.
+        if value is not None and not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+            raise ValueError("value must be finite and within float32 range (NaN, infinity and |value| > 3.4e38 "
+                             "are rejected)")
         return value
 
 

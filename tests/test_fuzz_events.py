@@ -76,7 +76,7 @@ _id_text = st.one_of(st.text(st.characters(codec="utf-8"), min_size=1, max_size=
 
 @st.composite
 def valid_event(draw) -> dict:
-    value = draw(st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False),
+    value = draw(st.one_of(st.none(), st.floats(allow_nan=False, allow_infinity=False, width=32),
                            st.integers(-10**6, 10**6)))
     event = {"event_id": f"fz-{next(_ids)}-{os.getpid()}", "user_id": draw(_id_text), "item_id": draw(_id_text),
              "event_type": draw(st.sampled_from(EVENT_TYPES)), "ts": draw(st.integers(0, 10**14 - 1))}

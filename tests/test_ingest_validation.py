@@ -50,6 +50,7 @@ def test_valid_event_passes_with_its_fields():
         (orjson.dumps(GOOD)[:-1] + b',"value":NaN}', "non_finite"),
         (orjson.dumps(GOOD)[:-1] + b',"value":Infinity}', "non_finite"),
         (orjson.dumps(GOOD)[:-1] + b',"value":-1e999}', "non_finite"),
+        (orjson.dumps(GOOD)[:-1] + b',"value":1e308}', "non_finite"),  # finite, but inf as float32
         (_with(event_type="teleport"), "unknown_event_type"),
         (_with(item_id="x" * 200, user_id="y" * 200, event_id="z" * 200) + b" " * 20_000, "oversized"),
     ],
