@@ -86,7 +86,7 @@ def _live(index) -> int:
 def run(args: argparse.Namespace, settings: Settings) -> dict:
     from mfli.broker import EmbeddedBroker, ensure_topics
     from mfli.consumers.clients import make_producer
-    from mfli.server.lmdb_state import _ReadOnlyIndex
+    from mfli.storage.index_lmdb import LmdbIndex
     from mfli.sources.produce import produce_records
     from mfli.sources.synthetic import SyntheticStream
     from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
 
         feeder = threading.Thread(target=background, daemon=True)
         feeder.start()
-        index = _ReadOnlyIndex(state / "index.lmdb", map_size=settings.index.map_size)
+        index = LmdbIndex(state / "index.lmdb", map_size=settings.index.map_size)
         deadline = time.monotonic() + 600
         while _live(index) < 1_000 and time.monotonic() < deadline:
             time.sleep(0.2)  # wait until the warm-up catalogue is learned and indexed

@@ -14,7 +14,6 @@ Either store may not exist yet when the server starts (the learner/indexer have 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,22 +29,6 @@ from mfli.storage.users_lmdb import UsersStore
 log = logging.getLogger(__name__)
 
 _MAX_KEY = 511  # LMDB's maximum key size (bytes)
-
-
-class _ReadOnlyIndex(LmdbIndex):
-    """LmdbIndex whose named databases are opened outside an explicit read transaction.
-
-    Work-around (reported to the indexer owner): ``LmdbIndex._open`` opens the sub-database handles
-    inside ``with env.begin()``; py-lmdb ends a read-only transaction by aborting it, which discards
-    handles opened in it, so every later ``get`` fails with ``mdb_get: Invalid argument`` in a process
-    that did not also write the index (measured: the standalone ``mfli serve`` never became ready).
-    """
-
-    def _open(self) -> None:
-        env = lmdb.open(str(self.path), map_size=self.map_size, max_dbs=L.MAX_DBS, readonly=True, lock=True,
-                        readahead=False, subdir=True, create=False)
-        self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
-        self._env, self._pid = env, os.getpid()
 
 
 class _LmdbRead:
@@ -109,7 +92,7 @@ class LmdbState:
         """``index``: an already-open handle (a process that also writes the index must share the
         writer's environment: py-lmdb refuses to open one twice)."""
         self.settings = settings
-        self.index = index or _ReadOnlyIndex(settings.index.path, map_size=settings.index.map_size, mirror=True)
+        self.index = index or LmdbIndex(settings.index.path, map_size=settings.index.map_size, mirror=True)
         self._users: UsersStore | None = None
         self._ready_until = 0.0
 

@@ -88,7 +88,7 @@ def test_processes_wait_for_the_broker_then_work(tmp_path):
             except Exception:
                 return 0
             try:
-                return sum(store.history(u)[2] for u in store.recent_users(1000))
+                return sum(store.history(u)[2] for u in store.user_ids(1000))
             finally:
                 store.close()
 

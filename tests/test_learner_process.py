@@ -59,7 +59,7 @@ def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path)
         _run_until(proc, n)
         proc.checkpoint()
         users = proc.users.users()
-        applied = sum(proc.users.history(u)[2] for u in proc.users.recent_users(1000))
+        applied = sum(proc.users.history(u)[2] for u in proc.users.user_ids(1000))
         committed = {tp: proc.stream._consumer.committed(tp) for tp in proc.offsets}
         stored = offsets_to_json(proc.offsets)
     finally:
@@ -91,7 +91,7 @@ def test_restart_resumes_from_checkpoint_without_reapplying(kafka_settings, tmp_
     try:
         assert restarted.learner.events_seen == first and restarted.learner.step == step
         _run_until(restarted, first + second)
-        applied = sum(restarted.users.history(u)[2] for u in restarted.users.recent_users(1000))
+        applied = sum(restarted.users.history(u)[2] for u in restarted.users.user_ids(1000))
     finally:
         restarted.close()
     assert applied == first + second

@@ -41,7 +41,7 @@ def test_readonly_reader_in_another_process_sees_writes(tmp_path):
     code = (
         "import sys, orjson; from mfli.storage.users_lmdb import UsersStore;"
         "r = UsersStore(sys.argv[1], history=5, readonly=True);"
-        "print(orjson.dumps([r.history('u1')[0], r.history('nobody')[0], r.version(), r.recent_users(10)]).decode())"
+        "print(orjson.dumps([r.history('u1')[0], r.history('nobody')[0], r.version(), r.user_ids(10)]).decode())"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "users")], capture_output=True, text=True,
                          check=True).stdout

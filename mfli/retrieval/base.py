@@ -84,6 +84,13 @@ class IndexView(Protocol):
     def members(self, facet: int, cluster: int, limit: int) -> np.ndarray:
         """int64 rows of up to ``limit`` members of a cluster (highest prior first)."""
 
+    def members_many(self, facets: np.ndarray, clusters: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Batched :meth:`members` for (facet, cluster) pairs: (all rows concatenated, count per pair).
+        The hot path uses this: one CSR gather (memory) or one ``getmulti`` (LMDB) per request."""
+
+    def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
+        """Batched :meth:`path_clusters` for int paths ``[p, L]``: all their clusters, concatenated."""
+
     def codebooks(self) -> np.ndarray:
         """float32[F, L, M, d] residual-quantisation codebooks."""
 

@@ -114,12 +114,8 @@ class LearnedIndexRetriever:
         chosen.extend(self._query_path_clusters(q))
         pairs = np.asarray(list(dict.fromkeys(chosen)), dtype=np.int64).reshape(-1, 2)  # dedup, order kept
         pairs = pairs[pairs[:, 1] >= 0]
-        if hasattr(view, "members_many"):
-            found, sizes = view.members_many(pairs[:, 0], pairs[:, 1], p.members_per_cluster)
-            rows, sizes = [found], list(sizes.tolist())
-        else:
-            rows = [view.members(int(f), int(c), p.members_per_cluster) for f, c in pairs.tolist()]
-            sizes = [r.size for r in rows]
+        found, counts = view.members_many(pairs[:, 0], pairs[:, 1], p.members_per_cluster)
+        rows, sizes = [found], counts.tolist()
         if p.trending:
             hot = view.trending(p.trending)
             rows.append(hot)
@@ -177,13 +173,8 @@ class LearnedIndexRetriever:
             paths = np.concatenate([np.take_along_axis(paths, parent[:, :, None], axis=1), word[:, :, None]], axis=2)
             partial = np.take_along_axis(flat, best, axis=1)
         out: list[tuple[int, int]] = []
-        batched = hasattr(self.view, "paths_clusters")
         for facet in range(n_facets):
-            if batched:
-                clusters = self.view.paths_clusters(facet, paths[facet]).tolist()
-            else:
-                clusters = [int(c) for path in paths[facet].tolist() for c in self.view.path_clusters(facet, tuple(path))]
-            out.extend((facet, c) for c in clusters)
+            out.extend((facet, c) for c in self.view.paths_clusters(facet, paths[facet]).tolist())
         return out
 
     def _fallback(self, query: Query) -> Recommendation:

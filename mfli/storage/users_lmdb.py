@@ -122,8 +122,8 @@ class UsersStore:
         with self.env.begin() as txn:
             return txn.stat(self._users)["entries"]
 
-    def recent_users(self, limit: int) -> list[str]:
-        """Up to ``limit`` user ids (key order); the server's recall sampler draws from them."""
+    def user_ids(self, limit: int) -> list[str]:
+        """Up to ``limit`` user ids, in key order (tests and tools that audit the store)."""
         out: list[str] = []
         with self.env.begin() as txn:
             cursor = txn.cursor(db=self._users)
