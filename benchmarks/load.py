@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from mfli.benchmarks.report import Row, result
-from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, write_lmdb
+from mfli.benchmarks.serve import start_server, synthetic_catalogue, synthetic_histories, write_lmdb
 
 log = logging.getLogger(__name__)
 
@@ -92,28 +89,6 @@ def _wrk(args: list[str]) -> dict[str, float]:
     return res
 
 
-def _start_server(root: Path, settings) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"), "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
-           "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
-
-
 def run_load(args: argparse.Namespace, settings) -> dict:
     """The whole measurement; returns a plain dict (the test asserts on it, ``run`` tabulates it)."""
     wrk = shutil.which("wrk")
@@ -130,7 +105,7 @@ def run_load(args: argparse.Namespace, settings) -> dict:
                    synthetic_histories(snap, users, history=settings.model.history, seed=2), settings)
         script = root / "load.lua"
         script.write_text(_SCRIPT % (1, users, args.items))
-        proc, base = _start_server(root, settings)
+        proc, base = start_server(root, settings)
         try:
             common = ["--latency", "--timeout", f"{args.timeout}s", "-s", str(script), base]
             # warm-up: page cache, the server's dense mirror and first-touch allocations (measured: at 100k

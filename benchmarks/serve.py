@@ -248,6 +248,30 @@ def _parse_wrk(text: str) -> dict[str, float]:
     return out
 
 
+def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Popen, str]:
+    """A real one-worker ``mfli serve`` on a free loopback port over ``root``'s index and users store,
+    returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within 120 s)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"), "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
+           "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1", "--port", str(port),
+                             *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
 def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) -> dict:
     """Real LMDB + real ``mfli serve`` (one worker) + wrk on loopback: req/s and p50/p99."""
     tag = f"{snapshot.n_items // 1000}k"
@@ -260,25 +284,8 @@ def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) 
         write_lmdb(snapshot, root / "index.lmdb", root / "users.lmdb",
                    synthetic_histories(snapshot, users, history=settings.model.history, seed=7), settings)
         write_s = time.perf_counter() - t0
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"), "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
-               "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
-        proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1", "--port", str(port),
-                                 "--no-monitor"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        base = f"http://127.0.0.1:{port}"
+        proc, base = start_server(root, settings, "--no-monitor")
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
-                time.sleep(0.2)
             script = root / "recommend.lua"
             script.write_text(_WRK_SCRIPT % (users - 1, args.k))
             # warm-up (page cache, first-touch allocations), then the measured runs
