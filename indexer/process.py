@@ -103,6 +103,7 @@ class IndexerLoop:
         self._stop = False
         self._full_pass_requested = False
         self._lock_fh = None
+        self._lag_at = 0.0  # monotonic time lag was last exported
 
     def _take_lock(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -159,14 +160,16 @@ class IndexerLoop:
     def _export_lag(self, consumer) -> None:
         """Lag of the item-update partitions (high watermark from fetches, correct on Tansu and Kafka),
         at most once a second: the "index stuck while deltas wait" alert keys on it."""
+        from mfli.consumers.stream import lag_of
+
         now = time.monotonic()
-        if now - getattr(self, "_lag_at", 0.0) < 1.0:
+        if now - self._lag_at < 1.0:
             return
         self._lag_at = now
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             if highwater is not None:
-                lag = max(0, highwater - consumer.position(tp))
+                lag = lag_of(highwater, consumer.position(tp))
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
     def run(self, max_batches: int = 0) -> int:
