@@ -98,7 +98,7 @@ class LearnerProcess:
         self._last_flush = self._last_ckpt = self._last_trending = time.monotonic()
         self._published_top = np.empty(0, np.int64)
         self._dirty = False
-        # Last published state per row; rows with smaller drifts wait in _held until a checkpoint.
+        # Last published state per row; rows that drifted less wait in _held and trickle out per flush.
         self._pub_vec = np.zeros((0, settings.model.facets, settings.model.dim), np.float32)
         self._pub_prior = np.zeros(0, np.float32)
         self._pub_seen = np.zeros(0, bool)
@@ -250,8 +250,7 @@ class LearnerProcess:
     def _export_gauges(self) -> None:
         metrics.LEARNER_ITEMS.set(len(self.learner.items))
         metrics.LEARNER_USERS.set(len(self.learner.users))
-        for key, value in self.stream.lag().items():
-            metrics.CONSUMER_LAG.labels(topic=key.topic, partition=str(key.partition)).set(value)
+        self.stream.lag()  # exports mfli_consumer_lag_messages per partition itself
 
     # --- durability -------------------------------------------------------------------------------------
     def checkpoint(self, final: bool = False) -> None:
