@@ -262,8 +262,9 @@ class LmdbIndexView:
         return live[np.argsort(-prior, kind="stable")[:n]]
 
     def live_rows(self) -> np.ndarray:
-        if self._m is not None and self._index.mirror is not None and self._index.mirror.version == self.version:
-            return self._index.mirror.live_rows()
+        mirror = self._index.mirror
+        if self._m is not None and mirror.version == self.version:  # _m is only set when a mirror exists
+            return mirror.live_rows()
         return self._index.cached("live_rows", self.version, self._scan_live)
 
     # --- beyond the protocol ----------------------------------------------------------------------------
