@@ -59,6 +59,24 @@ class Retriever(Protocol):
     def recommend(self, query: Query) -> Recommendation: ...
 
 
+@dataclass(frozen=True)
+class DenseColumns:
+    """In-memory columns for the compiled rerank (:func:`mfli.retrieval.kernels.rerank_top_k`).
+
+    ``vectors``/``prior`` are indexed by row. ``codes``/``scale`` (int8 copies from
+    :func:`~mfli.retrieval.kernels.quantize_rows`) are indexed by *slot*: a view may lay codes out
+    cluster by cluster so a cluster's members are read sequentially (the in-memory view does, IVF
+    style); row ``r`` outside such a layout is at slot ``row_slot + r``.
+    """
+
+    vectors: np.ndarray  # float32[cap, F * d]
+    prior: np.ndarray  # float32[cap]
+    codes: np.ndarray  # int8[slots, F * d]
+    scale: np.ndarray  # float32[slots]
+    bias: np.ndarray  # float32[slots]: ``prior`` by slot
+    row_slot: int = 0
+
+
 @runtime_checkable
 class IndexView(Protocol):
     """Read access to a learned index (one consistent snapshot for the duration of a request).
@@ -84,9 +102,12 @@ class IndexView(Protocol):
     def members(self, facet: int, cluster: int, limit: int) -> np.ndarray:
         """int64 rows of up to ``limit`` members of a cluster (highest prior first)."""
 
-    def members_many(self, facets: np.ndarray, clusters: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batched :meth:`members` for (facet, cluster) pairs: (all rows concatenated, count per pair).
-        The hot path uses this: one CSR gather (memory) or one ``getmulti`` (LMDB) per request."""
+    def members_many(
+        self, facets: np.ndarray, clusters: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Batched :meth:`members` for (facet, cluster) pairs: (all rows concatenated, count per pair,
+        each row's slot in :meth:`dense` ``.codes`` or None). The hot path uses this: one CSR gather
+        (memory) or one ``getmulti`` (LMDB) per request."""
 
     def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
         """Batched :meth:`path_clusters` for int paths ``[p, L]``: all their clusters, concatenated."""
@@ -102,6 +123,9 @@ class IndexView(Protocol):
 
     def live_rows(self) -> np.ndarray:
         """int64 rows of every indexed (not deleted) item: the universe of exact search."""
+
+    def dense(self) -> "DenseColumns | None":
+        """The columns the compiled rerank reads in place, if the view holds them in memory, else None."""
 
 
 def concat_ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mfli.retrieval.kernels import beam_paths, rerank_top_k, top_voted_clusters, unique_pairs
 from mfli.retrieval.base import (
     TRENDING_FACET,
     IndexView,
@@ -56,6 +57,11 @@ class LearnedIndexParams:
         )
 
 
+#: the compiled rerank's int8 pass keeps this many times k candidates (+16) for the exact float32 pass
+SHORTLIST_FACTOR = 4
+_NO_PAIRS = (np.empty(0, np.int64), np.empty(0, np.int64))
+
+
 def empty_recommendation(fallback: bool = False) -> Recommendation:
     return Recommendation(
         rows=np.empty(0, np.int64), scores=np.empty(0, np.float32), facets=np.empty(0, np.int16),
@@ -64,10 +70,43 @@ def empty_recommendation(fallback: bool = False) -> Recommendation:
 
 
 def finish(
+    view: IndexView, q: np.ndarray, rows: np.ndarray, slots: np.ndarray | None, facets: np.ndarray,
+    clusters: np.ndarray, ends: np.ndarray, exclude: np.ndarray, k: int,
+) -> Recommendation:
+    """Rerank candidates exactly and keep the top k distinct, non-excluded rows (first source wins).
+
+    ``rows`` are the candidates of source ``i`` (facet ``facets[i]``, cluster ``clusters[i]``) at
+    positions ``ends[i - 1]:ends[i]``; the answer reports each row's source. ``slots`` locate the
+    candidates' int8 codes in :meth:`~mfli.retrieval.base.IndexView.dense` (None: by row).
+
+    With the view's vectors dense in memory this is one compiled pass (:mod:`mfli.retrieval.kernels`);
+    otherwise :func:`finish_numpy`, the reference it is tested against.
+    """
+    if rows.size == 0:
+        return empty_recommendation()
+    dense = view.dense()
+    if dense is None:
+        source = np.repeat(np.arange(ends.size), np.diff(ends, prepend=0))
+        return finish_numpy(view, q, rows, facets[source], clusters[source], exclude, k)
+    rows = rows.astype(np.int64, copy=False)
+    if slots is None:
+        slots = rows + dense.row_slot
+    pos, scores = np.empty(k, np.int64), np.empty(k, np.float32)
+    n = rerank_top_k(dense.vectors, dense.prior, dense.codes, dense.scale, dense.bias,
+                     np.ascontiguousarray(q, np.float32).reshape(-1),
+                     rows, slots, np.unique(exclude.astype(np.int64, copy=False)), k, SHORTLIST_FACTOR * k + 16,
+                     pos, scores)
+    pos = pos[:n]
+    source = np.searchsorted(ends, pos, side="right")
+    return Recommendation(rows=rows[pos], scores=scores[:n], facets=facets[source].astype(np.int16),
+                          clusters=clusters[source], candidates=int(rows.size))
+
+
+def finish_numpy(
     view: IndexView, q: np.ndarray, rows: np.ndarray, facets: np.ndarray, clusters: np.ndarray,
     exclude: np.ndarray, k: int,
 ) -> Recommendation:
-    """Rerank candidates exactly, then drop duplicates and excluded rows among the best, keep top k.
+    """numpy rerank: gather, score, keep the best few, then drop duplicates and excluded rows.
 
     Candidates may repeat (an item sits in one cluster per facet and may also be trending). Scoring the
     repeats costs less than de-duplicating thousands of rows first, and only the best few can reach the
@@ -110,72 +149,62 @@ class LearnedIndexRetriever:
         if history.size == 0:
             return self._fallback(query)
         q = self.query_vector(history)
-        chosen = self._trigger_clusters(history[-p.history :], query)
-        chosen.extend(self._query_path_clusters(q))
-        pairs = np.asarray(list(dict.fromkeys(chosen)), dtype=np.int64).reshape(-1, 2)  # dedup, order kept
-        pairs = pairs[pairs[:, 1] >= 0]
-        found, counts = view.members_many(pairs[:, 0], pairs[:, 1], p.members_per_cluster)
-        rows, sizes = [found], counts.tolist()
+        trig_f, trig_c = self._trigger_clusters(history[-p.history :], query)
+        path_f, path_c = self._query_path_clusters(q)
+        facets, clusters = unique_pairs(np.concatenate([trig_f, path_f]), np.concatenate([trig_c, path_c]))
+        rows, counts, slots = view.members_many(facets, clusters, p.members_per_cluster)
+        dense = view.dense()
+        if dense is None:
+            slots = None
         if p.trending:
             hot = view.trending(p.trending)
-            rows.append(hot)
-            sizes.append(hot.size)
-            pairs = np.vstack([pairs, [[TRENDING_FACET, -1]]])
-        if not sum(sizes):
+            if slots is not None:
+                slots = np.concatenate([slots, hot + dense.row_slot])
+            rows = np.concatenate([rows, hot])
+            facets = np.append(facets, TRENDING_FACET)
+            clusters = np.append(clusters, -1)
+            counts = np.append(counts, hot.size)
+        if rows.size == 0:
             return self._fallback(query)
         exclude = np.asarray(query.exclude, dtype=np.int64)
-        return finish(view, q, np.concatenate(rows), np.repeat(pairs[:, 0], sizes).astype(np.int16),
-                      np.repeat(pairs[:, 1], sizes), exclude, query.k)
+        return finish(view, q, rows, slots, facets, clusters, np.cumsum(counts), exclude, query.k)
 
-    def _trigger_clusters(self, triggers: np.ndarray, query: Query) -> list[tuple[int, int]]:
-        """The K (facet, cluster) pairs with the most trigger votes, across facets."""
-        assigned = self.view.clusters_of(triggers)  # [h, F]
+    def _trigger_clusters(self, triggers: np.ndarray, query: Query) -> tuple[np.ndarray, np.ndarray]:
+        """(facets, clusters) of the K pairs with the most trigger votes, across facets."""
+        assigned = np.ascontiguousarray(self.view.clusters_of(triggers), dtype=np.int64)  # [h, F]
+        if query.deterministic:
+            return top_voted_clusters(assigned, self.params.clusters_per_request)
         n_facets = assigned.shape[1]
         facet_ids = np.broadcast_to(np.arange(n_facets), assigned.shape).reshape(-1)
         flat = assigned.reshape(-1)
         valid = flat >= 0
-        if not valid.any():
-            return []
         # Encode (facet, cluster) as one int64 key so numpy counts votes in one pass.
-        keys = flat[valid] * n_facets + facet_ids[valid]
-        uniq, counts = np.unique(keys, return_counts=True)
+        uniq, counts = np.unique(flat[valid] * n_facets + facet_ids[valid], return_counts=True)
         k = min(self.params.clusters_per_request, uniq.size)
-        if query.deterministic:
-            pick = np.lexsort((uniq, -counts))[:k]
-        else:
-            rng = np.random.default_rng(query.seed)
-            pick = rng.choice(uniq.size, size=k, replace=False, p=counts / counts.sum())
-        return [(int(key % n_facets), int(key // n_facets)) for key in uniq[pick]]
+        rng = np.random.default_rng(query.seed)
+        picked = uniq[rng.choice(uniq.size, size=k, replace=False, p=counts / counts.sum())] if k else uniq
+        return picked % n_facets, picked // n_facets
 
-    def _query_path_clusters(self, q: np.ndarray) -> list[tuple[int, int]]:
-        """Beam-descend every facet's RQ codebook with the query vector at once; clusters of the best paths.
+    def _query_path_clusters(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Beam-descend every facet's RQ codebook with the query vector; (facets, clusters) of the best paths.
 
         A path's score is ``q_f . (c_1 + ... + c_l)``, the query's affinity to the reconstruction so far;
         the beam keeps ``beam`` partial paths per facet and the last level keeps ``query_paths``.
         """
         p = self.params
         if p.query_paths <= 0:
-            return []
+            return _NO_PAIRS
         books = self.view.codebooks()  # [F, L, M, d]
-        n_facets, levels, m, _ = books.shape
+        n_facets, levels, m, dim = books.shape
         # Level scores are additive: q . (c_1 + c_2) = q . c_1 + q . c_2, so score codewords once.
-        word_scores = np.einsum("fd,flmd->flm", q, books)  # [F, L, M]
-        paths = np.zeros((n_facets, 1, 0), np.int64)
-        partial = np.zeros((n_facets, 1), np.float32)
-        for level in range(levels):
-            width = p.beam if level < levels - 1 else p.query_paths
-            cand = partial[:, :, None] + word_scores[:, level][:, None, :]  # [F, beam, M]
-            flat = cand.reshape(n_facets, -1)
-            keep = min(width, flat.shape[1])
-            best = np.argpartition(-flat, keep - 1, axis=1)[:, :keep] if keep < flat.shape[1] else \
-                np.broadcast_to(np.arange(flat.shape[1]), (n_facets, flat.shape[1]))
-            parent, word = best // m, best % m
-            paths = np.concatenate([np.take_along_axis(paths, parent[:, :, None], axis=1), word[:, :, None]], axis=2)
-            partial = np.take_along_axis(flat, best, axis=1)
-        out: list[tuple[int, int]] = []
+        word_scores = np.matmul(books.reshape(n_facets, levels * m, dim), q[:, :, None]).reshape(n_facets, levels, m)
+        paths = beam_paths(word_scores.astype(np.float32, copy=False), p.beam, p.query_paths)
+        facets, clusters = [], []
         for facet in range(n_facets):
-            out.extend((facet, c) for c in self.view.paths_clusters(facet, paths[facet]).tolist())
-        return out
+            found = self.view.paths_clusters(facet, paths[facet][paths[facet, :, 0] >= 0])
+            facets.append(np.full(found.size, facet, np.int64))
+            clusters.append(found.astype(np.int64, copy=False))
+        return np.concatenate(facets), np.concatenate(clusters)
 
     def _fallback(self, query: Query) -> Recommendation:
         """No history: recently popular items (by prior), flagged as a fallback."""

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfli.retrieval.base import concat_ranges
+from mfli.retrieval.base import DenseColumns
+from mfli.retrieval.kernels import lookup_csr, quantize_rows, ranges
 from mfli.retrieval.clusters import FacetClusters, build_facet_clusters, path_keys
 from mfli.retrieval.snapshot import ItemSnapshot
 
@@ -32,6 +33,7 @@ class MemoryIndexView:
         self.snapshot = snapshot
         self.facets, self.dim, self.levels = snapshot.facets, snapshot.dim, snapshot.levels
         self._vectors = snapshot.vectors
+        self._flat = np.ascontiguousarray(snapshot.vectors, dtype=np.float32).reshape(snapshot.n_items, -1)
         self._prior = snapshot.prior.astype(np.float32, copy=False)
         self._codebooks = snapshot.codebooks
         live = snapshot.live_rows()
@@ -58,6 +60,15 @@ class MemoryIndexView:
         self._cluster_base = np.cumsum([0] + [o.size - 1 for o in self._offsets]).astype(np.int64)
         self._gstart = np.concatenate([o[:-1] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
         self._gend = np.concatenate([o[1:] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
+        # int8 codes laid out posting list by posting list (every member of a cluster is read in one
+        # sequential run, the IVF layout), then once more by row for candidates outside posting lists
+        # (trending): slot of row r = row_slot + r. About (F + 1) * F * d bytes per item.
+        codes, scale = quantize_rows(self._flat)
+        self._dense = DenseColumns(
+            vectors=self._flat, prior=self._prior, codes=np.concatenate([codes[self._all_rows], codes]),
+            scale=np.concatenate([scale[self._all_rows], scale]),
+            bias=np.concatenate([self._prior[self._all_rows], self._prior]), row_slot=int(self._all_rows.size),
+        )
 
     @classmethod
     def from_settings(cls, snapshot: ItemSnapshot, index_settings, seed: int = 0) -> "MemoryIndexView":
@@ -83,22 +94,20 @@ class MemoryIndexView:
         start, end = offsets[cluster], offsets[cluster + 1]
         return self._sorted_rows[facet][start : min(end, start + limit)]
 
-    def members_many(self, facets: np.ndarray, clusters: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Batched :meth:`members`: (rows of all pairs concatenated, count per pair)."""
+    def members_many(
+        self, facets: np.ndarray, clusters: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batched :meth:`members`: (rows of all pairs concatenated, count per pair, their code slots)."""
         g = self._cluster_base[facets] + clusters
         starts = self._gstart[g]
         counts = np.minimum(self._gend[g] - starts, limit)
-        return self._all_rows[concat_ranges(starts, counts)], counts
+        slots = ranges(starts, counts)
+        return self._all_rows[slots], counts, slots
 
     def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
         """Batched :meth:`path_clusters` for int paths ``[p, L]``: all their clusters, concatenated."""
         fc = self.clusters[facet]
-        keys = path_keys(paths)
-        pos = np.searchsorted(fc.path_key, keys)
-        found = pos < fc.path_key.size
-        found[found] = fc.path_key[pos[found]] == keys[found]
-        pos = pos[found]
-        return fc.path_ids[concat_ranges(fc.path_ptr[pos], fc.path_ptr[pos + 1] - fc.path_ptr[pos])]
+        return lookup_csr(fc.path_key, fc.path_ptr, fc.path_ids, path_keys(paths))
 
     def codebooks(self) -> np.ndarray:
         return self._codebooks
@@ -111,6 +120,9 @@ class MemoryIndexView:
 
     def live_rows(self) -> np.ndarray:
         return self._live
+
+    def dense(self) -> DenseColumns:
+        return self._dense
 
     # --- introspection used by reports ------------------------------------------------------------------
     def cluster_sizes(self, facet: int) -> np.ndarray:

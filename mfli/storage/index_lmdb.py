@@ -24,6 +24,7 @@ import lmdb
 import numpy as np
 import orjson
 
+from mfli.retrieval.base import DenseColumns
 from mfli.retrieval.clusters import path_keys
 from mfli.storage import layout as L
 from mfli.storage.mirror import IndexMirror
@@ -211,7 +212,9 @@ class LmdbIndexView:
             return np.empty(0, np.int64)
         return np.frombuffer(raw, dtype="<i8", count=min(limit, len(raw) // 8)).copy()
 
-    def members_many(self, facets: np.ndarray, clusters: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    def members_many(
+        self, facets: np.ndarray, clusters: np.ndarray, limit: int
+    ) -> tuple[np.ndarray, np.ndarray, None]:
         """Batched :meth:`members` (one ``getmulti``): rows of all pairs concatenated, count per pair."""
         keys = [L.post_key(f, c) for f, c in zip(facets.tolist(), clusters.tolist())]
         with self._txn.cursor(db=self._index.db("post")) as cur:
@@ -224,7 +227,7 @@ class LmdbIndexView:
             if part is not None:
                 parts.append(part)
         rows = np.concatenate(parts) if parts else np.empty(0, np.int64)  # a copy: outlives the txn
-        return rows, np.asarray(counts, dtype=np.int64)
+        return rows, np.asarray(counts, dtype=np.int64), None
 
     def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
         """Batched :meth:`path_clusters` for int paths ``[p, L]`` (one ``getmulti``)."""
@@ -266,6 +269,14 @@ class LmdbIndexView:
         if self._m is not None and mirror.version == self.version:  # _m is only set when a mirror exists
             return mirror.live_rows()
         return self._index.cached("live_rows", self.version, self._scan_live)
+
+    def dense(self) -> DenseColumns | None:
+        """The mirror's columns at this view's version (float32 storage only), else None. Codes are by
+        row (slot = row): posting lists live in LMDB, so there is no cluster-ordered copy to keep."""
+        m = self._m
+        if m is None or m.vectors.dtype != np.float32:
+            return None
+        return DenseColumns(m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.prior)
 
     # --- beyond the protocol ----------------------------------------------------------------------------
     def n_live(self) -> int:

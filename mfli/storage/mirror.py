@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mfli.retrieval.kernels import quantize_rows
 from mfli.storage import layout as L
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class MirrorArrays:
     prior: np.ndarray  # float32[cap]
     clusters: np.ndarray  # int64[cap, F], -1 where not live
     live: np.ndarray  # bool[cap]
+    codes: np.ndarray  # int8[cap, F * d] quantised vectors for the rerank's first pass
+    scale: np.ndarray  # float32[cap] their per-row scale
     rows: int  # rows in use (max row + 1)
 
 
@@ -118,6 +121,8 @@ class IndexMirror:
             prior=np.zeros(cap, np.float32),
             clusters=np.full((cap, view.facets), -1, np.int64),
             live=np.zeros(cap, bool),
+            codes=np.zeros((cap, view.facets * view.dim), np.int8),
+            scale=np.ones(cap, np.float32),
             rows=0,
         )
 
@@ -126,6 +131,7 @@ class IndexMirror:
         n = arrays.rows
         bigger.vectors[:n], bigger.prior[:n] = arrays.vectors[:n], arrays.prior[:n]
         bigger.clusters[:n], bigger.live[:n], bigger.rows = arrays.clusters[:n], arrays.live[:n], n
+        bigger.codes[:n], bigger.scale[:n] = arrays.codes[:n], arrays.scale[:n]
         return bigger
 
     @staticmethod
@@ -134,6 +140,7 @@ class IndexMirror:
             return
         live = rec["deleted"] == 0
         arrays.vectors[rows] = vec
+        arrays.codes[rows], arrays.scale[rows] = quantize_rows(vec.reshape(rows.size, -1))
         arrays.prior[rows] = rec["prior"]
         clusters = rec["clusters"].astype(np.int64).reshape(rows.size, -1)
         clusters[~live] = -1
