@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mfli.retrieval.base import DenseColumns, Query
+from mfli.retrieval.base import DenseColumns, Query, pool_query
 from mfli.retrieval.kernels import (
     beam_paths,
-    gather_ranges,
-    lookup_csr,
+    FACET_SHIFT,
+    gather_members,
+    lookup_paths,
+    pool_rows,
     quantize_rows,
     top_voted_clusters,
     unique_pairs,
@@ -132,11 +134,24 @@ def test_small_helpers():
     f, c = unique_pairs(np.array([0, 1, 0, 2, 1, 0]), np.array([5, 5, 5, -1, 5, 6]))
     np.testing.assert_array_equal(f, [0, 1, 0])
     np.testing.assert_array_equal(c, [5, 5, 6])
-    values = np.arange(100, 120)
-    np.testing.assert_array_equal(gather_ranges(values, np.array([0, 10, 3]), np.array([2, 0, 3])),
-                                  [100, 101, 103, 104, 105])
-    keys, ptr, ids = np.array([3, 8, 20]), np.array([0, 2, 3, 6]), np.array([7, 9, 4, 1, 2, 5])
-    np.testing.assert_array_equal(lookup_csr(keys, ptr, ids, np.array([20, 5, 3, 99])), [1, 2, 5, 7, 9])
+    rows, slots = gather_members(np.arange(100, 120), np.array([0, 10, 3]), np.array([2, 0, 3]))
+    np.testing.assert_array_equal(slots, [0, 1, 3, 4, 5])
+    np.testing.assert_array_equal(rows, [100, 101, 103, 104, 105])
+    # facet 0: path (0, 3) -> clusters [7, 9]; facet 1: path (0, 3) -> [4], path (1, 0) -> [1, 2]
+    keys = np.array([3, (1 << FACET_SHIFT) | 3, (1 << FACET_SHIFT) | (1 << 15)])
+    ptr, ids = np.array([0, 2, 3, 5]), np.array([7, 9, 4, 1, 2])
+    paths = np.array([[[0, 3], [5, 5], [-1, -1]], [[1, 0], [0, 3], [-1, -1]]])
+    facets, clusters = lookup_paths(keys, ptr, ids, paths, 15)
+    np.testing.assert_array_equal(facets, [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(clusters, [7, 9, 1, 2, 4])
+
+
+def test_compiled_pooling_equals_pool_query():
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(200, 3, 16)).astype(np.float32)
+    rows = rng.integers(0, 200, 37)
+    got = pool_rows(vectors.reshape(200, -1), rows, 0.97, 3)
+    np.testing.assert_allclose(got, pool_query(vectors[rows], 0.97), rtol=1e-5, atol=1e-6)
 
 
 def test_index_retriever_answers_identically_with_and_without_the_kernels():

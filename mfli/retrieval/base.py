@@ -109,8 +109,9 @@ class IndexView(Protocol):
         each row's slot in :meth:`dense` ``.codes`` or None). The hot path uses this: one CSR gather
         (memory) or one ``getmulti`` (LMDB) per request."""
 
-    def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
-        """Batched :meth:`path_clusters` for int paths ``[p, L]``: all their clusters, concatenated."""
+    def paths_clusters(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Batched :meth:`path_clusters` for int64 paths ``[F, p, L]`` of every facet (rows starting
+        with -1 are padding): (facets, clusters) of all their clusters, concatenated."""
 
     def codebooks(self) -> np.ndarray:
         """float32[F, L, M, d] residual-quantisation codebooks."""

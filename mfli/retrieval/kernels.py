@@ -109,6 +109,15 @@ def rerank_top_k(
     is off by ~1e-2 at most, so the shortlist holds the exact top k unless scores tie within that.
     """
     n, dim = rows.shape[0], q.shape[0]
+    # The query as int16 too: int8 x int16 products summed in int32 compile to vpmaddwd, ~2x the float
+    # conversion path. |sum| <= dim * 127 * 32767 < 2^31 for dim <= 516.
+    q_max = np.float32(0.0)
+    for j in range(dim):
+        q_max = max(q_max, abs(q[j]))
+    q_scale = q_max / np.float32(32767.0) if q_max > 0 else np.float32(1.0)
+    q16 = np.empty(dim, np.int16)
+    for j in range(dim):
+        q16[j] = np.int16(np.rint(q[j] / q_scale))
     sl_pos = np.empty(shortlist, np.int64)
     sl_score = np.empty(shortlist, np.float32)
     filled = 0
@@ -119,10 +128,10 @@ def rerank_top_k(
                 _prefetch(codes, ahead, j)
         r, slot = rows[i], slots[i]
         c = codes[slot]
-        s = np.float32(0.0)
+        acc = np.int32(0)
         for j in range(dim):
-            s += np.float32(c[j]) * q[j]
-        s = s * scale[slot] + bias[slot]
+            acc += np.int32(c[j]) * np.int32(q16[j])
+        s = np.float32(np.int32(acc)) * (scale[slot] * q_scale) + bias[slot]  # int32: lets LLVM narrow the sum
         if filled < shortlist or s > sl_score[shortlist - 1]:  # the common case never makes the call
             filled = _offer(r, i, s, rows, exclude, sl_pos, sl_score, filled)
     exact = np.empty(filled, np.float32)
@@ -249,41 +258,77 @@ def unique_pairs(facets: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, 
     return facets[keep], clusters[keep]
 
 
+#: bits of a combined (facet, path) key left to the path: facet in the top bits (F <= 7, L <= 4)
+FACET_SHIFT = 60
+
+
 @njit(cache=True, nogil=True)
-def gather_ranges(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``values[starts[i] : starts[i] + counts[i]]`` for every i, concatenated (a CSR gather)."""
-    out = np.empty(counts.sum(), values.dtype)
+def lookup_paths(sorted_keys: np.ndarray, ptr: np.ndarray, ids: np.ndarray, paths: np.ndarray,
+                 path_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Clusters of int64 code paths ``[F, p, L]`` (rows starting with -1 are padding) in a CSR keyed by
+    ``facet << FACET_SHIFT | path key``: (facets, clusters) of every path found, concatenated."""
+    n_facets, width, levels = paths.shape
+    starts = np.empty(n_facets * width, np.int64)
+    counts = np.zeros(n_facets * width, np.int64)
+    which = np.empty(n_facets * width, np.int64)
+    m = 0
+    for f in range(n_facets):
+        for i in range(width):
+            if paths[f, i, 0] < 0:
+                continue
+            key = np.int64(0)
+            for level in range(levels):
+                key = (key << path_bits) | paths[f, i, level]
+            key |= np.int64(f) << FACET_SHIFT
+            j = np.searchsorted(sorted_keys, key)
+            if j < sorted_keys.shape[0] and sorted_keys[j] == key:
+                starts[m], counts[m], which[m] = ptr[j], ptr[j + 1] - ptr[j], f
+                m += 1
+    total = counts[:m].sum()
+    facets = np.empty(total, np.int64)
+    clusters = np.empty(total, np.int64)
     at = 0
-    for i in range(starts.shape[0]):
-        c = counts[i]
-        out[at : at + c] = values[starts[i] : starts[i] + c]
-        at += c
-    return out
+    for i in range(m):
+        for j in range(counts[i]):
+            facets[at] = which[i]
+            clusters[at] = ids[starts[i] + j]
+            at += 1
+    return facets, clusters
 
 
 @njit(cache=True, nogil=True)
-def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``starts[i] .. starts[i] + counts[i] - 1`` for every i, concatenated (positions of a CSR gather)."""
-    out = np.empty(counts.sum(), np.int64)
+def gather_members(rows_by_slot: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Posting-list slots ``starts[i] .. starts[i] + counts[i] - 1`` for every i and their rows."""
+    total = counts.sum()
+    slots = np.empty(total, np.int64)
+    rows = np.empty(total, np.int64)
     at = 0
     for i in range(starts.shape[0]):
         for j in range(counts[i]):
-            out[at] = starts[i] + j
+            slots[at] = starts[i] + j
+            rows[at] = rows_by_slot[starts[i] + j]
             at += 1
-    return out
+    return rows, slots
 
 
-@njit(cache=True, nogil=True)
-def lookup_csr(sorted_keys: np.ndarray, ptr: np.ndarray, ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """For each key found in ``sorted_keys``, its ``ids[ptr[j] : ptr[j + 1]]``, concatenated."""
-    pos = np.searchsorted(sorted_keys, keys)
-    starts = np.empty(keys.shape[0], np.int64)
-    counts = np.zeros(keys.shape[0], np.int64)
-    for i in range(keys.shape[0]):
-        j = pos[i]
-        if j < sorted_keys.shape[0] and sorted_keys[j] == keys[i]:
-            starts[i] = ptr[j]
-            counts[i] = ptr[j + 1] - ptr[j]
-        else:
-            starts[i] = 0
-    return gather_ranges(ids, starts, counts)
+@njit(cache=True, nogil=True, fastmath=True)
+def pool_rows(vectors: np.ndarray, rows: np.ndarray, decay: float, facets: int) -> np.ndarray:
+    """:func:`mfli.retrieval.base.pool_query` reading ``rows`` of float32[cap, F * d] in place:
+    recency-weighted mean (newest weight 1, then ``decay``, ...), L2-normalised per facet."""
+    dim = vectors.shape[1]
+    out = np.zeros(dim, np.float32)
+    w = np.float32(1.0)
+    for i in range(rows.shape[0] - 1, -1, -1):
+        v = vectors[rows[i]]
+        for j in range(dim):
+            out[j] += w * v[j]
+        w *= np.float32(decay)
+    d = dim // facets
+    for f in range(facets):
+        norm = np.float32(0.0)
+        for j in range(f * d, (f + 1) * d):
+            norm += out[j] * out[j]
+        norm = max(np.sqrt(norm), np.float32(1e-12))
+        for j in range(f * d, (f + 1) * d):
+            out[j] /= norm
+    return out.reshape(facets, d)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mfli.retrieval.kernels import beam_paths, rerank_top_k, top_voted_clusters, unique_pairs
+from mfli.retrieval.kernels import beam_paths, pool_rows, rerank_top_k, top_voted_clusters, unique_pairs
 from mfli.retrieval.base import (
     TRENDING_FACET,
     IndexView,
@@ -141,6 +141,9 @@ class LearnedIndexRetriever:
 
     def query_vector(self, history: np.ndarray) -> np.ndarray:
         recent = history[-self.params.history :]
+        dense = self.view.dense()
+        if dense is not None:  # same pooling, compiled, reading the rows in place
+            return pool_rows(dense.vectors, recent, self.params.recency_decay, self.view.facets)
         return pool_query(self.view.vectors(recent), self.params.recency_decay)
 
     def recommend(self, query: Query) -> Recommendation:
@@ -199,12 +202,7 @@ class LearnedIndexRetriever:
         # Level scores are additive: q . (c_1 + c_2) = q . c_1 + q . c_2, so score codewords once.
         word_scores = np.matmul(books.reshape(n_facets, levels * m, dim), q[:, :, None]).reshape(n_facets, levels, m)
         paths = beam_paths(word_scores.astype(np.float32, copy=False), p.beam, p.query_paths)
-        facets, clusters = [], []
-        for facet in range(n_facets):
-            found = self.view.paths_clusters(facet, paths[facet][paths[facet, :, 0] >= 0])
-            facets.append(np.full(found.size, facet, np.int64))
-            clusters.append(found.astype(np.int64, copy=False))
-        return np.concatenate(facets), np.concatenate(clusters)
+        return self.view.paths_clusters(paths)
 
     def _fallback(self, query: Query) -> Recommendation:
         """No history: recently popular items (by prior), flagged as a fallback."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from mfli.retrieval.base import DenseColumns
-from mfli.retrieval.kernels import lookup_csr, quantize_rows, ranges
-from mfli.retrieval.clusters import FacetClusters, build_facet_clusters, path_keys
+from mfli.retrieval.kernels import FACET_SHIFT, gather_members, lookup_paths, quantize_rows
+from mfli.retrieval.clusters import PATH_BITS, FacetClusters, build_facet_clusters
 from mfli.retrieval.snapshot import ItemSnapshot
 
 
@@ -60,6 +60,14 @@ class MemoryIndexView:
         self._cluster_base = np.cumsum([0] + [o.size - 1 for o in self._offsets]).astype(np.int64)
         self._gstart = np.concatenate([o[:-1] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
         self._gend = np.concatenate([o[1:] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
+        # One path map over all facets (key = facet << FACET_SHIFT | path key): one lookup per request.
+        if self.facets > 7 or self.levels * PATH_BITS > FACET_SHIFT:
+            raise ValueError("the in-memory index supports at most 7 facets and 4 levels")
+        self._path_key = np.concatenate(
+            [(np.int64(f) << FACET_SHIFT) | fc.path_key for f, fc in enumerate(self.clusters)] or [np.empty(0, np.int64)])
+        self._path_ptr = np.concatenate([[0]] + [fc.path_ptr[1:] + base for fc, base in zip(
+            self.clusters, np.cumsum([0] + [fc.path_ids.size for fc in self.clusters]))]).astype(np.int64)
+        self._path_ids = np.concatenate([fc.path_ids for fc in self.clusters] or [np.empty(0, np.int64)])
         # int8 codes laid out posting list by posting list (every member of a cluster is read in one
         # sequential run, the IVF layout), then once more by row for candidates outside posting lists
         # (trending): slot of row r = row_slot + r. About (F + 1) * F * d bytes per item.
@@ -101,13 +109,12 @@ class MemoryIndexView:
         g = self._cluster_base[facets] + clusters
         starts = self._gstart[g]
         counts = np.minimum(self._gend[g] - starts, limit)
-        slots = ranges(starts, counts)
-        return self._all_rows[slots], counts, slots
+        rows, slots = gather_members(self._all_rows, starts, counts)
+        return rows, counts, slots
 
-    def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
-        """Batched :meth:`path_clusters` for int paths ``[p, L]``: all their clusters, concatenated."""
-        fc = self.clusters[facet]
-        return lookup_csr(fc.path_key, fc.path_ptr, fc.path_ids, path_keys(paths))
+    def paths_clusters(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Batched :meth:`path_clusters` for paths ``[F, p, L]`` of every facet: (facets, clusters)."""
+        return lookup_paths(self._path_key, self._path_ptr, self._path_ids, paths, PATH_BITS)
 
     def codebooks(self) -> np.ndarray:
         return self._codebooks

@@ -229,12 +229,19 @@ class LmdbIndexView:
         rows = np.concatenate(parts) if parts else np.empty(0, np.int64)  # a copy: outlives the txn
         return rows, np.asarray(counts, dtype=np.int64), None
 
-    def paths_clusters(self, facet: int, paths: np.ndarray) -> np.ndarray:
-        """Batched :meth:`path_clusters` for int paths ``[p, L]`` (one ``getmulti``)."""
-        keys = [L.path_key_bytes(facet, k) for k in path_keys(np.asarray(paths, dtype=np.int64)).tolist()]
+    def paths_clusters(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Batched :meth:`path_clusters` for paths ``[F, p, L]`` of every facet (one ``getmulti``)."""
+        paths = np.asarray(paths, dtype=np.int64)
+        keys = []
+        for facet in range(paths.shape[0]):
+            valid = paths[facet][paths[facet, :, 0] >= 0]
+            keys += [L.path_key_bytes(facet, k) for k in path_keys(valid).tolist()] if valid.size else []
         with self._txn.cursor(db=self._index.db("paths")) as cur:
-            found = [np.frombuffer(v, dtype="<i8") for _, v in cur.getmulti(keys)]
-        return np.concatenate(found) if found else np.empty(0, np.int64)
+            found = [(L.path_key_parts(bytes(k))[0], np.frombuffer(v, dtype="<i8")) for k, v in cur.getmulti(keys)]
+        if not found:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        facets = np.concatenate([np.full(v.size, f, np.int64) for f, v in found])
+        return facets, np.concatenate([v for _, v in found]).astype(np.int64)
 
     def codebooks(self) -> np.ndarray:
         version = L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
