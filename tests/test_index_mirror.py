@@ -52,3 +52,49 @@ def test_mirror_tracks_deltas_deletes_growth_and_full_passes(tmp_path):
     writer.full_pass()
     _same(mirrored, plain, np.arange(40))
     assert mirrored.mirror.full_loads == loads + 1, "a full pass swaps in freshly loaded arrays"
+
+
+def _slots_point_at_current_codes(index: LmdbIndex, expect_cluster_ordered: bool | None = None) -> None:
+    """Every posting-list member's code slot holds that row's current int8 codes and prior."""
+    from mfli.retrieval.kernels import quantize_rows
+
+    with index.view() as view:
+        dense = view.dense()
+        assert dense is not None
+        pairs = [(f, c) for f in range(F) for c in range(64)]
+        facets = np.array([f for f, _ in pairs] + [0])
+        clusters = np.array([c for _, c in pairs] + [10_000])  # the last one has no posting list
+        rows, counts, slots = view.members_many(facets, clusters, 256)
+        assert counts[-1] == 0 and counts.sum() == rows.size == slots.size > 0
+        codes, scale = quantize_rows(view.vectors(rows, use_mirror=False).reshape(rows.size, -1))
+        np.testing.assert_array_equal(dense.codes[slots], codes)
+        np.testing.assert_allclose(dense.scale[slots], scale)
+        np.testing.assert_array_equal(dense.bias[slots], view.records(rows)["prior"])
+        ordered = slots < dense.row_slot
+        if expect_cluster_ordered is not None:
+            assert ordered.all() == expect_cluster_ordered, ordered.mean()
+
+
+def test_code_slots_follow_deltas_moves_and_full_passes(tmp_path):
+    """The rerank reads codes by slot: cluster-ordered copies of the posting lists loaded at the last full
+    pass, or a row's own slot. After deltas (vectors change in place, items move, get deleted, arrive)
+    every slot must still hold the row's current codes, and a posting list that changed in LMDB must not be
+    read from its stale copy."""
+    from mfli.deltas import CodebookSnapshot
+
+    rng = np.random.default_rng(4)
+    settings = IndexSettings(path=tmp_path / "index", target_cluster_size=4)
+    writer = IndexWriter(settings.path, settings)
+    books = rng.normal(size=(F, L, M, D)).astype(np.float32)
+    writer.apply([_delta(r, 1, rng) for r in range(60)], {"u:0": 1}, [CodebookSnapshot(1, books)])
+    writer.full_pass()
+    mirrored = LmdbIndex(settings.path, env=writer.env, mirror=True)
+    _slots_point_at_current_codes(mirrored, expect_cluster_ordered=True)
+    for version in range(2, 6):  # moves, in-place drift, deletes, new rows
+        batch = [_delta(int(r), version, rng) for r in rng.choice(60, 12, replace=False)]
+        batch += [_delta(int(r), version, rng, deleted=True) for r in rng.choice(60, 2, replace=False)]
+        batch += [_delta(100 + 10 * version + i, version, rng) for i in range(3)]
+        writer.apply(batch, {"u:0": version})
+        _slots_point_at_current_codes(mirrored)
+    writer.full_pass()
+    _slots_point_at_current_codes(mirrored, expect_cluster_ordered=True)

@@ -332,3 +332,16 @@ def pool_rows(vectors: np.ndarray, rows: np.ndarray, decay: float, facets: int) 
         for j in range(f * d, (f + 1) * d):
             out[j] /= norm
     return out.reshape(facets, d)
+
+
+@njit(cache=True, nogil=True)
+def member_slots(rows: np.ndarray, counts: np.ndarray, firsts: np.ndarray, row_slot: int) -> np.ndarray:
+    """Code slots of posting-list members: list ``i`` (``counts[i]`` rows) reads the cluster-ordered
+    region from ``firsts[i]`` on, or each row's own slot ``row_slot + row`` when ``firsts[i] < 0``."""
+    slots = np.empty(rows.shape[0], np.int64)
+    at = 0
+    for i in range(counts.shape[0]):
+        for j in range(counts[i]):
+            slots[at] = firsts[i] + j if firsts[i] >= 0 else row_slot + rows[at]
+            at += 1
+    return slots

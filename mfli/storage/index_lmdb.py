@@ -25,6 +25,7 @@ import numpy as np
 import orjson
 
 from mfli.retrieval.base import DenseColumns
+from mfli.retrieval.kernels import member_slots
 from mfli.retrieval.clusters import path_keys
 from mfli.storage import layout as L
 from mfli.storage.mirror import IndexMirror
@@ -214,34 +215,53 @@ class LmdbIndexView:
 
     def members_many(
         self, facets: np.ndarray, clusters: np.ndarray, limit: int
-    ) -> tuple[np.ndarray, np.ndarray, None]:
-        """Batched :meth:`members` (one ``getmulti``): rows of all pairs concatenated, count per pair."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Batched :meth:`members` (one ``getmulti``): rows of all pairs concatenated, count per pair, and
+        with a mirror each row's code slot (the mirror's cluster-ordered copy of a posting list when it
+        is byte-identical to the one in this transaction, else the row's own slot)."""
         keys = [L.post_key(f, c) for f, c in zip(facets.tolist(), clusters.tolist())]
         with self._txn.cursor(db=self._index.db("post")) as cur:
-            found = {bytes(k): v for k, v in cur.getmulti(keys)}
-        parts, counts = [], []
-        for key in keys:
-            raw = found.get(key)
-            part = np.frombuffer(raw, dtype="<i8", count=min(limit, len(raw) // 8)) if raw is not None else None
-            counts.append(0 if part is None else part.size)
-            if part is not None:
-                parts.append(part)
-        rows = np.concatenate(parts) if parts else np.empty(0, np.int64)  # a copy: outlives the txn
-        return rows, np.asarray(counts, dtype=np.int64), None
+            found = cur.getmulti(keys)
+        m = self._m
+        if len(found) == len(keys):  # the usual case: every chosen cluster has a posting list
+            present, values = keys, [v for _, v in found]
+            counts = None
+        else:
+            have = {bytes(k) for k, _ in found}
+            present = [k for k in keys if k in have]
+            values = [v for _, v in found]
+            counts = np.array([k in have for k in keys], bool)
+        cut = limit * 8
+        parts = [v if len(v) <= cut else v[:cut] for v in values]
+        sizes = np.fromiter((len(p) >> 3 for p in parts), np.int64, len(parts))
+        if counts is None:
+            counts = sizes
+        else:
+            full = np.zeros(len(keys), np.int64)
+            full[counts] = sizes
+            counts = full
+        rows = np.frombuffer(b"".join(parts), dtype="<i8").copy() if parts else np.empty(0, np.int64)
+        if m is None:
+            return rows, counts, None
+        postings = m.postings
+        firsts = np.fromiter(
+            (known[1] if (known := postings.get(k)) is not None and known[0] == bytes(v) else -1
+             for k, v in zip(present, values)), np.int64, len(values))
+        return rows, counts, member_slots(rows, sizes, firsts, m.row_slot)
 
     def paths_clusters(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Batched :meth:`path_clusters` for paths ``[F, p, L]`` of every facet (one ``getmulti``)."""
         paths = np.asarray(paths, dtype=np.int64)
-        keys = []
-        for facet in range(paths.shape[0]):
-            valid = paths[facet][paths[facet, :, 0] >= 0]
-            keys += [L.path_key_bytes(facet, k) for k in path_keys(valid).tolist()] if valid.size else []
+        valid = paths[:, :, 0] >= 0
+        facet_of = np.broadcast_to(np.arange(paths.shape[0])[:, None], valid.shape)[valid]
+        keys = [L.path_key_bytes(f, k) for f, k in zip(facet_of.tolist(), path_keys(paths[valid]).tolist())]
         with self._txn.cursor(db=self._index.db("paths")) as cur:
-            found = [(L.path_key_parts(bytes(k))[0], np.frombuffer(v, dtype="<i8")) for k, v in cur.getmulti(keys)]
+            found = cur.getmulti(keys)
         if not found:
             return np.empty(0, np.int64), np.empty(0, np.int64)
-        facets = np.concatenate([np.full(v.size, f, np.int64) for f, v in found])
-        return facets, np.concatenate([v for _, v in found]).astype(np.int64)
+        clusters = np.frombuffer(b"".join(v for _, v in found), dtype="<i8").copy()
+        facets = np.repeat([L.path_key_parts(bytes(k))[0] for k, _ in found], [len(v) // 8 for _, v in found])
+        return facets.astype(np.int64), clusters
 
     def codebooks(self) -> np.ndarray:
         version = L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
@@ -278,12 +298,11 @@ class LmdbIndexView:
         return self._index.cached("live_rows", self.version, self._scan_live)
 
     def dense(self) -> DenseColumns | None:
-        """The mirror's columns at this view's version (float32 storage only), else None. Codes are by
-        row (slot = row): posting lists live in LMDB, so there is no cluster-ordered copy to keep."""
+        """The mirror's columns at this view's version (float32 storage only), else None."""
         m = self._m
         if m is None or m.vectors.dtype != np.float32:
             return None
-        return DenseColumns(m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.prior)
+        return DenseColumns(m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.bias, m.row_slot)
 
     # --- beyond the protocol ----------------------------------------------------------------------------
     def n_live(self) -> int:
@@ -298,9 +317,13 @@ class LmdbIndexView:
 
     def rows_of(self, item_ids: list[str]) -> np.ndarray:
         """Rows of external ids, -1 for unknown ones."""
+        keys = [i.encode() for i in item_ids]
         with self._txn.cursor(db=self._index.db("id2row")) as cur:
-            return np.array([-1 if (v := cur.get(i.encode())) is None else L.key_rows(bytes(v))[0]
-                             for i in item_ids], dtype=np.int64)
+            found = cur.getmulti(keys)
+            if len(found) == len(keys):  # the common case: one call, one decode
+                return np.frombuffer(b"".join(v for _, v in found), dtype=">u8").astype(np.int64)
+            return np.array([-1 if (v := cur.get(k)) is None else L.key_rows(bytes(v))[0] for k in keys],
+                            dtype=np.int64)
 
     def item_ids(self, rows: np.ndarray) -> list[str]:
         with self._txn.cursor(db=self._index.db("row2id")) as cur:
@@ -346,6 +369,11 @@ class LmdbIndexView:
         rows = L.key_rows(b"".join(k for k, _ in pairs))
         rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
         return rows, rec, self.vectors(rows)
+
+    def scan_postings(self) -> list[tuple[bytes, bytes]]:
+        """Every (posting key, posting list bytes), in key order (facet, cluster): the mirror's full load."""
+        with self._txn.cursor(db=self._index.db("post")) as cur:
+            return [(bytes(k), bytes(v)) for k, v in cur.iternext(keys=True, values=True)]
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(live rows, float32[n, F, d]) for exact search, cached per index version."""
