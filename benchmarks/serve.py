@@ -205,15 +205,31 @@ def in_process(snapshot: ItemSnapshot, settings, k: int, n_queries: int, ef_grid
                          history=params.history, recency_decay=params.recency_decay)
     out["build_hnsw_s"] = time.perf_counter() - t0
     hnsw.index.set_num_threads(1)
-    chosen = None
     with threadpool_limits(1):
-        for ef in ef_grid:
+        def recall_at(ef: int) -> float:
             hnsw.set_ef(ef)
             recall = _recall([hnsw.recommend(q).rows for q in queries], truth)
-            log.info("n=%d hnsw ef=%d recall@%d=%.3f (learned %.3f)", n, ef, k, recall, out["learned_recall"])
-            chosen = (ef, recall)
+            log.info("n=%d hnsw ef=%d recall@%d=%.4f (learned %.4f)", n, ef, k, recall, out["learned_recall"])
+            return recall
+
+        # Grid up to the first ef reaching the learned index's recall, then bisect between it and the
+        # previous grid value: hnsw gets the smallest (fastest) ef that matches, not a coarse overshoot.
+        below, chosen = None, None
+        for ef in ef_grid:
+            recall = recall_at(ef)
             if recall >= out["learned_recall"]:
+                chosen = (ef, recall)
                 break
+            below, chosen = ef, (ef, recall)
+        if below is not None and chosen[1] >= out["learned_recall"]:
+            lo, hi = below, chosen[0]
+            while hi - lo > max(2, lo // 32):
+                mid = (lo + hi) // 2
+                recall = recall_at(mid)
+                if recall >= out["learned_recall"]:
+                    hi, chosen = mid, (mid, recall)
+                else:
+                    lo = mid
         hnsw.set_ef(chosen[0])
         out["hnsw_qps"], _ = _timed_queries(hnsw, queries)
     out["hnsw_ef"], out["hnsw_recall"] = chosen

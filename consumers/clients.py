@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -81,6 +83,60 @@ def broker_reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:
         except (OSError, ValueError):
             continue
     return False
+
+
+def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True if a bootstrap broker answers a Kafka ``ApiVersions`` (v0) request within ``timeout_s``.
+
+    Why not just TCP: a hung broker (stopped process, partition behind a proxy) still completes the TCP
+    handshake from the kernel's listen backlog, and kafka-python's consumer keeps polling quietly for
+    ``request_timeout_ms`` and longer. A real request/response is what "the broker is up" means.
+    """
+    client = b"mfli-health"
+    request = struct.pack(">hhih", 18, 0, 7, len(client)) + client
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host or "localhost", int(port)), timeout=timeout_s) as sock:
+                sock.settimeout(timeout_s)
+                sock.sendall(struct.pack(">i", len(request)) + request)
+                head = b""
+                while len(head) < 8:
+                    chunk = sock.recv(8 - len(head))
+                    if not chunk:
+                        break
+                    head += chunk
+                if len(head) == 8 and struct.unpack(">ii", head)[1] == 7:  # size, correlation id
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+class BrokerHealth:
+    """Background probe (:func:`broker_answers` every ``interval_s``) for processes whose main loop cannot
+    tell a hung broker from a quiet topic (an idle ``poll`` returns nothing in both cases)."""
+
+    def __init__(self, bootstrap: str, interval_s: float = 2.0, timeout_s: float = 2.0) -> None:
+        self.ok = True
+        self._bootstrap, self._interval, self._timeout = bootstrap, interval_s, timeout_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-health", daemon=True)
+
+    def start(self) -> "BrokerHealth":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            ok = broker_answers(self._bootstrap, self._timeout)
+            if ok != self.ok:
+                (log.info if ok else log.warning)("Kafka at %s %s", self._bootstrap,
+                                                  "answers again" if ok else "does not answer (not ready)")
+            self.ok = ok
 
 
 def wait_for_broker(kafka: KafkaSettings, process: str, stopping: Callable[[], bool] = lambda: False) -> bool:

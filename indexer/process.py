@@ -31,6 +31,7 @@ import lmdb
 
 from mfli import metrics
 from mfli.config import Settings
+from mfli.consumers.clients import BrokerHealth, bootstrap_of
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,9 @@ class IndexerLoop:
         writer = IndexWriter(self.path, self.settings)
         consumer = self._consumer(writer)
         metrics.READY.labels(process="indexer").set(1)
+        # An idle poll looks the same whether the topic is quiet or the broker hung: probe it for real.
+        health = BrokerHealth(bootstrap_of(self.settings.kafka)).start()
+        ready = True
         # the pass computes in a background thread (numpy releases the GIL) while deltas keep flowing;
         # only its commit, which reconciles what changed meanwhile, runs in this, the writer's thread
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="full-pass")
@@ -210,17 +214,19 @@ class IndexerLoop:
                                   "retrying in %.1f s; raise MFLI_INDEX__MAP_SIZE and restart the indexer",
                                   self.settings.index.map_size, map_full_backoff)
                         metrics.READY.labels(process="indexer").set(0)
+                        ready = False
                         self._rewind(consumer, writer)
                         time.sleep(map_full_backoff)
                         batches += 1
                         if max_batches and batches >= max_batches:
                             break
                         continue
-                    if map_full_backoff:
-                        map_full_backoff = 0.0
-                        metrics.READY.labels(process="indexer").set(1)
+                    map_full_backoff = 0.0  # readiness comes back below, if the broker answers too
                     dirty = dirty or changed
                     batches += 1
+                if ready != (health.ok and not map_full_backoff):
+                    ready = health.ok and not map_full_backoff
+                    metrics.READY.labels(process="indexer").set(1 if ready else 0)
                 writer.maybe_sync()
                 self._export_lag(consumer)
                 if pending is not None and pending.done():
@@ -238,6 +244,7 @@ class IndexerLoop:
         finally:
             # the pass thread may hold a read transaction: closing the environment under it would crash
             cancel.set()
+            health.stop()
             pool.shutdown(wait=True, cancel_futures=True)
             metrics.READY.labels(process="indexer").set(0)
             metrics.UP.labels(process="indexer").set(0)
