@@ -37,6 +37,7 @@ from pydantic import BaseModel, ValidationError
 
 from mfli.config import Settings
 from mfli.metrics import READY, REQUEST_SECONDS, REQUESTS, UP
+from mfli.retrieval.kernels import warm_up
 
 from .monitor import Monitor
 from .schemas import (
@@ -101,6 +102,8 @@ class ServerApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    seconds = warm_up()  # compile/load the retrieval kernels before the first request
+                    log.info("retrieval kernels ready in %.2f s", seconds)
                     self.source.open()  # after fork: LMDB environments must not cross a fork
                     if self.monitor is not None:
                         self.monitor.start()
