@@ -73,6 +73,7 @@ class LearnerProcess:
         self.ckpt_path = Path(ls.checkpoint_dir) / CHECKPOINT_NAME
         self.offsets: dict[TopicPartition, int] = {}
         recent_ids: list[str] = []
+        held: list[int] = []
         #: valid, distinct events this state reflects (the model skips those on already-deleted items)
         self.events_received = 0
         if self.ckpt_path.exists():
@@ -80,6 +81,7 @@ class LearnerProcess:
             self.offsets = offsets_from_json(stored)
             recent_ids = extra.get("recent_event_ids", [])
             self.events_received = int(extra.get("events_received", 0))
+            held = [int(r) for r in extra.get("held_rows", [])]
             log.info("restored checkpoint at step %d (%d events), offsets %s", self.learner.step,
                      self.learner.events_seen, stored)
         else:
@@ -102,7 +104,10 @@ class LearnerProcess:
         self._pub_vec = np.zeros((0, settings.model.facets, settings.model.dim), np.float32)
         self._pub_prior = np.zeros(0, np.float32)
         self._pub_seen = np.zeros(0, bool)
-        self._held: set[int] = set()
+        # Held rows are state too: the checkpoint holds their new vectors while the index still has the
+        # old ones, so they must still be published after a restart (else the index keeps a stale
+        # vector until the item changes again; found by ``mfli chaos``).
+        self._held: set[int] = set(held)
 
     # --- one round ------------------------------------------------------------------------------------
     def run_once(self) -> Batch:
@@ -258,7 +263,7 @@ class LearnerProcess:
         self.flush(everything=final)
         save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets),
                         extra={"recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
-                               "events_received": self.events_received})
+                               "events_received": self.events_received, "held_rows": sorted(self._held)})
         self.stream.commit(dict(self.offsets))
         self._last_ckpt = time.monotonic()
         self._dirty = False

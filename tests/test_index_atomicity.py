@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 
@@ -60,6 +61,8 @@ READER = textwrap.dedent("""
     while not done.exists() or checks == 0:
         report = check_index(index, IndexSettings(map_size=1 << 28, target_cluster_size=16))
         checks += 1
+        if checks == 1:
+            (done.parent / "reading").touch()  # the writer starts its passes only now
         versions.add(report.index_version)
         if not report.ok:
             bad.append(report.violations[:3])
@@ -76,6 +79,9 @@ def test_concurrent_reader_process_never_sees_a_half_applied_pass(tmp_path):
         reader = subprocess.Popen([sys.executable, "-c", READER, str(path), str(done)],
                                   stdout=subprocess.PIPE,
                                   text=True)
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "reading").exists() and time.monotonic() < deadline and reader.poll() is None:
+            time.sleep(0.05)
         rng = np.random.default_rng(0)
         for version in range(2, 10):
             cb_next = np.roll(cb, version, axis=2) if version % 2 else cb

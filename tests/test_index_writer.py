@@ -254,3 +254,36 @@ def test_codebook_growing_keeps_working_and_asks_for_a_full_pass(writer):
         rows = np.arange(300)
         assert np.all(view.clusters_of(rows) >= 0)
     assert check_index(writer.reader(), SETTINGS).ok
+
+
+def test_index_rows_follow_item_ids_when_the_learner_renumbers(tmp_path):
+    """After a learner crash between publishing and checkpointing, a replay may number new items
+    differently: item ids, not learner rows, decide where an item lives in the index."""
+    from mfli.deltas import ItemDelta
+
+    rng = np.random.default_rng(3)
+    writer = IndexWriter(tmp_path / "index", SETTINGS)
+
+    def delta(item: str, row: int, version: int) -> ItemDelta:
+        v = rng.normal(size=(F, D)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        return ItemDelta(item_id=item, row=row, version=version, event_ts=1, vectors=v,
+                         codes=rng.integers(0, M, size=(F, LV)).astype(np.int32), prior=0.1, deleted=False)
+
+    before = [delta(f"a{r}", r, 1) for r in range(5)]
+    writer.apply(before, {"u:0": 1})
+    # the replayed learner gives a3 row 4 and a new item b0 row 3 (a3's row in the index), in one batch
+    after = [delta("a3", 4, 2), delta("b0", 3, 2), delta("b1", 4, 2), delta("a4", 3, 2)]
+    writer.apply(after, {"u:0": 2})
+    writer.close()
+    from mfli.storage.index_lmdb import LmdbIndex
+
+    index = LmdbIndex(tmp_path / "index")
+    with index.view() as view:
+        rows = view.rows_of(["a0", "a1", "a2", "a3", "a4", "b0", "b1"])
+        assert rows.tolist()[:5] == [0, 1, 2, 3, 4], "known ids keep their rows"
+        assert rows[5] >= 5 and rows[6] >= 5 and rows[5] != rows[6], "new ids never take an item's row"
+        assert view.item_ids(rows) == ["a0", "a1", "a2", "a3", "a4", "b0", "b1"]
+        for item, d in [("a3", after[0]), ("b0", after[1]), ("b1", after[2]), ("a4", after[3])]:
+            np.testing.assert_array_equal(view.vectors(view.rows_of([item]))[0], d.vectors)
+        assert view.n_live() == 7

@@ -28,6 +28,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from mfli.retrieval.base import quantize_rows  # noqa: F401 - re-exported: the kernels' input format
+
 
 #: candidates scored ahead of the one being scored have their int8 rows prefetched this far ahead
 PREFETCH_AHEAD = 8
@@ -51,15 +53,6 @@ def _prefetch(typingctx, arr, i, j):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int8 copy of float32[n, D] rows with a per-row scale (``row ~= codes * scale``), for the
-    approximate first pass of :func:`rerank_top_k`: a quarter of the bytes per candidate."""
-    flat = np.asarray(vectors, dtype=np.float32).reshape(vectors.shape[0], -1)
-    scale = np.abs(flat).max(axis=1) / 127.0 if flat.size else np.zeros(flat.shape[0], np.float32)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    return np.rint(flat / scale[:, None]).astype(np.int8), scale
 
 
 @njit(cache=True, nogil=True, fastmath=True, boundscheck=False)

@@ -25,7 +25,6 @@ import numpy as np
 import orjson
 
 from mfli.retrieval.base import DenseColumns
-from mfli.retrieval.kernels import member_slots
 from mfli.retrieval.clusters import path_keys
 from mfli.storage import layout as L
 from mfli.storage.mirror import IndexMirror
@@ -243,6 +242,8 @@ class LmdbIndexView:
         rows = np.frombuffer(b"".join(parts), dtype="<i8").copy() if parts else np.empty(0, np.int64)
         if m is None:
             return rows, counts, None
+        from mfli.retrieval.kernels import member_slots  # numba: only readers with a mirror (the server) need it
+
         postings = m.postings
         firsts = np.fromiter(
             (known[1] if (known := postings.get(k)) is not None and known[0] == bytes(v) else -1

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mfli.retrieval.kernels import quantize_rows
+from mfli.retrieval.base import quantize_rows
 from mfli.storage import layout as L
 
 log = logging.getLogger(__name__)
