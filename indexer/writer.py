@@ -37,6 +37,7 @@ from mfli.deltas import CodebookSnapshot, DeltaBatch, ItemDelta
 from mfli.retrieval.clusters import FacetClusters, path_keys
 from mfli.indexer.mirror import ItemMirror
 from mfli.indexer.postings import edit_postings
+from mfli.indexer.rows import assign_rows
 from mfli.storage import layout as L
 
 log = logging.getLogger(__name__)
@@ -378,40 +379,11 @@ class IndexWriter:
                 "trending": self._trending(prior, is_live)}
 
     def _index_rows(self, txn, batch: DeltaBatch, m) -> np.ndarray:
-        """The index's row for every delta, by item id: the index owns its row space.
-
-        The learner numbers items as it first sees them, and after a crash it re-learns the events since
-        its checkpoint, possibly in another interleaving of partitions, so it may give a new item a
-        different row than the deltas it published before the crash did (found by ``mfli chaos``: 406 of
-        5,220 items ended up under another item's row). So an id already in the index keeps its row; a
-        new id takes the learner's row when no item holds it (the usual case, rows stay aligned), else
-        the next row past every row in use.
-        """
-        ids = [i.encode() for i in batch.item_ids]
-        uniq = list(dict.fromkeys(ids))
+        """The index's row for every delta, by item id (:func:`mfli.indexer.rows.assign_rows`)."""
+        uniq = list(dict.fromkeys(i.encode() for i in batch.item_ids))
         with txn.cursor(db=self.db["id2row"]) as cur:
-            known = {bytes(k): int(L.key_rows(bytes(v))[0]) for k, v in cur.getmulti(uniq)}
-        if len(known) == len(uniq) or not uniq:
-            return np.fromiter((known[i] for i in ids), np.int64, len(ids))
-        first = {}
-        for i, row in zip(ids, batch.rows.tolist()):
-            first.setdefault(i, row)
-        taken = set(known.values())
-        exists = m.exists
-        in_use = np.flatnonzero(exists)
-        upper = max(int(in_use[-1]) + 1 if in_use.size else 0, int(batch.rows.max()) + 1)
-        for i in uniq:
-            if i in known:
-                continue
-            row = first[i]
-            if row in taken or (row < exists.size and exists[row]):
-                while upper in taken or (upper < exists.size and exists[upper]):
-                    upper += 1
-                row = upper
-                upper += 1
-            known[i] = row
-            taken.add(row)
-        return np.fromiter((known[i] for i in ids), np.int64, len(ids))
+            known = {bytes(k).decode(): int(L.key_rows(bytes(v))[0]) for k, v in cur.getmulti(uniq)}
+        return assign_rows(batch.item_ids, batch.rows, known, m.exists)
 
     @staticmethod
     def _trending(prior: np.ndarray, live: np.ndarray) -> np.ndarray:

@@ -287,3 +287,18 @@ def test_index_rows_follow_item_ids_when_the_learner_renumbers(tmp_path):
         for item, d in [("a3", after[0]), ("b0", after[1]), ("b1", after[2]), ("a4", after[3])]:
             np.testing.assert_array_equal(view.vectors(view.rows_of([item]))[0], d.vectors)
         assert view.n_live() == 7
+
+
+def test_assign_rows_keeps_known_ids_and_never_shares_a_row():
+    from mfli.indexer.rows import assign_rows
+
+    exists = np.zeros(16, bool)
+    exists[:5] = True  # rows 0..4 hold a0..a4
+    known = {f"a{r}": r for r in range(5)}
+    ids = ["a3", "b0", "b1", "b0", "c0", "a1"]
+    learner = np.array([4, 3, 9, 3, 10, 7])  # b0 wants a3's row, b1 and c0 want free rows
+    rows = assign_rows(ids, learner, known, exists)
+    assert rows.tolist()[0] == 3 and rows.tolist()[5] == 1, "known ids keep their rows"
+    assert rows[1] == rows[3] and rows[1] >= 5, "one row per id, never an occupied one"
+    assert rows[2] == 9 and rows[4] == 10, "free learner rows are kept"
+    assert len({int(rows[i]) for i in (0, 1, 2, 4, 5)}) == 5
