@@ -80,30 +80,22 @@ def test_processes_wait_for_the_broker_then_work(tmp_path):
         produced = produce_records(producer, settings, SyntheticStream(n_users=50, n_items=200, n_topics=5).records(2000),
                                    progress=False)
         producer.close()
-        from mfli.storage.users_lmdb import UsersStore
-
-        def applied() -> int:
-            try:
-                store = UsersStore(tmp_path / "users", readonly=True)
-            except Exception:
-                return 0
-            try:
-                return sum(store.history(u)[2] for u in store.user_ids(1000))
-            finally:
-                store.close()
-
-        assert _wait(lambda: applied() == produced["events"], 90), applied()
+        assert _wait(lambda: _applied(tmp_path / "users") == produced["events"], 90), _applied(tmp_path / "users")
         assert _wait(lambda: _ready(indexer_metrics, "indexer") == 1.0, 60)
         assert all(p.poll() is None for p in procs.values())
     finally:
-        for p in procs.values():
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        if broker is not None:
-            broker.stop()
+        _stop(procs, broker)
+
+
+def _stop(procs: dict, broker) -> None:
+    for p in procs.values():
+        p.terminate()
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    if broker is not None:
+        broker.stop()
 
 
 def _applied(users_path) -> int:
@@ -187,10 +179,4 @@ def test_broker_hang_mid_run_then_recovery_loses_nothing(tmp_path):
         assert _applied(tmp_path / "users") == total
         assert all(p.poll() is None for p in procs.values())
     finally:
-        for p in procs.values():
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        broker.stop()
+        _stop(procs, broker)

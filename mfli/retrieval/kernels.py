@@ -75,13 +75,21 @@ def _offer(r: int, i: int, s: float, rows: np.ndarray, exclude: np.ndarray, pos:
     for t in range(filled):
         if rows[pos[t]] == r:
             return filled
+    return _insert(pos, score, filled, i, s)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _insert(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v) -> int:
+    """Insert ``(i, v)`` into the descending buffer ``idx/vals`` (capacity ``idx.size``, ``filled`` used),
+    after every value >= v (earlier entries win ties), dropping the last when full; returns the fill."""
+    size = idx.shape[0]
     at = filled if filled < size else size - 1
-    while at > 0 and score[at - 1] < s:
-        pos[at] = pos[at - 1]
-        score[at] = score[at - 1]
+    while at > 0 and vals[at - 1] < v:
+        idx[at] = idx[at - 1]
+        vals[at] = vals[at - 1]
         at -= 1
-    pos[at] = i
-    score[at] = s
+    idx[at] = i
+    vals[at] = v
     return filled + 1 if filled < size else filled
 
 
@@ -200,15 +208,7 @@ def _best(values: np.ndarray, keep: int) -> np.ndarray:
         v = values[i]
         if filled == keep and v <= best[keep - 1]:
             continue
-        at = filled if filled < keep else keep - 1
-        while at > 0 and best[at - 1] < v:
-            idx[at] = idx[at - 1]
-            best[at] = best[at - 1]
-            at -= 1
-        idx[at] = i
-        best[at] = v
-        if filled < keep:
-            filled += 1
+        filled = _insert(idx, best, filled, i, v)
     return idx[:filled]
 
 
