@@ -335,15 +335,24 @@ def pool_rows(vectors: np.ndarray, rows: np.ndarray, decay: float, facets: int) 
 
 
 @njit(cache=True, nogil=True)
-def member_slots(rows: np.ndarray, counts: np.ndarray, firsts: np.ndarray, row_slot: int) -> np.ndarray:
-    """Code slots of posting-list members: list ``i`` (``counts[i]`` rows) reads the cluster-ordered
-    region from ``firsts[i]`` on, or each row's own slot ``row_slot + row`` when ``firsts[i] < 0``."""
+def member_slots(rows: np.ndarray, sizes: np.ndarray, firsts: np.ndarray, lens: np.ndarray,
+                 ivf_rows: np.ndarray, row_slot: int) -> np.ndarray:
+    """Code slots of posting-list members. List ``i`` (``sizes[i]`` rows, in order) reads the
+    cluster-ordered region from ``firsts[i]`` on when the region holds exactly these rows there (the
+    list as loaded, ``lens[i]`` long, still starts with them), else each row's own slot ``row_slot + row``."""
     slots = np.empty(rows.shape[0], np.int64)
     at = 0
-    for i in range(counts.shape[0]):
-        for j in range(counts[i]):
-            slots[at] = firsts[i] + j if firsts[i] >= 0 else row_slot + rows[at]
-            at += 1
+    for i in range(sizes.shape[0]):
+        n, first = sizes[i], firsts[i]
+        same = first >= 0 and n <= lens[i]
+        if same:
+            for j in range(n):
+                if ivf_rows[first + j] != rows[at + j]:
+                    same = False
+                    break
+        for j in range(n):
+            slots[at + j] = first + j if same else row_slot + rows[at + j]
+        at += n
     return slots
 
 
@@ -372,5 +381,6 @@ def warm_up() -> float:
     history = np.arange(10, dtype=np.int64)
     LearnedIndexRetriever(view, LearnedIndexParams(clusters_per_request=4, trending=4)).recommend(
         Query(history=history, k=5, exclude=history))
-    member_slots(history, np.array([4, 6], np.int64), np.array([0, -1], np.int64), 0)  # the LMDB view's path
+    member_slots(history, np.array([4, 6], np.int64), np.array([0, -1], np.int64), np.array([4, 0], np.int64),
+                 history, 0)  # the LMDB view's path
     return time.perf_counter() - started

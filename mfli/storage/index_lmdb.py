@@ -216,39 +216,38 @@ class LmdbIndexView:
         self, facets: np.ndarray, clusters: np.ndarray, limit: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Batched :meth:`members` (one ``getmulti``): rows of all pairs concatenated, count per pair, and
-        with a mirror each row's code slot (the mirror's cluster-ordered copy of a posting list when it
-        is byte-identical to the one in this transaction, else the row's own slot)."""
-        keys = [L.post_key(f, c) for f, c in zip(facets.tolist(), clusters.tolist())]
+        with a mirror each row's code slot (the mirror's cluster-ordered copy of a posting list while it
+        holds the same rows, else the row's own slot)."""
+        keys = L.post_keys(facets, clusters)
         with self._txn.cursor(db=self._index.db("post")) as cur:
             found = cur.getmulti(keys)
-        m = self._m
         if len(found) == len(keys):  # the usual case: every chosen cluster has a posting list
-            present, values = keys, [v for _, v in found]
-            counts = None
+            hit = None
+            values = [v for _, v in found]
         else:
             have = {bytes(k) for k, _ in found}
-            present = [k for k in keys if k in have]
+            hit = np.array([k in have for k in keys], bool)
             values = [v for _, v in found]
-            counts = np.array([k in have for k in keys], bool)
         cut = limit * 8
         parts = [v if len(v) <= cut else v[:cut] for v in values]
-        sizes = np.fromiter((len(p) >> 3 for p in parts), np.int64, len(parts))
-        if counts is None:
+        sizes = np.fromiter(map(len, parts), np.int64, len(parts)) >> 3
+        if hit is None:
             counts = sizes
         else:
-            full = np.zeros(len(keys), np.int64)
-            full[counts] = sizes
-            counts = full
+            counts = np.zeros(len(keys), np.int64)
+            counts[hit] = sizes
         rows = np.frombuffer(b"".join(parts), dtype="<i8").copy() if parts else np.empty(0, np.int64)
+        m = self._m
         if m is None:
             return rows, counts, None
         from mfli.retrieval.kernels import member_slots  # numba: only readers with a mirror (the server) need it
 
-        postings = m.postings
-        firsts = np.fromiter(
-            (known[1] if (known := postings.get(k)) is not None and known[0] == bytes(v) else -1
-             for k, v in zip(present, values)), np.int64, len(values))
-        return rows, counts, member_slots(rows, sizes, firsts, m.row_slot)
+        f, c = (facets, clusters) if hit is None else (facets[hit], clusters[hit])
+        known = c < m.ivf_first.shape[1]
+        firsts = np.full(c.size, -1, np.int64)
+        lens = np.zeros(c.size, np.int64)
+        firsts[known], lens[known] = m.ivf_first[f[known], c[known]], m.ivf_len[f[known], c[known]]
+        return rows, counts, member_slots(rows, sizes, firsts, lens, m.ivf_rows, m.row_slot)
 
     def paths_clusters(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Batched :meth:`path_clusters` for paths ``[F, p, L]`` of every facet (one ``getmulti``)."""

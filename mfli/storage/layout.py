@@ -92,6 +92,14 @@ def post_key(facet: int, cluster: int) -> bytes:
     return _FACET_CLUSTER.pack(facet, cluster)
 
 
+def post_keys(facets: np.ndarray, clusters: np.ndarray) -> list[bytes]:
+    """:func:`post_key` for many pairs at once (one numpy conversion, then bytes slicing)."""
+    packed = np.empty(len(facets), dtype=[("f", ">u2"), ("c", ">u8")])
+    packed["f"], packed["c"] = facets, clusters
+    buf = packed.tobytes()
+    return [buf[i : i + 10] for i in range(0, len(buf), 10)]
+
+
 def post_key_parts(key: bytes) -> tuple[int, int]:
     facet, cluster = _FACET_CLUSTER.unpack(key)
     return int(facet), int(cluster)

@@ -42,10 +42,12 @@ class MirrorArrays:
     ``codes``/``scale``/``bias`` (the rerank's int8 first pass, :class:`~mfli.retrieval.base.DenseColumns`)
     hold two regions: first every posting list as loaded at the last full load, laid out cluster by
     cluster (a request reads a cluster's members sequentially instead of one random row each: 2-3x
-    faster at 10^6 items), then one slot per row at ``row_slot + row``. ``postings`` maps a posting
-    key to (its bytes at load time, first slot): a request uses the cluster-ordered slots only while
-    the LMDB posting list is byte-identical, else the row slots. Codes in both regions are rewritten
-    for every changed row, so whichever region a request reads is current.
+    faster at 10^6 items), then one slot per row at ``row_slot + row``. ``ivf_first``/``ivf_len`` give
+    each (facet, cluster)'s first slot and length at load time, ``ivf_rows`` the row at every slot: a
+    request reads a posting list's cluster-ordered slots only while the rows LMDB gives it equal the
+    loaded ones position by position (checked in :func:`~mfli.retrieval.kernels.member_slots`), else
+    the row slots. Codes in both regions are rewritten for every changed row, so whichever region a
+    request reads is current.
     """
 
     vectors: np.ndarray  # [cap, F, d], stored dtype
@@ -57,7 +59,9 @@ class MirrorArrays:
     bias: np.ndarray  # float32[row_slot + cap]: the prior, by slot
     row_slot: int  # slots below it are the cluster-ordered region
     ivf_of_row: np.ndarray  # int64[cap, F]: a row's slot in the cluster-ordered region per facet, or -1
-    postings: dict  # posting key (bytes) -> (posting bytes at load, first slot)
+    ivf_first: np.ndarray  # int64[F, clusters]: first slot of each posting list at load, -1 if none
+    ivf_len: np.ndarray  # int64[F, clusters]: its length at load
+    ivf_rows: np.ndarray  # int64[row_slot]: the row at each cluster-ordered slot
     rows: int  # rows in use (max row + 1)
 
 
@@ -104,13 +108,15 @@ class IndexMirror:
         postings = view.scan_postings()
         cap = int(rows.max()) + 1 if rows.size else 0
         arrays = self._empty(view, max(cap, 1024), sum(len(v) for _, v in postings) // 8)
-        slot = 0
-        for key, value in postings:
-            arrays.postings[key] = (value, slot)
-            slot += len(value) // 8
+        keys = np.array([L.post_key_parts(k) for k, _ in postings], np.int64).reshape(-1, 2)
+        lens = np.array([len(v) // 8 for _, v in postings], np.int64)
+        shape = (view.facets, int(keys[:, 1].max()) + 1 if keys.size else 0)
+        arrays.ivf_first, arrays.ivf_len = np.full(shape, -1, np.int64), np.zeros(shape, np.int64)
+        arrays.ivf_first[keys[:, 0], keys[:, 1]] = np.cumsum(lens) - lens
+        arrays.ivf_len[keys[:, 0], keys[:, 1]] = lens
         ivf_rows = np.frombuffer(b"".join(v for _, v in postings), dtype="<i8") if postings else np.empty(0, np.int64)
-        facet_of = np.repeat([L.post_key_parts(k)[0] for k, _ in postings], [len(v) // 8 for _, v in postings])
-        arrays.ivf_of_row[ivf_rows, facet_of.astype(np.int64)] = np.arange(ivf_rows.size)
+        arrays.ivf_rows = ivf_rows.astype(np.int64)
+        arrays.ivf_of_row[ivf_rows, np.repeat(keys[:, 0], lens)] = np.arange(ivf_rows.size)
         self._write(arrays, rows, rec, vec)
         arrays.rows = cap
         self.arrays = arrays  # swap by reference: readers of the old arrays are unaffected
@@ -149,7 +155,9 @@ class IndexMirror:
             bias=np.zeros(ivf + cap, np.float32),
             row_slot=ivf,
             ivf_of_row=np.full((cap, view.facets), -1, np.int64),
-            postings={},
+            ivf_first=np.full((view.facets, 0), -1, np.int64),
+            ivf_len=np.zeros((view.facets, 0), np.int64),
+            ivf_rows=np.empty(0, np.int64),
             rows=0,
         )
 
@@ -159,7 +167,8 @@ class IndexMirror:
         bigger.vectors[:n], bigger.prior[:n] = arrays.vectors[:n], arrays.prior[:n]
         bigger.clusters[:n], bigger.live[:n], bigger.rows = arrays.clusters[:n], arrays.live[:n], n
         bigger.codes[:end], bigger.scale[:end], bigger.bias[:end] = arrays.codes[:end], arrays.scale[:end], arrays.bias[:end]
-        bigger.ivf_of_row[:n], bigger.postings = arrays.ivf_of_row[:n], arrays.postings
+        bigger.ivf_of_row[:n] = arrays.ivf_of_row[:n]
+        bigger.ivf_first, bigger.ivf_len, bigger.ivf_rows = arrays.ivf_first, arrays.ivf_len, arrays.ivf_rows
         return bigger
 
     @staticmethod
