@@ -98,3 +98,27 @@ def test_code_slots_follow_deltas_moves_and_full_passes(tmp_path):
         _slots_point_at_current_codes(mirrored)
     writer.full_pass()
     _slots_point_at_current_codes(mirrored, expect_cluster_ordered=True)
+
+
+def test_id_row_caches_answer_like_lmdb_as_items_arrive(tmp_path):
+    """The server caches id <-> row lookups (an id never changes rows); an id unknown at one moment must
+    still be found once it arrives, and cached answers must equal uncached ones."""
+    from mfli.deltas import CodebookSnapshot
+
+    rng = np.random.default_rng(5)
+    settings = IndexSettings(path=tmp_path / "index", target_cluster_size=4)
+    writer = IndexWriter(settings.path, settings)
+    writer.apply([_delta(r, 1, rng) for r in range(30)], {"u:0": 1},
+                 [CodebookSnapshot(1, rng.normal(size=(F, L, M, D)).astype(np.float32))])
+    mirrored = LmdbIndex(settings.path, env=writer.env, mirror=True)
+    plain = LmdbIndex(settings.path, env=writer.env)
+    ids = [f"i{r}" for r in (3, 7, 29, 40, 41)]
+    with mirrored.view() as view:
+        assert view.rows_of(ids).tolist() == [3, 7, 29, -1, -1]
+        assert view.rows_of(ids).tolist() == [3, 7, 29, -1, -1]  # from the cache this time
+        assert view.item_ids(np.array([7, 3])) == ["i7", "i3"]
+    writer.apply([_delta(r, 2, rng) for r in (40, 41)], {"u:0": 2})
+    with mirrored.view() as view, plain.view() as ref:
+        assert view.rows_of(ids).tolist() == ref.rows_of(ids).tolist() == [3, 7, 29, 40, 41]
+        assert view.item_ids(np.array([41, 3])) == ref.item_ids(np.array([41, 3])) == ["i41", "i3"]
+    assert mirrored.mirror.id_rows["i41"] == 41 and mirrored.mirror.row_ids[41] == "i41"

@@ -316,18 +316,40 @@ class LmdbIndexView:
         return None if raw is None else int(L.key_rows(bytes(raw))[0])
 
     def rows_of(self, item_ids: list[str]) -> np.ndarray:
-        """Rows of external ids, -1 for unknown ones."""
+        """Rows of external ids, -1 for unknown ones (with a mirror, known ids are cached: an id never
+        changes rows)."""
+        cache = self._index.mirror.id_rows if self._m is not None else None
+        if cache is not None:
+            hit = [cache.get(i, -1) for i in item_ids]
+            if -1 not in hit:
+                return np.array(hit, dtype=np.int64)
         keys = [i.encode() for i in item_ids]
         with self._txn.cursor(db=self._index.db("id2row")) as cur:
             found = cur.getmulti(keys)
             if len(found) == len(keys):  # the common case: one call, one decode
-                return np.frombuffer(b"".join(v for _, v in found), dtype=">u8").astype(np.int64)
-            return np.array([-1 if (v := cur.get(k)) is None else L.key_rows(bytes(v))[0] for k in keys],
-                            dtype=np.int64)
+                rows = np.frombuffer(b"".join(v for _, v in found), dtype=">u8").astype(np.int64)
+            else:
+                rows = np.array([-1 if (v := cur.get(k)) is None else L.key_rows(bytes(v))[0] for k in keys],
+                                dtype=np.int64)
+        if cache is not None:
+            if len(cache) > self._index.mirror.cache_limit:
+                cache.clear()
+            cache.update((i, r) for i, r in zip(item_ids, rows.tolist()) if r >= 0)
+        return rows
 
     def item_ids(self, rows: np.ndarray) -> list[str]:
+        cache = self._index.mirror.row_ids if self._m is not None else None
+        if cache is not None:
+            hit = [cache.get(r) for r in rows.tolist()]
+            if None not in hit:
+                return hit
         with self._txn.cursor(db=self._index.db("row2id")) as cur:
-            return [bytes(v).decode() for _, v in cur.getmulti(L.row_keys(rows))]
+            ids = [bytes(v).decode() for _, v in cur.getmulti(L.row_keys(rows))]
+        if cache is not None and len(ids) == rows.size:
+            if len(cache) > self._index.mirror.cache_limit:
+                cache.clear()
+            cache.update(zip(rows.tolist(), ids))
+        return ids
 
     def item(self, item_id: str) -> ItemInfo | None:
         """The server's ``/v1/items/{id}``: codes, clusters, version and last update of one item."""
