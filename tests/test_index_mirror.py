@@ -122,3 +122,54 @@ def test_id_row_caches_answer_like_lmdb_as_items_arrive(tmp_path):
         assert view.rows_of(ids).tolist() == ref.rows_of(ids).tolist() == [3, 7, 29, 40, 41]
         assert view.item_ids(np.array([41, 3])) == ref.item_ids(np.array([41, 3])) == ["i41", "i3"]
     assert mirrored.mirror.id_rows["i41"] == 41 and mirrored.mirror.row_ids[41] == "i41"
+
+
+def test_mirror_serves_posting_lists_and_paths_exactly_as_lmdb(tmp_path):
+    """The server reads posting lists not edited since its last full load, and the whole path map, from
+    its mirror instead of LMDB. After every commit (moves, deletes, arrivals on paths never seen, drift in
+    place) and after full passes, both must answer exactly as LMDB does, in the same order."""
+    from mfli.deltas import CodebookSnapshot
+
+    rng = np.random.default_rng(11)
+    settings = IndexSettings(path=tmp_path / "index", target_cluster_size=4)
+    writer = IndexWriter(settings.path, settings)
+    books = rng.normal(size=(F, L, 8, D)).astype(np.float32)
+
+    def delta(row: int, version: int, codewords: int, deleted: bool = False):
+        d = _delta(row, version, rng, deleted)
+        d.codes[:] = rng.integers(0, codewords, size=(F, L))
+        return d
+
+    writer.apply([delta(r, 1, 4) for r in range(80)], {"u:0": 1}, [CodebookSnapshot(1, books)])
+    writer.full_pass()
+    mirrored = LmdbIndex(settings.path, env=writer.env, mirror=True)
+    plain = LmdbIndex(settings.path, env=writer.env)
+    every_path = np.array([[(a, b) for a in range(8) for b in range(8)]] * F)  # [F, 64, L]
+
+    def same() -> None:
+        with mirrored.view() as a, plain.view() as b:
+            assert a._m is not None and b._m is None
+            facets = np.repeat(np.arange(F), 40)
+            clusters = np.tile(np.arange(40), F)
+            rows_a, counts_a, slots_a = a.members_many(facets, clusters, 256)
+            rows_b, counts_b, _ = b.members_many(facets, clusters, 256)
+            np.testing.assert_array_equal(rows_a, rows_b)
+            np.testing.assert_array_equal(counts_a, counts_b)
+            np.testing.assert_array_equal(a.dense().codes[slots_a],
+                                          quantize_rows(b.vectors(rows_b).reshape(rows_b.size, -1))[0])
+            for got, want in zip(a.paths_clusters(every_path), b.paths_clusters(every_path)):
+                np.testing.assert_array_equal(got, want)
+
+    from mfli.retrieval.kernels import quantize_rows
+
+    same()
+    for version in range(2, 8):
+        batch = [delta(int(r), version, 4) for r in rng.choice(80, 10, replace=False)]  # moves + drift
+        batch += [delta(int(r), version, 4, deleted=True) for r in rng.choice(80, 2, replace=False)]
+        batch += [delta(200 + 10 * version + i, version, 8) for i in range(4)]  # arrivals, new paths
+        writer.apply(batch, {"u:0": version})
+        same()
+        if version == 5:
+            writer.full_pass()
+            same()
+    assert mirrored.mirror.delta_syncs >= 5 and mirrored.mirror.arrays.dirty.any()

@@ -41,6 +41,8 @@ _BLOCK = 4096
 #: catalogue: keys must mean the same path before and after a codebook with more codewords arrives.
 PATH_BITS = 15
 PATH_RADIX = 1 << PATH_BITS
+#: a path key of any facet in one int64 (readers' path maps): ``facet << FACET_SHIFT | path key``
+FACET_SHIFT = 60
 
 
 def path_keys(codes: np.ndarray) -> np.ndarray:

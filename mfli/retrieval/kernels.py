@@ -29,6 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from mfli.retrieval.base import quantize_rows  # noqa: F401 - re-exported: the kernels' input format
+from mfli.retrieval.clusters import FACET_SHIFT
 
 
 #: candidates scored ahead of the one being scored have their int8 rows prefetched this far ahead
@@ -258,8 +259,6 @@ def unique_pairs(facets: np.ndarray, clusters: np.ndarray) -> tuple[np.ndarray, 
     return facets[keep], clusters[keep]
 
 
-#: bits of a combined (facet, path) key left to the path: facet in the top bits (F <= 7, L <= 4)
-FACET_SHIFT = 60
 
 
 @njit(cache=True, nogil=True)
@@ -335,25 +334,30 @@ def pool_rows(vectors: np.ndarray, rows: np.ndarray, decay: float, facets: int) 
 
 
 @njit(cache=True, nogil=True)
-def member_slots(rows: np.ndarray, sizes: np.ndarray, firsts: np.ndarray, lens: np.ndarray,
-                 ivf_rows: np.ndarray, row_slot: int) -> np.ndarray:
-    """Code slots of posting-list members. List ``i`` (``sizes[i]`` rows, in order) reads the
-    cluster-ordered region from ``firsts[i]`` on when the region holds exactly these rows there (the
-    list as loaded, ``lens[i]`` long, still starts with them), else each row's own slot ``row_slot + row``."""
-    slots = np.empty(rows.shape[0], np.int64)
-    at = 0
+def assemble_members(ivf_rows: np.ndarray, firsts: np.ndarray, sizes: np.ndarray, from_lmdb: np.ndarray,
+                     read: np.ndarray, row_slot: int) -> tuple[np.ndarray, np.ndarray]:
+    """Members of posting lists in request order, and their code slots: list ``i`` is ``sizes[i]`` rows
+    from the mirror's cluster-ordered copy at ``firsts[i]`` (slots = those positions), or, where
+    ``from_lmdb[i]``, the next ``sizes[i]`` rows of ``read`` (slots = each row's own, ``row_slot + row``)."""
+    total = sizes.sum()
+    rows = np.empty(total, np.int64)
+    slots = np.empty(total, np.int64)
+    at, taken = 0, 0
     for i in range(sizes.shape[0]):
-        n, first = sizes[i], firsts[i]
-        same = first >= 0 and n <= lens[i]
-        if same:
+        n = sizes[i]
+        if from_lmdb[i]:
             for j in range(n):
-                if ivf_rows[first + j] != rows[at + j]:
-                    same = False
-                    break
-        for j in range(n):
-            slots[at + j] = first + j if same else row_slot + rows[at + j]
+                r = read[taken + j]
+                rows[at + j] = r
+                slots[at + j] = row_slot + r
+            taken += n
+        else:
+            first = firsts[i]
+            for j in range(n):
+                rows[at + j] = ivf_rows[first + j]
+                slots[at + j] = first + j
         at += n
-    return slots
+    return rows, slots
 
 
 def warm_up() -> float:
@@ -381,6 +385,6 @@ def warm_up() -> float:
     history = np.arange(10, dtype=np.int64)
     LearnedIndexRetriever(view, LearnedIndexParams(clusters_per_request=4, trending=4)).recommend(
         Query(history=history, k=5, exclude=history))
-    member_slots(history, np.array([4, 6], np.int64), np.array([0, -1], np.int64), np.array([4, 0], np.int64),
-                 history, 0)  # the LMDB view's path
+    assemble_members(history, np.array([0, -1], np.int64), np.array([4, 6], np.int64), np.array([False, True]),
+                     history, 0)  # the LMDB view's path
     return time.perf_counter() - started

@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 
 from mfli.retrieval.base import DenseColumns
-from mfli.retrieval.clusters import path_keys
+from mfli.retrieval.clusters import FACET_SHIFT, PATH_BITS, path_keys
 from mfli.storage import layout as L
 from mfli.storage.mirror import IndexMirror
 
@@ -215,43 +215,56 @@ class LmdbIndexView:
     def members_many(
         self, facets: np.ndarray, clusters: np.ndarray, limit: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Batched :meth:`members` (one ``getmulti``): rows of all pairs concatenated, count per pair, and
-        with a mirror each row's code slot (the mirror's cluster-ordered copy of a posting list while it
-        holds the same rows, else the row's own slot)."""
+        """Batched :meth:`members`: rows of all pairs concatenated, count per pair, and with a mirror each
+        row's code slot. With a mirror, a posting list not edited since the mirror's load comes from its
+        cluster-ordered copy (no LMDB read; the slots are sequential); only edited ones are read (one
+        ``getmulti``), their codes from each row's own slot."""
+        m = self._m
+        if m is None:
+            rows, counts = self._read_postings(facets, clusters, limit)
+            return rows, counts, None
+        from mfli.retrieval.kernels import assemble_members  # numba: only the server (mirror) needs it
+
+        inside = clusters < m.dirty.shape[1]
+        firsts = np.full(clusters.size, -1, np.int64)
+        sizes = np.zeros(clusters.size, np.int64)
+        firsts[inside] = m.ivf_first[facets[inside], clusters[inside]]
+        sizes[inside] = np.minimum(m.ivf_len[facets[inside], clusters[inside]], limit)
+        stale = ~inside
+        stale[inside] = m.dirty[facets[inside], clusters[inside]]
+        read = np.empty(0, np.int64)
+        if stale.any():
+            read, sizes[stale] = self._read_postings(facets[stale], clusters[stale], limit)
+        rows, slots = assemble_members(m.ivf_rows, firsts, sizes, stale, read, m.row_slot)
+        return rows, sizes, slots
+
+    def _read_postings(self, facets: np.ndarray, clusters: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Posting lists from LMDB (one ``getmulti``): rows of all pairs concatenated, count per pair."""
         keys = L.post_keys(facets, clusters)
         with self._txn.cursor(db=self._index.db("post")) as cur:
             found = cur.getmulti(keys)
-        if len(found) == len(keys):  # the usual case: every chosen cluster has a posting list
-            hit = None
-            values = [v for _, v in found]
-        else:
-            have = {bytes(k) for k, _ in found}
-            hit = np.array([k in have for k in keys], bool)
-            values = [v for _, v in found]
+        values = [v for _, v in found]
         cut = limit * 8
         parts = [v if len(v) <= cut else v[:cut] for v in values]
         sizes = np.fromiter(map(len, parts), np.int64, len(parts)) >> 3
-        if hit is None:
+        if len(found) == len(keys):  # the usual case: every chosen cluster has a posting list
             counts = sizes
         else:
+            have = {bytes(k) for k, _ in found}
             counts = np.zeros(len(keys), np.int64)
-            counts[hit] = sizes
+            counts[np.array([k in have for k in keys], bool)] = sizes
         rows = np.frombuffer(b"".join(parts), dtype="<i8").copy() if parts else np.empty(0, np.int64)
-        m = self._m
-        if m is None:
-            return rows, counts, None
-        from mfli.retrieval.kernels import member_slots  # numba: only readers with a mirror (the server) need it
-
-        f, c = (facets, clusters) if hit is None else (facets[hit], clusters[hit])
-        known = c < m.ivf_first.shape[1]
-        firsts = np.full(c.size, -1, np.int64)
-        lens = np.zeros(c.size, np.int64)
-        firsts[known], lens[known] = m.ivf_first[f[known], c[known]], m.ivf_len[f[known], c[known]]
-        return rows, counts, member_slots(rows, sizes, firsts, lens, m.ivf_rows, m.row_slot)
+        return rows, counts
 
     def paths_clusters(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Batched :meth:`path_clusters` for paths ``[F, p, L]`` of every facet (one ``getmulti``)."""
+        """Batched :meth:`path_clusters` for paths ``[F, p, L]`` of every facet (one ``getmulti``, or the
+        mirror's path map, which follows every path the writer adds)."""
         paths = np.asarray(paths, dtype=np.int64)
+        m = self._m
+        if m is not None:
+            from mfli.retrieval.kernels import lookup_paths
+
+            return lookup_paths(m.path_key, m.path_ptr, m.path_ids, np.ascontiguousarray(paths), PATH_BITS)
         valid = paths[:, :, 0] >= 0
         facet_of = np.broadcast_to(np.arange(paths.shape[0])[:, None], valid.shape)[valid]
         keys = [L.path_key_bytes(f, k) for f, k in zip(facet_of.tolist(), path_keys(paths[valid]).tolist())]
@@ -391,6 +404,25 @@ class LmdbIndexView:
         rows = L.key_rows(b"".join(k for k, _ in pairs))
         rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
         return rows, rec, self.vectors(rows)
+
+    def scan_paths(self) -> list[tuple[int, np.ndarray]]:
+        """Every (``facet << FACET_SHIFT | path key``, clusters) of the path map: the mirror's full load."""
+        with self._txn.cursor(db=self._index.db("paths")) as cur:
+            pairs = list(cur.iternext(keys=True, values=True))
+        return [((f << FACET_SHIFT) | k, np.frombuffer(bytes(v), dtype="<i8").astype(np.int64))
+                for (f, k), (_, v) in zip((L.path_key_parts(bytes(k)) for k, _ in pairs), pairs)]
+
+    def paths_of(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(combined key, clusters) of the given ``facet << FACET_SHIFT | path key`` keys found."""
+        mask = (1 << FACET_SHIFT) - 1
+        wanted = [L.path_key_bytes(k >> FACET_SHIFT, k & mask) for k in np.asarray(keys, np.int64).tolist()]
+        with self._txn.cursor(db=self._index.db("paths")) as cur:
+            found = cur.getmulti(wanted)
+        out = []
+        for k, v in found:
+            f, path = L.path_key_parts(bytes(k))
+            out.append(((f << FACET_SHIFT) | path, np.frombuffer(bytes(v), dtype="<i8").astype(np.int64)))
+        return out
 
     def scan_postings(self) -> list[tuple[bytes, bytes]]:
         """Every (posting key, posting list bytes), in key order (facet, cluster): the mirror's full load."""

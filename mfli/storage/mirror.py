@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mfli.retrieval.base import quantize_rows
+from mfli.retrieval.base import concat_ranges, quantize_rows
+from mfli.retrieval.clusters import FACET_SHIFT, path_keys
 from mfli.storage import layout as L
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,10 @@ class MirrorArrays:
     hold two regions: first every posting list as loaded at the last full load, laid out cluster by
     cluster (a request reads a cluster's members sequentially instead of one random row each: 2-3x
     faster at 10^6 items), then one slot per row at ``row_slot + row``. ``ivf_first``/``ivf_len`` give
-    each (facet, cluster)'s first slot and length at load time, ``ivf_rows`` the row at every slot: a
-    request reads a posting list's cluster-ordered slots only while the rows LMDB gives it equal the
-    loaded ones position by position (checked in :func:`~mfli.retrieval.kernels.member_slots`), else
-    the row slots. Codes in both regions are rewritten for every changed row, so whichever region a
-    request reads is current.
+    each (facet, cluster)'s first slot and length at load, ``ivf_rows`` the row at each slot; a posting
+    list edited since (``dirty``, see :meth:`IndexMirror._track_edits`) is read from LMDB instead and
+    its codes from the row slots. Codes in both regions are rewritten for every changed row, so
+    whichever region a request reads is current. ``path_*`` is the ``paths`` sub-db as one sorted map.
     """
 
     vectors: np.ndarray  # [cap, F, d], stored dtype
@@ -62,6 +62,10 @@ class MirrorArrays:
     ivf_first: np.ndarray  # int64[F, clusters]: first slot of each posting list at load, -1 if none
     ivf_len: np.ndarray  # int64[F, clusters]: its length at load
     ivf_rows: np.ndarray  # int64[row_slot]: the row at each cluster-ordered slot
+    dirty: np.ndarray  # bool[F, clusters]: posting list edited since the load (read it from LMDB)
+    path_key: np.ndarray  # int64[P] sorted ``facet << FACET_SHIFT | path key`` (the ``paths`` sub-db)
+    path_ptr: np.ndarray  # int64[P + 1]
+    path_ids: np.ndarray  # int64[...] clusters of each path
     rows: int  # rows in use (max row + 1)
 
 
@@ -123,6 +127,8 @@ class IndexMirror:
         ivf_rows = np.frombuffer(b"".join(v for _, v in postings), dtype="<i8") if postings else np.empty(0, np.int64)
         arrays.ivf_rows = ivf_rows.astype(np.int64)
         arrays.ivf_of_row[ivf_rows, np.repeat(keys[:, 0], lens)] = np.arange(ivf_rows.size)
+        arrays.dirty = np.zeros(shape, bool)
+        arrays.path_key, arrays.path_ptr, arrays.path_ids = _path_csr(view.scan_paths())
         self._write(arrays, rows, rec, vec)
         arrays.rows = cap
         self.arrays = arrays  # swap by reference: readers of the old arrays are unaffected
@@ -143,11 +149,45 @@ class IndexMirror:
             arrays = self._grow(view, arrays, need)
         rec = view.records(rows)
         vec = view.vectors(rows, use_mirror=False)
+        self._track_edits(view, arrays, rows, rec)
         self._write(arrays, rows, rec, vec)
         arrays.rows = max(arrays.rows, need)
         self.arrays = arrays
         self._live_rows = None
         self.delta_syncs += 1
+
+    @staticmethod
+    def _track_edits(view, arrays: MirrorArrays, rows: np.ndarray, rec: np.ndarray) -> None:
+        """What the delta commits since the last sync did to posting lists and the path map, from the
+        changed rows alone. The index writer edits a posting list only to move a row in or out of it
+        (a row whose cluster changed, was deleted or arrived), and adds a path only when a row arrives
+        on a path the map does not hold; everything else changes at a full pass, which reloads the
+        mirror. So: mark both clusters of every moved row dirty (requests read those from LMDB), and
+        read the new paths of changed rows into the path map."""
+        facets = arrays.clusters.shape[1]
+        old = np.where(arrays.live[rows, None], arrays.clusters[rows], -1)
+        new = rec["clusters"].astype(np.int64).reshape(rows.size, -1)
+        new[rec["deleted"] != 0] = -1
+        moved = old != new
+        for c in (old[moved], new[moved]):
+            f = np.broadcast_to(np.arange(facets), moved.shape)[moved]
+            keep = (c >= 0) & (c < arrays.dirty.shape[1])
+            arrays.dirty[f[keep], c[keep]] = True
+        live = rec["deleted"] == 0
+        if not live.any():
+            return
+        codes = rec["codes"].astype(np.int64).reshape(rows.size, facets, -1)[live]
+        keys = np.concatenate([(np.int64(f) << FACET_SHIFT) | path_keys(codes[:, f]) for f in range(facets)])
+        keys = np.unique(keys)
+        pos = np.searchsorted(arrays.path_key, keys)
+        known = pos < arrays.path_key.size
+        known[known] = arrays.path_key[pos[known]] == keys[known]
+        if known.all():
+            return
+        added = [(int(k), v) for k, v in view.paths_of(keys[~known]) if v.size]
+        if added:
+            arrays.path_key, arrays.path_ptr, arrays.path_ids = _merge_paths(
+                arrays.path_key, arrays.path_ptr, arrays.path_ids, added)
 
     @staticmethod
     def _empty(view, cap: int, ivf: int = 0) -> MirrorArrays:
@@ -165,6 +205,8 @@ class IndexMirror:
             ivf_first=np.full((view.facets, 0), -1, np.int64),
             ivf_len=np.zeros((view.facets, 0), np.int64),
             ivf_rows=np.empty(0, np.int64),
+            dirty=np.zeros((view.facets, 0), bool),
+            path_key=np.empty(0, np.int64), path_ptr=np.zeros(1, np.int64), path_ids=np.empty(0, np.int64),
             rows=0,
         )
 
@@ -176,6 +218,8 @@ class IndexMirror:
         bigger.codes[:end], bigger.scale[:end], bigger.bias[:end] = arrays.codes[:end], arrays.scale[:end], arrays.bias[:end]
         bigger.ivf_of_row[:n] = arrays.ivf_of_row[:n]
         bigger.ivf_first, bigger.ivf_len, bigger.ivf_rows = arrays.ivf_first, arrays.ivf_len, arrays.ivf_rows
+        bigger.dirty = arrays.dirty
+        bigger.path_key, bigger.path_ptr, bigger.path_ids = arrays.path_key, arrays.path_ptr, arrays.path_ids
         return bigger
 
     @staticmethod
@@ -209,3 +253,29 @@ class IndexMirror:
         rows = np.flatnonzero(arrays.live[: arrays.rows]).astype(np.int64) if arrays else np.empty(0, np.int64)
         self._live_rows = (self.version, rows)
         return rows
+
+
+
+def _path_csr(entries: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted combined keys, offsets and cluster ids from (combined key, clusters) pairs."""
+    entries = sorted(entries, key=lambda e: e[0])
+    keys = np.fromiter((k for k, _ in entries), np.int64, len(entries))
+    sizes = np.fromiter((v.size for _, v in entries), np.int64, len(entries))
+    ptr = np.zeros(len(entries) + 1, np.int64)
+    np.cumsum(sizes, out=ptr[1:])
+    ids = np.concatenate([v for _, v in entries]).astype(np.int64) if entries else np.empty(0, np.int64)
+    return keys, ptr, ids
+
+
+def _merge_paths(keys: np.ndarray, ptr: np.ndarray, ids: np.ndarray,
+                 added: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The path map with new (combined key, clusters) entries merged in (vectorised: O(P) numpy)."""
+    add_keys, add_ptr, add_ids = _path_csr(added)
+    all_keys = np.concatenate([keys, add_keys])
+    sizes = np.concatenate([np.diff(ptr), np.diff(add_ptr)])
+    starts = np.concatenate([ptr[:-1], ids.size + add_ptr[:-1]])
+    order = np.argsort(all_keys, kind="stable")
+    new_ptr = np.zeros(all_keys.size + 1, np.int64)
+    np.cumsum(sizes[order], out=new_ptr[1:])
+    pool = np.concatenate([ids, add_ids])
+    return all_keys[order], new_ptr, pool[concat_ranges(starts[order], sizes[order])]
