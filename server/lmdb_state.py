@@ -128,7 +128,7 @@ class LmdbState:
                 view.codebooks()
                 if view.n_live() <= 0:
                     return False, "index holds no live items"
-        except (lmdb.Error, RuntimeError, KeyError) as exc:
+        except (lmdb.Error, RuntimeError, KeyError, ValueError) as exc:  # not ready, with the reason; never a crash loop
             return False, f"{type(exc).__name__}: {exc}"
         self._ready_until = time.monotonic() + 1.0
         return True, ""

@@ -302,3 +302,20 @@ def test_assign_rows_keeps_known_ids_and_never_shares_a_row():
     assert rows[1] == rows[3] and rows[1] >= 5, "one row per id, never an occupied one"
     assert rows[2] == 9 and rows[4] == 10, "free learner rows are kept"
     assert len({int(rows[i]) for i in (0, 1, 2, 4, 5)}) == 5
+
+
+def test_readers_get_the_codebook_in_use_while_a_bigger_one_waits_for_its_full_pass(writer):
+    """The learner grows M; until the full pass adopts the new codebook, readers must keep using the old
+    one, with its own shape (the server once failed to start in that window)."""
+    from mfli.storage.index_lmdb import LmdbIndex
+
+    cb, v, codes, prior = _catalogue(300, seed=9)
+    writer.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
+    writer.full_pass()
+    bigger = np.concatenate([cb, cb[:, :, :3]], axis=2)  # M + 3 codewords
+    writer.apply(None, {}, [CodebookSnapshot(2, bigger)])
+    with LmdbIndex(writer.path, env=writer.env).view() as view:
+        np.testing.assert_array_equal(view.codebooks(), cb)
+    writer.full_pass()
+    with LmdbIndex(writer.path, env=writer.env).view() as view:
+        np.testing.assert_array_equal(view.codebooks(), bigger)

@@ -284,9 +284,11 @@ class LmdbIndexView:
             raise RuntimeError("index holds no codebook yet")
 
         def load() -> np.ndarray:
-            shape = tuple(self._meta_json(b"cb_shape"))
+            # Not ``meta:cb_shape``: that is the *latest* codebook's shape, and the one in use is older
+            # (a different M) between a codebook that grew and the full pass that adopts it; found by
+            # ``mfli chaos`` as a server that could not start in that window.
             raw = self._get("cb", L.row_key(version))
-            return np.frombuffer(bytes(raw), dtype="<f4").reshape(shape)
+            return np.frombuffer(bytes(raw), dtype="<f4").reshape(self.facets, self.levels, -1, self.dim)
 
         return self._index.cached("codebooks", version, load)
 
