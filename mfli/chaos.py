@@ -236,6 +236,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         summary["prober"] = dict(prober.status)
         delivered = [ev for ev in produced if ev.event_id in sent_valid]
         summary["checks"] = verify(settings, delivered, events_hw, updates_hw, counts)
+        # A kill leaves no traceback; one in a log is a crash of its own (e.g. a server that could not
+        # start), which the end state alone can hide.
+        tracebacks = {p.stem: p.read_text(errors="replace").count("Traceback (most recent call last)")
+                      for p in sorted((state / "logs").glob("*.log")) if p.stem in PROCESSES}
+        summary["checks"]["logs"] = {"ok": not any(tracebacks.values()), "tracebacks": tracebacks}
         summary["seconds"] = round(time.monotonic() - started, 1)
     # 503 is the documented "not ready" answer while a restarted server opens the index; any other
     # 5xx is a failure.
