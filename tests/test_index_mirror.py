@@ -56,7 +56,7 @@ def test_mirror_tracks_deltas_deletes_growth_and_full_passes(tmp_path):
 
 def _slots_point_at_current_codes(index: LmdbIndex, expect_cluster_ordered: bool | None = None) -> None:
     """Every posting-list member's code slot holds that row's current int8 codes and prior."""
-    from mfli.retrieval.kernels import quantize_rows
+    from mfli.retrieval.base import quantize_rows
 
     with index.view() as view:
         dense = view.dense()
@@ -160,7 +160,7 @@ def test_mirror_serves_posting_lists_and_paths_exactly_as_lmdb(tmp_path):
             for got, want in zip(a.paths_clusters(every_path), b.paths_clusters(every_path)):
                 np.testing.assert_array_equal(got, want)
 
-    from mfli.retrieval.kernels import quantize_rows
+    from mfli.retrieval.base import quantize_rows
 
     same()
     for version in range(2, 8):

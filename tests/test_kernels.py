@@ -10,14 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mfli.retrieval.base import DenseColumns, Query, pool_query
+from mfli.retrieval.base import DenseColumns, Query, pool_query, quantize_rows
 from mfli.retrieval.kernels import (
     beam_paths,
     FACET_SHIFT,
     gather_members,
     lookup_paths,
     pool_rows,
-    quantize_rows,
     top_voted_clusters,
     unique_pairs,
 )

@@ -8,7 +8,7 @@ an ``argpartition`` and a de-duplication, plus ~50 small numpy calls around them
 * one fused pass from the dense arrays (score in place, keep a running top-k, check exclusion and
   duplicates only for rows that would enter it): 784 -> 1,250 q/s at 100k;
 * the trigger histogram, beam search, path lookup, member gather and query pooling compiled too;
-* an int8 first pass (:func:`quantize_rows`, a quarter of the bytes; int8 x int16 products summed in
+* an int8 first pass (:func:`mfli.retrieval.base.quantize_rows`, a quarter of the bytes; int8 x int16 products summed in
   int32, which LLVM turns into ``vpmaddwd``) that keeps a shortlist for an exact float32 rescore;
 * int8 codes laid out posting list by posting list, so a cluster's members are read sequentially
   (the IVF layout; candidate rows are otherwise random cache misses): 100k 4,200 q/s, 1M 3,100 q/s.
@@ -28,7 +28,6 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mfli.retrieval.base import quantize_rows  # noqa: F401 - re-exported: the kernels' input format
 from mfli.retrieval.clusters import FACET_SHIFT
 
 
@@ -98,7 +97,7 @@ def _insert(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v) -> int:
 def rerank_top_k(
     vectors: np.ndarray,  # float32[cap, D] item vectors, facets concatenated
     prior: np.ndarray,  # float32[cap]
-    codes: np.ndarray,  # int8[slots, D] quantised vectors (quantize_rows), by slot
+    codes: np.ndarray,  # int8[slots, D] quantised vectors (base.quantize_rows), by slot
     scale: np.ndarray,  # float32[slots] their scale
     bias: np.ndarray,  # float32[slots] the prior by slot (read next to the codes, not by random row)
     q: np.ndarray,  # float32[D] query, facets concatenated

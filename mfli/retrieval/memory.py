@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfli.retrieval.base import DenseColumns
-from mfli.retrieval.kernels import gather_members, lookup_paths, quantize_rows
+from mfli.retrieval.base import DenseColumns, quantize_rows
+from mfli.retrieval.kernels import gather_members, lookup_paths
 from mfli.retrieval.clusters import FACET_SHIFT, PATH_BITS, FacetClusters, build_facet_clusters
 from mfli.retrieval.snapshot import ItemSnapshot
 

@@ -135,6 +135,9 @@ class LmdbIndexView:
         mirror = index.mirror
         if mirror is not None and mirror.sync(self) and mirror.version == self.version:
             self._m = mirror.arrays
+        m = self._m  # built once per view: a request asks for it several times
+        self._dense = None if m is None or m.vectors.dtype != np.float32 else DenseColumns(
+            m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.bias, m.row_slot)
 
     # --- plumbing ---------------------------------------------------------------------------------------
     def __enter__(self) -> "LmdbIndexView":
@@ -314,10 +317,7 @@ class LmdbIndexView:
 
     def dense(self) -> DenseColumns | None:
         """The mirror's columns at this view's version (float32 storage only), else None."""
-        m = self._m
-        if m is None or m.vectors.dtype != np.float32:
-            return None
-        return DenseColumns(m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.bias, m.row_slot)
+        return self._dense
 
     # --- beyond the protocol ----------------------------------------------------------------------------
     def n_live(self) -> int:
