@@ -73,16 +73,32 @@ def make_producer(kafka: KafkaSettings, bootstrap: str | None = None, **override
     return KafkaProducer(**config)
 
 
-def broker_reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:
-    """True if any bootstrap address accepts a TCP connection (cheap; no Kafka client state)."""
+def _any_broker(bootstrap: str, timeout_s: float, check: Callable[[socket.socket], bool]) -> bool:
+    """True if ``check`` passes on a connection to any bootstrap address (``host:port``, comma-separated)."""
     for address in bootstrap.split(","):
         host, _, port = address.strip().rpartition(":")
         try:
-            with socket.create_connection((host or "localhost", int(port)), timeout=timeout_s):
-                return True
+            with socket.create_connection((host or "localhost", int(port)), timeout=timeout_s) as sock:
+                sock.settimeout(timeout_s)
+                if check(sock):
+                    return True
         except (OSError, ValueError):
             continue
     return False
+
+
+def broker_reachable(bootstrap: str, timeout_s: float = 1.0) -> bool:
+    """True if any bootstrap address accepts a TCP connection (cheap; no Kafka client state)."""
+    return _any_broker(bootstrap, timeout_s, lambda sock: True)
+
+
+_API_VERSIONS_V0 = struct.pack(">hhih", 18, 0, 7, len(b"mfli-health")) + b"mfli-health"  # correlation id 7
+
+
+def _answers_api_versions(sock: socket.socket) -> bool:
+    sock.sendall(struct.pack(">i", len(_API_VERSIONS_V0)) + _API_VERSIONS_V0)
+    head = sock.recv(8, socket.MSG_WAITALL)  # response size, correlation id
+    return len(head) == 8 and struct.unpack(">ii", head)[1] == 7
 
 
 def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
@@ -92,25 +108,7 @@ def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
     handshake from the kernel's listen backlog, and kafka-python's consumer keeps polling quietly for
     ``request_timeout_ms`` and longer. A real request/response is what "the broker is up" means.
     """
-    client = b"mfli-health"
-    request = struct.pack(">hhih", 18, 0, 7, len(client)) + client
-    for address in bootstrap.split(","):
-        host, _, port = address.strip().rpartition(":")
-        try:
-            with socket.create_connection((host or "localhost", int(port)), timeout=timeout_s) as sock:
-                sock.settimeout(timeout_s)
-                sock.sendall(struct.pack(">i", len(request)) + request)
-                head = b""
-                while len(head) < 8:
-                    chunk = sock.recv(8 - len(head))
-                    if not chunk:
-                        break
-                    head += chunk
-                if len(head) == 8 and struct.unpack(">ii", head)[1] == 7:  # size, correlation id
-                    return True
-        except (OSError, ValueError):
-            continue
-    return False
+    return _any_broker(bootstrap, timeout_s, _answers_api_versions)
 
 
 class BrokerHealth:
