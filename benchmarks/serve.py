@@ -23,7 +23,6 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from mfli.retrieval.hnsw import HnswRetriever
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
 from mfli.retrieval.snapshot import ItemSnapshot
+from mfli.supervisor import free_port
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,7 @@ def _parse_wrk(text: str) -> dict[str, float]:
 def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Popen, str]:
     """A real one-worker ``mfli serve`` on a free loopback port over ``root``'s index and users store,
     returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within 120 s)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"), "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
            "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
     proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1", "--port", str(port),

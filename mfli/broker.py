@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 
 from mfli.config import KafkaSettings, Settings
+from mfli.supervisor import free_port
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         raise BrokerError(f"{path} is missing or not executable")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _can_connect(port: int) -> bool:
@@ -120,7 +115,7 @@ class EmbeddedBroker:
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
         last_log = ""
         for attempt in range(1, self.attempts + 1):
-            port = self._fixed_port or _free_port()
+            port = self._fixed_port or free_port()
             url = f"tcp://127.0.0.1:{port}"
             log_file = self._log_path or Path(tempfile.mkstemp(prefix="mfli-tansu-", suffix=".log")[1])
             with open(log_file, "wb") as out:

@@ -7,7 +7,6 @@ and (for the learner) disappears and comes back mid-run — no crash loop, no lo
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,10 @@ from mfli.broker import EmbeddedBroker, ensure_topics
 from mfli.consumers.clients import make_producer
 from mfli.sources.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
+from mfli.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ready(port: int, process: str) -> float | None:
@@ -50,7 +45,7 @@ def _wait(predicate, timeout_s: float) -> bool:
 
 
 def test_processes_wait_for_the_broker_then_work(tmp_path):
-    kafka_port, learner_metrics, indexer_metrics = _free_port(), _free_port(), _free_port()
+    kafka_port, learner_metrics, indexer_metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
            "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
            "MFLI_KAFKA__RECONNECT_BACKOFF_MAX_MS": "1000",
@@ -131,7 +126,7 @@ def test_broker_hang_mid_run_then_recovery_loses_nothing(tmp_path):
     import signal
 
     broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
-    learner_metrics, indexer_metrics = _free_port(), _free_port()
+    learner_metrics, indexer_metrics = free_port(), free_port()
     env = {**os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
            "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
            "MFLI_KAFKA__RECONNECT_BACKOFF_MAX_MS": "1000", "MFLI_KAFKA__REQUEST_TIMEOUT_MS": "5000",

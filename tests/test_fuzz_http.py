@@ -22,10 +22,6 @@ response models the document was generated from.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 from urllib.parse import quote
@@ -37,7 +33,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, write_lmdb
 from mfli.config import load_settings
 from mfli.server.schemas import Health, ItemResponse, RecommendResponse, SimilarResponse
-from test_server_harness import wait_http
+from test_server_harness import serve_process
 
 pytestmark = pytest.mark.slow
 
@@ -46,27 +42,6 @@ N_ITEMS = 1500
 OK_MODELS = {"/v1/recommend": RecommendResponse, "/v1/items/{item_id}": ItemResponse,
              "/v1/items/{item_id}/similar": SimilarResponse, "/readyz": Health}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(index: Path, users: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "MFLI_INDEX__PATH": str(index), "MFLI_INDEX__MAP_SIZE": str(1 << 28),
-           "MFLI_LEARNER__USERS_PATH": str(users), "MFLI_SERVE__PORT": str(port), "MFLI_LOG_LEVEL": "WARNING",
-           "MFLI_SERVE__RECALL_SAMPLE_INTERVAL_S": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    proc.terminate()
-    out, _ = proc.communicate(timeout=20)
-    return out.decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -82,28 +57,16 @@ def catalogue(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ready_server(catalogue):
     s, _ = catalogue
-    proc, base = _serve(s.index.path, s.learner.users_path)
-    try:
-        wait_http(f"{base}/readyz", timeout_s=60)
-        with httpx.Client(base_url=base, timeout=30) as client:
-            yield client
-    finally:
-        out = _stop(proc)
-        assert "Traceback" not in out, out[-3000:]
+    with serve_process(s.index.path, s.learner.users_path, map_size=1 << 28) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
 def empty_server(tmp_path_factory):
     """A server whose index does not exist yet: 503 is then a documented, expected answer."""
     root = tmp_path_factory.mktemp("fuzz-http-empty")
-    proc, base = _serve(root / "none.lmdb", root / "none-users.lmdb")
-    try:
-        wait_http(f"{base}/livez", timeout_s=60)
-        with httpx.Client(base_url=base, timeout=30) as client:
-            yield client
-    finally:
-        out = _stop(proc)
-        assert "Traceback" not in out, out[-3000:]
+    with serve_process(root / "none.lmdb", root / "none-users.lmdb", map_size=1 << 28, wait_path="/livez") as client:
+        yield client
 
 
 # --- strategies from the document -----------------------------------------------------------------------

@@ -1,20 +1,24 @@
-"""Run a real uvicorn server in a background thread on a free loopback port (tests of the server).
-
-Real HTTP over loopback, same app object as ``mfli serve`` builds; only the process boundary differs
-(one test also starts the real ``mfli serve`` subprocess over LMDB).
+"""Real servers for the tests: the app on uvicorn in a background thread (:func:`running`), or the real
+``mfli serve`` subprocess over LMDB stores (:func:`serve_process`), both on a free loopback port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import uvicorn
+
+from mfli.supervisor import free_port
 
 
 @contextmanager
@@ -56,3 +60,27 @@ def wait_http(url: str, timeout_s: float = 30.0, status: int = 200) -> httpx.Res
             last = exc
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer {status} within {timeout_s}s (last error: {last})")
+
+
+@contextmanager
+def serve_process(index: Path, users: Path, map_size: int, wait_path: str = "/readyz",
+                  timeout_s: float = 60.0) -> Iterator[httpx.Client]:
+    """``mfli serve`` (one worker) over ``index``/``users``; yields a client once ``wait_path`` answers 200.
+    On exit the server must stop cleanly and never have logged a traceback."""
+    port = free_port()
+    env = {**os.environ, "MFLI_INDEX__PATH": str(index), "MFLI_INDEX__MAP_SIZE": str(map_size),
+           "MFLI_LEARNER__USERS_PATH": str(users), "MFLI_SERVE__PORT": str(port), "MFLI_LOG_LEVEL": "WARNING",
+           "MFLI_SERVE__RECALL_SAMPLE_INTERVAL_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}{wait_path}", timeout_s=timeout_s)
+        with httpx.Client(base_url=base, timeout=30) as client:
+            yield client
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=20)[0].decode(errors="replace")
+        # uvicorn re-raises SIGTERM after a graceful shutdown, so -SIGTERM is a clean exit too
+        assert proc.returncode in (0, -15), out[-2000:]
+        assert "Traceback" not in out, out[-3000:]

@@ -9,10 +9,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import threading
 
 import httpx
@@ -28,15 +24,10 @@ from mfli.server.lmdb_state import LmdbState
 from mfli.server.service import RecommendService
 from mfli.storage.index_lmdb import LmdbIndex
 from mfli.storage.users_lmdb import UsersStore
-from test_server_harness import wait_http
+from test_server_harness import serve_process
 
 N = 4000
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +44,8 @@ def stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(stores):
     settings, _ = stores
-    port = _free_port()
-    env = {**os.environ, "MFLI_INDEX__PATH": str(settings.index.path), "MFLI_INDEX__MAP_SIZE": str(1 << 30),
-           "MFLI_LEARNER__USERS_PATH": str(settings.learner.users_path), "MFLI_SERVE__PORT": str(port),
-           "MFLI_SERVE__RECALL_SAMPLE_INTERVAL_S": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{base}/readyz", timeout_s=30)
-        with httpx.Client(base_url=base, timeout=10) as client:
-            yield client
-    finally:
-        proc.terminate()
-        out, _ = proc.communicate(timeout=15)
-        # uvicorn re-raises SIGTERM after a graceful shutdown, so -SIGTERM is a clean exit too
-        assert proc.returncode in (0, -15), out.decode()[-2000:]
-        assert b"Traceback" not in out, out.decode()[-2000:]
+    with serve_process(settings.index.path, settings.learner.users_path, map_size=1 << 30) as client:
+        yield client
 
 
 def test_ready_recommend_and_item_over_lmdb(server, stores):
