@@ -23,7 +23,6 @@ from mfli.supervisor import free_port
 pytestmark = pytest.mark.slow
 
 
-
 def _ready(port: int, process: str) -> float | None:
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text

@@ -43,7 +43,6 @@ OK_MODELS = {"/v1/recommend": RecommendResponse, "/v1/items/{item_id}": ItemResp
              "/v1/items/{item_id}/similar": SimilarResponse, "/readyz": Health}
 
 
-
 @pytest.fixture(scope="module")
 def catalogue(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz-http")

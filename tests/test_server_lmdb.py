@@ -29,7 +29,6 @@ from test_server_harness import serve_process
 N = 4000
 
 
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
