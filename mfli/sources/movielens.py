@@ -39,18 +39,21 @@ class Interactions:
     ts: np.ndarray  # int64 epoch milliseconds, non-decreasing
     item_tags: dict[str, list[str]] = field(default_factory=dict)
     item_titles: dict[str, str] = field(default_factory=dict)
+    event_types: np.ndarray | None = None  # object array of str per event, when the source has them
 
     def __len__(self) -> int:
         return len(self.ts)
 
     def iter_events(self, event_type: str = "rating", prefix: str = "") -> Iterator[InteractionEvent]:
-        """Wire events in time order; ``event_id`` is the row number (stable across replays)."""
+        """Wire events in time order; ``event_id`` is the row number (stable across replays).
+
+        ``event_type`` is used when the log has no ``event_types`` column (MovieLens has only ratings)."""
         for i in range(len(self.ts)):
             yield InteractionEvent(
                 event_id=f"{prefix}{self.name}-{i}",
                 user_id=str(self.users[i]),
                 item_id=str(self.items[i]),
-                event_type=event_type,
+                event_type=event_type if self.event_types is None else str(self.event_types[i]),
                 value=float(self.values[i]),
                 ts=int(self.ts[i]),
             )
