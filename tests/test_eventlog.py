@@ -1,6 +1,6 @@
 """Generic event logs: every format parses to the exact columns, bad rows are reported by line and reason,
 wrong mappings fail with the columns that exist, and `load_interactions` still sends directories to the
-MovieLens reader."""
+MovieLens reader. The last tests go through `mfli produce --events`, the last one to a real broker."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import gzip
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mfli.sources import load_interactions, parse_columns
+from mfli.cli import build_parser
+from mfli.sources import load_interactions, parse_columns, spec_from_args
 from mfli.sources.eventlog import BadRow, ColumnMap, EventLogError, EventLogSpec, read_event_log
 
 T0 = 1_700_000_000  # 2023-11-14T22:13:20Z
@@ -256,3 +258,49 @@ def test_parse_columns():
                           ("user=a,user=b", "twice"), ("time=", "needs a column")]:
         with pytest.raises(ValueError, match=message):
             parse_columns(text)
+
+
+def test_produce_parses_event_log_flags(tmp_path):
+    argv = ["produce", "--events", "ev.csv.gz", "--columns", "user=uid,item=iid,time=timestamp,value=",
+            "--time-unit", "s", "--delimiter", r"\t", "--catalogue", "items.csv", "--tags-column", "genres",
+            "--tags-sep", ";", "--max-bad-fraction", "0.2", "--limit", "3"]
+    args = build_parser().parse_args(argv)
+    assert spec_from_args(args) == EventLogSpec(
+        path=Path("ev.csv.gz"), columns=ColumnMap(user="uid", item="iid", time="timestamp", value=None),
+        time_unit="s", delimiter="\t", catalogue=Path("items.csv"), tags_column="genres", tags_sep=";",
+        max_bad_fraction=0.2)
+    assert spec_from_args(build_parser().parse_args(["produce", "--synthetic", "10"])) is None
+    for bad in (["--events", "a.csv", "--movielens", "ml"], ["--events", "a.csv", "--columns", "user"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["produce", *bad])
+    with pytest.raises(ValueError, match=r"--columns only apply to an event log: pass --events FILE"):
+        spec_from_args(build_parser().parse_args(["produce", "--movielens", "ml", "--columns", "time=t"]))
+
+
+def test_produce_events_replays_a_csv_through_the_broker(kafka_settings, tmp_path):
+    from mfli.consumers import EventStream
+
+    from mfli.sources import produce
+
+    events = _write(tmp_path / "shop.csv", "who;what;when;kind\nb;p2;2023-11-14T22:13:21Z;purchase\n"
+                    "a;p1;1700000000;view\n;p3;1700000002;view\na;p2;1700000003;click\n")
+    items = _write(tmp_path / "items.csv", "what,tags\np1,red|big\np2,blue\n")
+    args = build_parser().parse_args([
+        "produce", "--events", str(events), "--columns", "user=who,item=what,time=when,event_type=kind",
+        "--catalogue", str(items), "--max-bad-fraction", "0.5", "--no-progress"])
+    assert produce.run(args, kafka_settings) == 0
+
+    got, items_seen = [], []
+    with EventStream(kafka_settings, group_id=kafka_settings.kafka.learner_group) as consumer:
+        deadline = time.monotonic() + 30
+        while len(got) + len(items_seen) < 5 and time.monotonic() < deadline:
+            batch = consumer.poll_batch(timeout_ms=300)
+            got += batch.events
+            items_seen += batch.items
+    assert sorted((e.event_id, e.user_id, e.item_id, e.event_type, e.value, e.ts) for e in got) == [
+        ("shop-0", "a", "p1", "view", 5.0, T0 * 1000),
+        ("shop-1", "b", "p2", "purchase", 5.0, (T0 + 1) * 1000),
+        ("shop-2", "a", "p2", "click", 5.0, (T0 + 3) * 1000),
+    ]
+    assert sorted((i.item_id, tuple(i.tags), i.created_ts) for i in items_seen) == [
+        ("p1", ("red", "big"), T0 * 1000), ("p2", ("blue",), (T0 + 1) * 1000)]

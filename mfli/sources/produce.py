@@ -1,9 +1,10 @@
-"""``mfli produce``: replay MovieLens files or the synthetic stream into Kafka, in time order.
+"""``mfli produce``: replay MovieLens files, an event log or the synthetic stream into Kafka, in time order.
 
 Items go to ``mfli.items`` keyed by item id and interactions to ``mfli.events`` keyed by user id, so a
 user's events stay ordered within one partition (the learner shards by user later, DESIGN §1). For
 MovieLens the whole catalogue is sent first (each item's ``created_ts`` is its first rating); the
-synthetic stream interleaves catalogue changes where they happen.
+synthetic stream interleaves catalogue changes where they happen. An event log (``--events``, see
+docs/eventlog.md) is replayed like MovieLens: its ``--catalogue`` first, then its interactions by time.
 
 The producer is idempotent with ``acks='all'``: retries cannot duplicate or reorder. ``--rate`` paces
 interactions with an absolute schedule (not per-record sleeps), so the long-run rate is exact even when
@@ -21,6 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from tqdm import tqdm
@@ -28,6 +30,10 @@ from tqdm import tqdm
 from mfli import metrics
 from mfli.config import Settings
 from mfli.events import InteractionEvent, ItemEvent
+from mfli.sources import add_source_arguments, load_interactions, spec_from_args
+
+if TYPE_CHECKING:
+    from mfli.sources.movielens import Interactions
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,11 @@ def movielens_records(path: str | Path, limit: int | None = None) -> tuple[int, 
     """(number of interactions, records): the catalogue as upserts, then interactions by time."""
     from mfli.sources.movielens import load_movielens
 
-    data = load_movielens(path)
+    return interaction_records(load_movielens(path), limit)
+
+
+def interaction_records(data: Interactions, limit: int | None = None) -> tuple[int, Iterator[Record]]:
+    """``movielens_records`` for any loaded source (MovieLens directory or event log)."""
     n = len(data) if limit is None else min(limit, len(data))
 
     def gen() -> Iterator[Record]:
@@ -134,7 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--movielens", metavar="DIR", help="MovieLens directory (ml-1m, ml-100k, ml-latest-small)")
     source.add_argument("--synthetic", metavar="N", type=int, help="N synthetic interactions (default source)")
-    parser.add_argument("--limit", type=int, default=None, help="MovieLens: send at most this many interactions")
+    add_source_arguments(parser, group=source)
+    parser.add_argument("--limit", type=int, default=None,
+                        help="MovieLens or --events: send at most this many interactions")
     parser.add_argument("--rate", type=float, default=None, help="interactions per second (default: as fast as possible)")
     parser.add_argument("--invalid-fraction", type=float, default=0.0, help="share of interactions sent broken")
     parser.add_argument("--bootstrap", default=None, help="host:port, overrides MFLI_KAFKA__BOOTSTRAP_SERVERS")
@@ -145,11 +157,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def warn_unknown_event_types(data: Interactions, accepted: list[str]) -> int:
+    """Log (and count) events whose type the consumers will dead-letter, before they are sent."""
+    if data.event_types is None:
+        return 0
+    ok = set(accepted)
+    unknown = Counter(t for t in data.event_types.tolist() if t not in ok)
+    if unknown:
+        log.warning("%d events have an event_type the consumers reject and will dead-letter (%s); "
+                    "accepted: %s (MFLI_INGEST__EVENT_TYPES)", sum(unknown.values()),
+                    ", ".join(f"{t}: {n}" for t, n in unknown.most_common(5)), ", ".join(accepted))
+    return sum(unknown.values())
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from mfli.broker import ensure_topics
     from mfli.consumers.clients import make_producer
     from mfli.sources.synthetic import SyntheticStream
 
+    try:
+        spec = spec_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     if args.bootstrap:
         settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(
             update={"bootstrap_servers": args.bootstrap})})
@@ -157,9 +187,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not k.bootstrap_servers:
         log.error("no broker: pass --bootstrap or set MFLI_KAFKA__BOOTSTRAP_SERVERS (`mfli broker` starts one)")
         return 2
+    if spec is not None:
+        try:
+            data = load_interactions(spec)
+        except (ValueError, ImportError, OSError) as exc:  # a bad file or mapping: say why, no traceback
+            log.error("%s", exc)
+            return 2
+        warn_unknown_event_types(data, settings.ingest.event_types)
     ensure_topics(k.bootstrap_servers, k, [k.events_topic, k.items_topic, k.dlq_topic])
     if args.movielens:
         total, records = movielens_records(args.movielens, args.limit)
+    elif spec is not None:
+        total, records = interaction_records(data, args.limit)
     else:
         total = args.synthetic if args.synthetic is not None else 100_000
         records = SyntheticStream(args.users, args.items, args.topics, seed=args.seed).records(total)
