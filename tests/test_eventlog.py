@@ -277,6 +277,17 @@ def test_produce_parses_event_log_flags(tmp_path):
         spec_from_args(build_parser().parse_args(["produce", "--movielens", "ml", "--columns", "time=t"]))
 
 
+def test_produce_events_stops_on_a_bad_file_before_touching_the_broker(tmp_path, caplog):
+    from mfli.config import load_settings
+    from mfli.sources import produce
+
+    path = _write(tmp_path / "ev.csv", "uid,iid,t\nu,i,1\n")
+    args = build_parser().parse_args(["produce", "--events", str(path), "--bootstrap", "127.0.0.1:9"])
+    with caplog.at_level(logging.ERROR):
+        assert produce.run(args, load_settings()) == 2
+    assert "no column 'user_id', 'item_id', 'ts'; the file has: iid, t, uid" in caplog.text
+
+
 def test_produce_events_replays_a_csv_through_the_broker(kafka_settings, tmp_path):
     from mfli.consumers import EventStream
 
