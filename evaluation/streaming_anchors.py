@@ -27,27 +27,34 @@ ObserveFn = Callable[[np.ndarray, np.ndarray], None]
 
 @dataclass
 class StreamResult:
-    """Per scored event: its index in the stream, its user and its 0-based rank."""
+    """Per scored event: its index in the stream, its user, its 0-based rank (candidates strictly
+    above the target) and how many candidates tie with the target."""
 
     positions: np.ndarray
     users: np.ndarray
     ranks: np.ndarray
+    ties: np.ndarray
     seconds: float
 
-    def metrics(self, ks: Sequence[int] = (20, 50, 100)) -> dict[str, float]:
-        return rank_metrics(self.ranks, ks)
+    def metrics(self, ks: Sequence[int] = (20, 50, 100), pessimistic: bool = False) -> dict[str, float]:
+        """HR@K and NDCG@20; ties count for the target unless ``pessimistic`` (then against it).
+        Count-based scorers (Markov, popularity) tie a lot, so the two can differ by a point."""
+        return rank_metrics(self.ranks + self.ties if pessimistic else self.ranks, ks)
 
 
-def target_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]) -> np.ndarray:
-    """Rank of each target among its row's candidates: items scored strictly above it, minus excluded
-    items scored strictly above it (``excluded`` must not contain the target)."""
+def target_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(rank, ties) of each target among its row's candidates: candidates scored strictly above it,
+    and other candidates scored equal to it (``excluded`` must not contain the target)."""
     rows = np.arange(len(targets))
-    t = scores[rows, targets]
-    above = (scores > t[:, None]).sum(axis=1)
+    t = scores[rows, targets][:, None]
+    above = (scores > t).sum(axis=1)
+    ties = (scores == t).sum(axis=1) - 1
     for r, ex in enumerate(excluded):
         if ex.size:
             above[r] -= int((scores[r, ex] > t[r]).sum())
-    return above
+            ties[r] -= int((scores[r, ex] == t[r]).sum())
+    return above, ties
 
 
 def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int, n_items: int,
@@ -57,10 +64,14 @@ def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int,
     ``score(users, histories)`` returns (len(users), n_items) scores, ``histories[i]`` being user i's
     items before the event (oldest first). ``observe(users, items)`` (optional) learns events: it gets
     the training period once, then each test chunk after the chunk is scored. Chunks hold ``batch``
-    events and end before a user's second event, so a scorer's per-user state is always current;
-    histories and exclusions are exact per event. State shared across users (e.g. a popularity
-    window) is refreshed only between chunks, so ``batch=1`` is the exact protocol for an observing
-    scorer; a frozen scorer can use large chunks.
+    events; with ``observe`` they also end before a user's second event, so a scorer's per-user state
+    is always current. Histories and exclusions are exact per event. State shared across users (e.g.
+    a popularity window) is refreshed only between chunks, so ``batch=1`` is the exact protocol for
+    an observing scorer; a frozen scorer (no ``observe``) can use large chunks.
+
+    Ties count for the target (``StreamResult.ties`` keeps them): a scorer that gives a user a
+    constant row (e.g. a user unknown to a static model) would hit everything, so such a scorer must
+    read ``histories`` (EASE/ALS ``scores_histories``) rather than user rows.
     """
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
@@ -75,11 +86,12 @@ def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int,
         observe(users[:cut], items[:cut])
     positions: list[np.ndarray] = []
     ranks: list[np.ndarray] = []
+    ties: list[np.ndarray] = []
     t0 = time.perf_counter()
     next_log = cut + log_every
     lo = cut
     while lo < users.size:
-        hi = _chunk_end(users, lo, batch)
+        hi = _chunk_end(users, lo, batch) if observe is not None else min(users.size, lo + batch)
         pos, hists, excl = [], [], []
         for p, u, i in zip(range(lo, hi), users[lo:hi].tolist(), items[lo:hi].tolist()):
             h = history.setdefault(u, [])
@@ -95,7 +107,9 @@ def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int,
             sc = score(users[idx], hists)
             if sc.shape != (idx.size, n_items):
                 raise ValueError(f"scorer returned {sc.shape}, expected {(idx.size, n_items)}")
-            ranks.append(target_ranks(sc, items[idx], excl))
+            rank, tie = target_ranks(sc, items[idx], excl)
+            ranks.append(rank)
+            ties.append(tie)
             positions.append(idx)
         if observe is not None:
             observe(users[lo:hi], items[lo:hi])
@@ -103,9 +117,11 @@ def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int,
             log.info("scored up to event %d/%d (%.1fs)", hi, users.size, time.perf_counter() - t0)
             next_log += log_every
         lo = hi
-    pos_all = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64)
-    return StreamResult(positions=pos_all, users=users[pos_all],
-                        ranks=np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64),
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    pos_all = cat(positions)
+    return StreamResult(positions=pos_all, users=users[pos_all], ranks=cat(ranks), ties=cat(ties),
                         seconds=time.perf_counter() - t0)
 
 
