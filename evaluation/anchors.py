@@ -116,7 +116,7 @@ class OnlineMarkov:
         """Each user's latest observed item, -1 if the user has none."""
         users = np.asarray(users, dtype=np.int64)
         out = np.full(users.size, -1, dtype=np.int64)
-        known = users < self._last.size
+        known = (users >= 0) & (users < self._last.size)
         out[known] = self._last[users[known]]
         return out
 

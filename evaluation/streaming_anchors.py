@@ -117,12 +117,13 @@ def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int,
             log.info("scored up to event %d/%d (%.1fs)", hi, users.size, time.perf_counter() - t0)
             next_log += log_every
         lo = hi
-    def cat(parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-    pos_all = cat(positions)
-    return StreamResult(positions=pos_all, users=users[pos_all], ranks=cat(ranks), ties=cat(ties),
+    pos_all = _cat(positions)
+    return StreamResult(positions=pos_all, users=users[pos_all], ranks=_cat(ranks), ties=_cat(ties),
                         seconds=time.perf_counter() - t0)
+
+
+def _cat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def _chunk_end(users: np.ndarray, lo: int, batch: int) -> int:
