@@ -100,7 +100,7 @@ def _update_batch(args, rng, vectors, prior, cb, version: int) -> DeltaBatch:
 
 
 def _movielens_ablation(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
-    from mfli.learner.evaluate import fresh
+    from mfli.evaluation.run import fresh
     from mfli.learner.offline import evaluate_retriever, test_set, user_rows
     from mfli.learner.protocol import temporal_cut
     from mfli.learner.streaming import train

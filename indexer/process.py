@@ -33,6 +33,7 @@ from mfli import metrics
 from mfli.config import Settings
 from mfli.consumers.clients import BrokerHealth, bootstrap_of
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
+from mfli.retrieval.query_model import QueryModel
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,7 @@ class IndexerLoop:
 
         batches: list[DeltaBatch] = []
         codebooks: list[CodebookSnapshot] = []
+        models: list[QueryModel] = []
         offsets: dict[str, int] = {}
         commit = {}
         for tp, records in polled.items():
@@ -279,16 +281,18 @@ class IndexerLoop:
                     continue
                 if isinstance(msg, CodebookSnapshot):
                     codebooks.append(msg)
+                elif isinstance(msg, QueryModel):
+                    models.append(msg)
                 elif len(msg):
                     batches.append(msg)
             offsets[f"{tp.topic}:{tp.partition}"] = records[-1].offset + 1
             commit[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
-        result = writer.apply(DeltaBatch.concat(batches) if batches else None, offsets, codebooks)
+        result = writer.apply(DeltaBatch.concat(batches) if batches else None, offsets, codebooks, models)
         try:
             consumer.commit(commit)  # monitoring only: LMDB holds the offsets that matter
         except Exception as exc:  # noqa: BLE001 - a failed monitoring commit must not stop indexing
             log.debug("kafka offset commit failed: %s", exc)
-        return bool(result.applied or codebooks)
+        return bool(result.applied or codebooks or models)
 
     def _on_stop(self, *_: object) -> None:
         self._stop = True

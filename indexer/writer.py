@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import lmdb
@@ -33,7 +33,8 @@ import orjson
 
 from mfli import metrics
 from mfli.config import IndexSettings, Settings
-from mfli.deltas import CodebookSnapshot, DeltaBatch, ItemDelta
+from mfli.deltas import CodebookSnapshot, DeltaBatch, ItemDelta, encode_model
+from mfli.retrieval.query_model import QueryModel
 from mfli.retrieval.clusters import FacetClusters, path_keys
 from mfli.indexer.mirror import ItemMirror
 from mfli.indexer.postings import edit_postings
@@ -195,6 +196,14 @@ class IndexWriter:
         for key in stale:
             txn.delete(key, db=self.db["cb"])
 
+    def _store_model(self, txn, model: QueryModel) -> None:
+        """Keep the newest query encoder (the server computes request queries with it)."""
+        meta = self.db["meta"]
+        if model.version <= L.unpack_i64(txn.get(b"qm_version", db=meta), default=-1):
+            return  # replayed or stale
+        txn.put(b"qm", encode_model(model), db=meta)
+        txn.put(b"qm_version", L.pack_i64(model.version), db=meta)
+
     def latest_codebook(self) -> tuple[int, np.ndarray] | None:
         with self.env.begin() as txn:
             version = L.unpack_i64(txn.get(b"cb_latest", db=self.db["meta"]), default=-1)
@@ -210,6 +219,7 @@ class IndexWriter:
         deltas: DeltaBatch | list[ItemDelta] | None,
         offsets: dict[str, int] | None = None,
         codebooks: list[CodebookSnapshot] | None = None,
+        models: list[QueryModel] | None = None,
     ) -> ApplyResult:
         """Apply a batch in one write transaction together with the source ``offsets`` it reflects.
 
@@ -225,6 +235,8 @@ class IndexWriter:
             with self.env.begin(write=True) as txn:
                 for snap in codebooks or []:
                     self._store_codebook(txn, snap)
+                for model in models or []:
+                    self._store_model(txn, model)
                 if batch is not None and len(batch):
                     pending = self._apply_batch(txn, batch, now_ms, result)
                 new_offsets = dict(self.offsets)
@@ -258,7 +270,8 @@ class IndexWriter:
         (evaluation and tooling: index a learner state without a broker), then run a full pass."""
         version = max(1, int(snapshot.version))
         live = snapshot.live_rows()
-        self.apply(None, {}, [CodebookSnapshot(version, snapshot.codebooks)])
+        models = [] if snapshot.query_model is None else [replace(snapshot.query_model, version=version)]
+        self.apply(None, {}, [CodebookSnapshot(version, snapshot.codebooks)], models)
         bootstrap, self.auto_bootstrap = self.auto_bootstrap, False
         try:
             for start in range(0, live.size, chunk):

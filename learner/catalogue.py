@@ -99,6 +99,10 @@ class ItemCatalogue:
         data = self.emb[: len(self)] if rows is None else self.emb[torch.as_tensor(rows)]
         return data.view(-1, self.facets, self.dim)
 
+    def live_rows(self) -> np.ndarray:
+        """int64 rows of every live item."""
+        return np.flatnonzero(self.live[: len(self)])
+
     def sample_tag_mates(self, rows: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """For each row with tags, one random live other row sharing one of its tags.
 

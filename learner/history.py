@@ -69,6 +69,54 @@ class UserHistories:
             np.empty(0, dtype=np.float32)
         return np.asarray(flat, dtype=np.int64), offsets, weights.astype(np.float32), lengths > 0
 
+    def advance_windows(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, commit: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like :meth:`advance`, for the sequence encoder: each event's last-H history as a left-padded
+        ``[n, H]`` window of item rows (-1 = padding, newest last), the matching ``[n, H]`` event times
+        (ms) and ``has_history``."""
+        horizon = self.horizon
+        rows = np.full((len(users), horizon), -1, dtype=np.int64)
+        times = np.zeros((len(users), horizon), dtype=np.int64)
+        has = np.zeros(len(users), dtype=bool)
+        store_items, store_ts = self._items, self._ts
+        if not commit:
+            touched = set(users.tolist())
+            store_items = {u: list(self._items[u]) for u in touched}
+            store_ts = {u: list(self._ts[u]) for u in touched}
+        for i, (u, item, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist())):
+            hist, hts = store_items[u], store_ts[u]
+            if hist:
+                has[i] = True
+                rows[i, horizon - len(hist):] = hist
+                times[i, horizon - len(hist):] = hts
+            hist.append(item)
+            hts.append(t)
+            if len(hist) > horizon:
+                del hist[0]
+                del hts[0]
+        return rows, times, has
+
+    def windows_now(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The users' current windows (what their next event will be scored with): rows, times, has."""
+        horizon = self.horizon
+        rows = np.full((len(user_rows), horizon), -1, dtype=np.int64)
+        times = np.zeros((len(user_rows), horizon), dtype=np.int64)
+        for i, u in enumerate(user_rows.tolist()):
+            hist = self._items[u]
+            if hist:
+                rows[i, horizon - len(hist):] = hist
+                times[i, horizon - len(hist):] = self._ts[u]
+        return rows, times, (rows[:, -1] >= 0)
+
+    @staticmethod
+    def keep_only(rows: np.ndarray, times: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Windows with the entries where ``keep`` is False removed and the rest re-left-padded, in order
+        (deleted items leave histories: the server no longer holds their vectors)."""
+        keep = keep & (rows >= 0)
+        order = np.argsort(keep, axis=1, kind="stable")
+        rows, times, keep = (np.take_along_axis(a, order, axis=1) for a in (rows, times, keep))
+        return np.where(keep, rows, -1), np.where(keep, times, 0)
+
     def current(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Histories now (for scoring without learning): flat items, offsets, weights."""
         lengths = np.asarray([len(self._items[u]) for u in user_rows.tolist()], dtype=np.int64)

@@ -20,6 +20,7 @@ from mfli.deltas import CodebookSnapshot, ItemDelta
 from mfli.events import InteractionEvent, ItemEvent
 from mfli.learner.catalogue import ItemCatalogue
 from mfli.learner.counts import DecayedCounts
+from mfli.learner.encoder import QueryTower
 from mfli.learner.history import UserHistories
 from mfli.learner.quantizer import ResidualQuantizer
 from mfli.learner.stepper import Stepper
@@ -65,6 +66,7 @@ class MFLILearner:
         self.changed: dict[int, int] = {}  # row -> newest event ts since the last drain
         self.deleted: set[int] = set()  # rows deleted since the last drain
         self.row_version = np.zeros(0, dtype=np.int64)
+        self.tower = QueryTower(s, self.gen)
         self._stepper = Stepper(self)
 
     # --- streaming API ------------------------------------------------------------------------------
@@ -164,6 +166,27 @@ class MFLILearner:
         items, ts = self.users.items_of(row)
         return [self.items.ids.id_of(r) for r in items], ts
 
+    def user_queries(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(queries ``[n, F, d]``, log gates ``[n, F]``, has_history) for the users' next event, computed
+        from their current windows exactly as training does."""
+        win, win_ts, _ = self.users.windows_now(user_rows)
+        win, win_ts = self.users.keep_only(win, win_ts, self.items.live[np.maximum(win, 0)])
+        has = win[:, -1] >= 0
+        n, s = len(user_rows), self.settings
+        q = np.zeros((n, s.facets, s.dim), np.float32)
+        g = np.full((n, s.facets), -np.log(s.facets), np.float32)
+        if has.any():
+            q[has], g[has] = self.tower.infer(self.items.emb[: len(self.items)], win[has], win_ts[has])
+        return q, g, has
+
+    def window_queries(self, window: np.ndarray, window_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Queries for explicit ``[n, H]`` windows (-1 padded, each with its newest item)."""
+        return self.tower.infer(self.items.emb[: len(self.items)], window, window_ts)
+
+    def query_model(self):
+        """The query encoder's weights as the server runs them (versioned by the learner step)."""
+        return self.tower.query_model(self.step)
+
     def prior(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Popularity prior ``beta * log1p(decayed count)`` (float32)."""
         counts = self.popularity.values(len(self.items))
@@ -183,6 +206,7 @@ class MFLILearner:
             live=self.items.live[:n].copy(),
             version=self.step,
             tags=[self._tag_names(r) for r in range(n)] if with_tags else None,
+            query_model=self.query_model(),
         )
 
     def reset_histories(self) -> None:
@@ -199,6 +223,7 @@ class MFLILearner:
             "changed": dict(self.changed), "deleted": sorted(self.deleted),
             "row_version": self.row_version.copy(),
             "gen": self.gen.get_state(), "rng": self.rng.bit_generator.state,
+            "tower": self.tower.state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -212,3 +237,5 @@ class MFLILearner:
         self.row_version = np.asarray(state["row_version"]).copy()
         self.gen.set_state(state["gen"])
         self.rng.bit_generator.state = state["rng"]
+        if "tower" in state:  # checkpoints from before the query encoder start it afresh
+            self.tower.load_state(state["tower"])

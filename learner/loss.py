@@ -44,3 +44,23 @@ def item_item_softmax(anchor: torch.Tensor, positive: torch.Tensor, temperature:
     target = torch.arange(anchor.shape[0]).expand(anchor.shape[1], -1)
     return F.cross_entropy(logits.reshape(-1, anchor.shape[0]), target.reshape(-1),
                            reduction="none").view(anchor.shape[1], -1).t()
+
+
+def mixture_softmax(q: torch.Tensor, log_gates: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                    pos_logq: torch.Tensor, neg_bias: torch.Tensor, temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the combined score and of each facet alone, on one set of logits.
+
+    The combined logit of an item is ``logsumexp_f(q_f . e_f / tau + log g_f)`` (mixture of softmaxes,
+    the score the server ranks by, :func:`mfli.retrieval.query_model.combine`); the per-facet losses
+    ``[n, F]`` let each facet carry its own objective mixture. Returns (combined ``[n]``, per facet).
+    """
+    qs = q / temperature
+    pos_f = (qs * pos).sum(-1)  # [n, F]
+    neg_f = torch.bmm(qs.transpose(0, 1), neg.permute(1, 2, 0))  # [F, n, k]
+    pos_c = torch.logsumexp(pos_f + log_gates, dim=1) - pos_logq
+    neg_c = torch.logsumexp(neg_f + log_gates.t()[:, :, None], dim=0) + neg_bias  # [n, k]
+    combined = torch.logaddexp(pos_c, torch.logsumexp(neg_c, dim=1)) - pos_c
+    pos_1 = pos_f - pos_logq[:, None]
+    neg_1 = torch.logsumexp(neg_f + neg_bias[None], dim=2).t()
+    return combined, torch.logaddexp(pos_1, neg_1) - pos_1

@@ -39,13 +39,16 @@ def user_rows(learner: MFLILearner, ts: TestSet) -> tuple[list[np.ndarray], list
     return hist, excl, truth
 
 
-def evaluate_retriever(retriever: Retriever, hist, excl, truth, cold: list[set[int]] | None = None
-                       ) -> dict[str, float]:
-    """Recall@20/50/100 of a retriever over the test users (and over their cold truth items)."""
+def evaluate_retriever(retriever: Retriever, hist, excl, truth, cold: list[set[int]] | None = None,
+                       queries: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
+    """Recall@20/50/100 of a retriever over the test users (and over their cold truth items).
+    ``queries``: per user (vectors ``[n, F, d]``, log gates ``[n, F]``) from the learner's encoder."""
     ranked = []
-    for h, e in zip(hist, excl):
-        rec = retriever.recommend(Query(history=h, k=max(KS), exclude=e)) if len(h) or \
-            retriever.name.startswith(("pop", "recent")) else None
+    for n, (h, e) in enumerate(zip(hist, excl)):
+        vec = None if queries is None else queries[0][n]
+        gates = None if queries is None else queries[1][n]
+        rec = retriever.recommend(Query(history=h, k=max(KS), exclude=e, vector=vec, log_gates=gates)) \
+            if len(h) or retriever.name.startswith(("pop", "recent")) else None
         ranked.append([] if rec is None else rec.rows.tolist())
     out = recall_at(ranked, truth)
     if cold is not None:

@@ -27,6 +27,7 @@ import argparse
 import logging
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from kafka.errors import KafkaError
 
 from mfli.consumers.clients import make_producer, wait_for_broker
 from mfli.consumers.stream import Batch, EventStream
-from mfli.deltas import CodebookSnapshot, encode_codebook, encode_deltas
+from mfli.deltas import CodebookSnapshot, encode_codebook, encode_deltas, encode_model
 from mfli.learner.checkpoint import read_checkpoint, save_checkpoint
 from mfli.learner.learner import MFLILearner
 from mfli.storage.users_lmdb import UsersStore
@@ -96,6 +97,7 @@ class LearnerProcess:
         self.topic = settings.kafka.item_updates_topic
         self._clock = 0
         self._codebook_version = -1
+        self._model_step, self._model_sent_at = -1, float("-inf")
         self._window_start: float | None = None  # ingest time of the oldest unpublished batch
         self._last_flush = self._last_ckpt = self._last_trending = time.monotonic()
         self._published_top = np.empty(0, np.int64)
@@ -162,6 +164,7 @@ class LearnerProcess:
                 else:
                     self.learner.changed[d.row] = max(self.learner.changed.get(d.row, -1), d.event_ts or -1)
             self._codebook_version = -1  # resend the codebook too
+            self._model_step, self._model_sent_at = -1, float("-inf")  # and the query encoder
             raise
         self._window_start = None
         self._remember(deltas)
@@ -215,6 +218,13 @@ class LearnerProcess:
             self.producer.send(self.topic, encode_codebook(CodebookSnapshot(version, snapshot.codebooks)),
                                partition=0)
             self._codebook_version = snapshot.version
+        now = time.monotonic()
+        if self.learner.step != self._model_step and \
+                now - self._model_sent_at >= self.settings.learner.model_publish_interval_s:
+            # the query encoder, versioned like everything else on this topic; the server answers with it
+            model = self.learner.query_model()
+            self.producer.send(self.topic, encode_model(replace(model, version=self._next_version())), partition=0)
+            self._model_step, self._model_sent_at = self.learner.step, now
         if deltas:
             version = self._next_version()
             ingest_ms = int((self._window_start or time.time()) * 1000)

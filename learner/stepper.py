@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mfli import metrics
-from mfli.learner.loss import item_item_softmax, negative_bias, sampled_softmax
+from mfli.learner.loss import item_item_softmax, mixture_softmax, negative_bias
 
 if TYPE_CHECKING:
     from mfli.learner.learner import MFLILearner, StepStats
@@ -34,7 +34,9 @@ class Stepper:
         stats = StepStats(events=len(items))
         sec = stats.seconds
         t = time.perf_counter()
-        flat, offsets, weights, has = L.users.advance(users, items, ts)
+        win, win_ts, _ = L.users.advance_windows(users, items, ts)
+        win, win_ts = L.users.keep_only(win, win_ts, cat.live[np.maximum(win, 0)])
+        has = win[:, -1] >= 0
         L.freq.add(items)
         L.popularity.add(items)
         L.events_seen += len(items)
@@ -42,50 +44,59 @@ class Stepper:
         stats.trained = len(sel)
         if len(sel):
             tgt = items[sel]
+            win, win_ts = win[sel], win_ts[sel]
             positive = np.nan_to_num(values[sel], nan=-np.inf) >= s.positive_threshold
-            # negatives: other events' items in the batch (a random subset when the batch is large)
-            neg_pos = np.arange(len(sel)) if len(sel) <= s.negatives else \
-                np.sort(L.rng.choice(len(sel), s.negatives, replace=False))
-            neg_rows = tgt[neg_pos]
+            # negatives: other events' items in the batch (a random subset when the batch is large) and a
+            # uniform sample of the live catalogue shared by the batch
+            n_in = min(len(sel), s.negatives)
+            neg_pos = np.arange(len(sel)) if len(sel) == n_in else \
+                np.sort(L.rng.choice(len(sel), n_in, replace=False))
+            live = cat.live_rows()
+            uni = live[L.rng.integers(0, len(live), s.uniform_negatives)] if s.uniform_negatives else \
+                np.empty(0, np.int64)
             sem_facets = L.weights.get("semantic", torch.zeros(s.facets)) > 0
             sem_anchor_i, sem_mates = (np.empty(0, np.int64),) * 2
             if bool(sem_facets.any()):
-                cand = np.arange(len(sel)) if len(sel) <= s.negatives else neg_pos
+                cand = np.arange(len(sel)) if len(sel) <= max(s.negatives, 1) else neg_pos
                 which, sem_mates = cat.sample_tag_mates(tgt[cand], L.rng)
                 sem_anchor_i = cand[which]
-            all_rows = np.concatenate([tgt, flat, sem_mates])
+            in_window = win >= 0
+            all_rows = np.concatenate([tgt, uni, win[in_window], sem_mates])
             uniq, inv = np.unique(all_rows, return_inverse=True)
             inv_t = torch.from_numpy(inv)
-            n_t, n_h = len(tgt), len(flat)
+            n_t, n_u, n_h = len(tgt), len(uni), int(in_window.sum())
+            widx = np.full(win.shape, -1, dtype=np.int64)
+            widx[in_window] = inv[n_t + n_u:n_t + n_u + n_h]
+            # log-Q: expected copies of an item among the negatives (in-batch by stream frequency, uniform)
             freq = L.freq.values(len(cat))
-            logq = torch.from_numpy(np.log(freq / max(L.freq.clock, 1.0) + _EPS).astype(np.float32))
+            expected = n_in * freq / max(L.freq.clock, 1.0) + len(uni) / max(len(live), 1)
+            logq = torch.from_numpy(np.log(expected + _EPS).astype(np.float32))
             sec["bookkeeping"] += time.perf_counter() - t
 
             t = time.perf_counter()
             uniq_t = torch.from_numpy(uniq)
             sub = cat.emb[uniq_t].clone().requires_grad_(True)
             subn = cat.normalise(sub)
-            # query before each event: weighted sum of normalised history vectors, normalised per facet
-            starts = torch.from_numpy(offsets[:-1][sel])
-            hist_idx = inv_t[n_t:n_t + n_h]
-            hist_w = torch.from_numpy(weights)
-            # keep only the histories of trained events (all events with a history are trained)
-            q = F.embedding_bag(hist_idx, subn, starts, mode="sum", per_sample_weights=hist_w)
-            q = F.normalize(q.view(-1, s.facets, s.dim), dim=2)
+            q, log_gates = L.tower.queries(subn, torch.from_numpy(widx), torch.from_numpy(win_ts), train=True)
             sec["pooling"] += time.perf_counter() - t
 
             t = time.perf_counter()
             e = subn[inv_t[:n_t]].view(-1, s.facets, s.dim)
+            neg_rows = np.concatenate([tgt[neg_pos], uni])
+            negs = torch.cat([e[torch.from_numpy(neg_pos)], subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)])
             pos_logq = logq[torch.from_numpy(tgt)]
-            neg_logq = pos_logq[torch.from_numpy(neg_pos)]
-            bias = negative_bias(torch.from_numpy(tgt), torch.from_numpy(neg_rows), neg_logq)
+            bias = negative_bias(torch.from_numpy(tgt), torch.from_numpy(neg_rows), logq[torch.from_numpy(neg_rows)])
             w_event = L.weights["engagement"][None, :] + \
                 L.weights.get("positive", torch.zeros(s.facets))[None, :] * torch.from_numpy(positive)[:, None].float()
-            ce = sampled_softmax(q, e, e[neg_pos], pos_logq, bias, s.temperature)
-            loss = (ce * w_event).mean(0).sum()
+            combined, ce = mixture_softmax(q, log_gates, e, negs, pos_logq, bias, s.temperature)
+            loss = combined.mean() + s.facet_loss_weight * (ce * w_event).mean(0).sum()
+            if s.facets > 1 and s.load_balance:
+                mean_gate = log_gates.exp().mean(0)
+                loss = loss + s.load_balance * s.facets * (mean_gate * mean_gate).sum()
+            stats.losses["combined/ssm/continuous"] = float(combined.detach().mean())
             stats.losses.update({f"f{f}/ssm/continuous": float(ce[:, f].detach().mean()) for f in range(s.facets)})
             if len(sem_anchor_i) > 1:
-                mates = subn[inv_t[n_t + n_h:]].view(-1, s.facets, s.dim)
+                mates = subn[inv_t[n_t + n_u + n_h:]].view(-1, s.facets, s.dim)
                 sem = item_item_softmax(e[torch.from_numpy(sem_anchor_i)], mates, s.temperature)
                 loss = loss + (sem.mean(0) * L.weights["semantic"]).sum()
                 stats.losses.update({f"f{f}/semantic/continuous": float(sem[:, f].detach().mean())
@@ -102,14 +113,17 @@ class Stepper:
                 loss = loss + F.mse_loss(e_hat, e.detach()) * s.dim + \
                     s.commitment * F.mse_loss(e, e_hat.detach()) * s.dim
                 if s.quantised_loss:
+                    # the index ranks reconstructions' clusters, so the combined score is trained on them too
                     e_hat_n = F.normalize(e_hat, dim=2)
-                    ce_q = sampled_softmax(q, e_hat_n, e_hat_n[neg_pos], pos_logq, bias, s.temperature)
-                    loss = loss + (ce_q * w_event).mean(0).sum()
-                    stats.losses.update({f"f{f}/ssm/quantised": float(ce_q[:, f].detach().mean())
-                                         for f in range(s.facets)})
+                    neg_hat = torch.cat([e_hat_n[torch.from_numpy(neg_pos)],
+                                         F.normalize(rq.reconstruct(rq.encode(negs[len(neg_pos):].detach()), cb), dim=2)])
+                    comb_q, _ = mixture_softmax(q, log_gates, e_hat_n, neg_hat, pos_logq, bias, s.temperature)
+                    loss = loss + comb_q.mean()
+                    stats.losses["combined/ssm/quantised"] = float(comb_q.detach().mean())
             sec["quantisation"] += time.perf_counter() - t
 
             t = time.perf_counter()
+            L.tower.zero_grad()
             loss.backward()
             stats.loss = float(loss.detach())
             sec["backward"] += time.perf_counter() - t
@@ -119,12 +133,14 @@ class Stepper:
                 g = sub.grad
                 cat.acc[uniq_t] += g.pow(2).mean(dim=1)
                 upd = s.learning_rate * g / (cat.acc[uniq_t].sqrt()[:, None] + _EPS)
+                upd[torch.from_numpy(~cat.live[uniq])] = 0  # deleted rows never move
                 new = cat.normalise(sub.detach() - upd)
                 cat.emb[uniq_t] = new
                 if cb is not None and cb.grad is not None:
                     rq.adagrad += cb.grad.pow(2)
                     rq.codebooks -= s.codebook_learning_rate * cb.grad / (rq.adagrad.sqrt() + _EPS)
                 drift = (new - sub.detach()).view(-1, s.facets, s.dim).norm(dim=2).mean(0)
+            L.tower.step()
             L._touch(uniq, int(ts.max()))
             sec["optimiser"] += time.perf_counter() - t
             for f in range(s.facets):
@@ -168,4 +184,5 @@ class Stepper:
         metrics.LEARNER_USERS.set(len(self.lr.users))
         for key, value in stats.losses.items():
             f, objective, kind = key.split("/")
-            metrics.LEARNER_LOSS.labels(facet=f[1:], objective=objective, kind=kind).set(value)
+            metrics.LEARNER_LOSS.labels(facet=f if f == "combined" else f[1:], objective=objective,
+                                        kind=kind).set(value)

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "index": ("mfli.indexer.process", "apply learner deltas to the LMDB index; `index check` verifies it"),
     "serve": ("mfli.server.process", "answer retrieval queries over HTTP from the live LMDB index"),
     "demo": ("mfli.demo", "run everything on an embedded broker with synthetic (or MovieLens) data"),
-    "eval": ("mfli.learner.evaluate", "DESIGN §7 evaluation on a MovieLens-format dataset"),
+    "eval": ("mfli.evaluation.run", "streaming and static evaluation with anchors, on MovieLens or an event log"),
     "bench": ("mfli.benchmarks.cli", "benchmarks: ingest, learn, freshness, index, serve"),
     "chaos": ("mfli.chaos", "fault-injection run: SIGKILL processes mid-stream, prove nothing is lost"),
 }

@@ -102,11 +102,25 @@ class ModelSettings(BaseModel):
     # --- learner internals (issue 3) ---
     # 128 after a measurement on ml-1m (1 pass, batch 1024, same prior): negatives 128/256/512 gave exact
     # R@100 .2580/.2597/.2620 and R@20 .0895/.0904/.0916 at 19.7k/14.7k/7.7k events/s (issue 3 note).
-    negatives: int = Field(128, ge=1, description="in-batch negatives per event (random subset of the batch's items)")
+    negatives: int = Field(128, ge=0, description="in-batch negatives per event (random subset of the batch's items)")
     codebook_learning_rate: float = Field(0.01, gt=0, description="Adagrad step of the RQ codewords")
     level_interval_events: int = Field(10_000, ge=0, description="events between activating successive RQ levels")
     usage_interval_steps: int = Field(10, ge=1, description="steps between codebook usage counts (and dead-code checks)")
     logq_half_life_events: float = Field(200_000, gt=0, description="decay of the log-Q item-frequency estimate")
+    # --- query tower (issue 11) ---
+    query_model: Literal["encoder", "mean"] = Field(
+        "encoder", description="'encoder': causal attention over the last H items (learner/encoder.py); "
+        "'mean': the recency-weighted mean of the history's vectors (the pre-issue-11 query, an ablation)")
+    encoder_heads: int = Field(2, ge=1, description="attention heads of the query encoder")
+    encoder_dropout: float = Field(0.2, ge=0, lt=1)
+    encoder_learning_rate: float = Field(2e-3, gt=0, description="Adam step of the encoder's dense weights")
+    uniform_negatives: int = Field(
+        512, ge=0, description="negatives drawn uniformly from the live catalogue per step (shared by the "
+        "batch), beside the in-batch ones; log-Q corrects for the mixture")
+    facet_loss_weight: float = Field(
+        0.5, ge=0, description="weight of the per-facet objective losses (w[facet, objective]) beside the "
+        "loss on the combined (mixture-of-softmaxes) score; they keep facets distinct")
+    load_balance: float = Field(0.01, ge=0, description="pushes the batch-mean facet gate towards uniform")
 
     @model_validator(mode="after")
     def _weights_shape(self) -> "ModelSettings":
@@ -136,6 +150,9 @@ class LearnerSettings(BaseModel):
         "(freshness p95 2.4 s at 5k items)",
     )
     publish_min_prior_change: float = Field(0.1, ge=0, description="the same for the popularity prior")
+    model_publish_interval_s: float = Field(
+        2.0, gt=0, description="publish the query encoder's weights at most this often (~100 KB each); the "
+        "server computes queries with the newest version it has")
     users_path: Path = Path("var/users.lmdb")
     metrics_port: int = Field(9101, ge=0)
 

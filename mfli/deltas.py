@@ -1,7 +1,8 @@
 """What the learner tells the indexer (topic ``mfli.item-updates``), DESIGN §1 and §4.
 
 The learner publishes, per flush interval, the item rows it changed (coalesced: one delta per item,
-the newest) and a codebook snapshot whenever the codebooks changed. Deltas carry versions so that a
+the newest), a codebook snapshot whenever the codebooks changed, and every few seconds the query
+encoder's weights (the server computes each request's query with them). Deltas carry versions so that a
 replayed delta is a no-op (the indexer ignores a delta whose version is not newer than the stored one).
 The wire encoding lives next to these classes so producer and consumer cannot disagree.
 """
@@ -46,16 +47,21 @@ class CodebookSnapshot:
 #              | f32 prior[n] | u8 deleted[n] | f32 vectors[n, F, d] | i32 codes[n, F, L]
 #              | u32 id_len[n] | UTF-8 ids | u32 tags_len | JSON tags (list per item)
 #   codebook : i64 version | u32 F | u32 L | u32 M | u32 d | f32 codebooks[F, L, M, d]
+#   model    : u32 json_len | JSON {version, facets, dim, heads, tau, params: [[name, shape], ...]}
+#              | f32 parameters, in that order (the query encoder, mfli.retrieval.query_model)
 # All integers and floats little-endian.
 
 import struct as _struct  # noqa: E402
 
 import orjson as _orjson  # noqa: E402
 
+from mfli.retrieval.query_model import QueryModel  # noqa: E402
+
 WIRE_MAGIC = b"MFLI"
 WIRE_FORMAT = 1
 MSG_DELTAS = 1
 MSG_CODEBOOK = 2
+MSG_MODEL = 3
 _HEADER = _struct.Struct("<4sBBH")
 _DELTA_HEAD = _struct.Struct("<IHHHH")
 _CB_HEAD = _struct.Struct("<qIIII")
@@ -151,7 +157,30 @@ def encode_codebook(snapshot: CodebookSnapshot) -> bytes:
     return header + _CB_HEAD.pack(snapshot.version, *cb.shape) + cb.tobytes()
 
 
-def decode_message(payload: bytes) -> DeltaBatch | CodebookSnapshot:
+def encode_model(model: QueryModel) -> bytes:
+    """One wire message holding a version of the query encoder (what the server runs)."""
+    names = sorted(model.weights)
+    head = _orjson.dumps({"version": model.version, "facets": model.facets, "dim": model.dim, "heads": model.heads,
+                          "tau": model.tau, "params": [[n, list(model.weights[n].shape)] for n in names]})
+    return b"".join([_HEADER.pack(WIRE_MAGIC, WIRE_FORMAT, MSG_MODEL, 0), _struct.pack("<I", len(head)), head,
+                     *(np.ascontiguousarray(model.weights[n], dtype="<f4").tobytes() for n in names)])
+
+
+def decode_model(payload: bytes, pos: int = _HEADER.size) -> QueryModel:
+    (length,) = _struct.unpack_from("<I", payload, pos)
+    pos += 4
+    head = _orjson.loads(payload[pos:pos + length])
+    pos += length
+    weights = {}
+    for name, shape in head["params"]:
+        count = int(np.prod(shape))
+        weights[name] = np.frombuffer(payload, dtype="<f4", count=count, offset=pos).reshape(shape).astype(np.float32)
+        pos += 4 * count
+    return QueryModel(version=int(head["version"]), weights=weights, facets=int(head["facets"]), dim=int(head["dim"]),
+                      heads=int(head["heads"]), tau=float(head["tau"]))
+
+
+def decode_message(payload: bytes) -> DeltaBatch | CodebookSnapshot | QueryModel:
     """Inverse of :func:`encode_deltas` / :func:`encode_codebook`; raises ValueError on foreign bytes."""
     if len(payload) < _HEADER.size:
         raise ValueError(f"message of {len(payload)} bytes is shorter than the header")
@@ -159,6 +188,8 @@ def decode_message(payload: bytes) -> DeltaBatch | CodebookSnapshot:
     if magic != WIRE_MAGIC or fmt != WIRE_FORMAT:
         raise ValueError(f"not an mfli item-update message (magic {magic!r}, format {fmt})")
     pos = _HEADER.size
+    if kind == MSG_MODEL:
+        return decode_model(payload, pos)
     if kind == MSG_CODEBOOK:
         version, *shape = _CB_HEAD.unpack_from(payload, pos)
         pos += _CB_HEAD.size

@@ -10,18 +10,27 @@ Conventions
 -----------
 * Items are dense int64 *rows*; mapping to external string ids is the view's job.
 * Item vectors are ``float32[F, d]`` per item, L2-normalised per facet.
-* A query vector is ``float32[F, d]``: per facet, the recency-weighted mean of the history's item
-  vectors, L2-normalised (:func:`pool_query`). Pure numpy so the server never needs torch.
-* The score of an item is ``sum_f q_f . e_f + prior`` (:func:`score`), where ``prior`` is the
-  popularity prior ``beta * log1p(decayed count)`` stored with each item (DESIGN §3).
+* A query is ``float32[F, d]`` (one L2-normalised vector per facet) plus ``float32[F]`` log gates,
+  computed from the history by the learner's published query encoder
+  (:class:`mfli.retrieval.query_model.QueryModel`, numpy, so the server never needs torch), or
+  carried ready-made by the :class:`Query`. Without a model it is the recency-weighted mean of the
+  history's vectors with uniform gates (:func:`pool_query`, the mean-pooling ablation).
+* The score of an item is ``combine_f(q_f . e_f) + prior`` (:func:`score`): the mixture of softmaxes
+  of :func:`mfli.retrieval.query_model.combine` (``q . e`` for one facet), plus the popularity prior
+  ``beta * log1p(decayed count)`` stored with each item.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+from mfli.retrieval.query_model import combine
+
+if TYPE_CHECKING:
+    from mfli.retrieval.query_model import QueryModel
 
 #: facet value used for candidates that came from the trending source or the fallback
 TRENDING_FACET = -1
@@ -36,6 +45,9 @@ class Query:
     exclude: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # rows never returned
     deterministic: bool = True  # top-count clusters instead of sampling in proportion to counts
     seed: int = 0
+    history_ts: np.ndarray | None = None  # int64 ms of each history event (None: all "now")
+    vector: np.ndarray | None = None  # float32[F, d] ready-made query (else computed from the history)
+    log_gates: np.ndarray | None = None  # float32[F] with ``vector``
 
 
 @dataclass
@@ -125,6 +137,9 @@ class IndexView(Protocol):
     def live_rows(self) -> np.ndarray:
         """int64 rows of every indexed (not deleted) item: the universe of exact search."""
 
+    def query_model(self) -> "QueryModel | None":
+        """The published query encoder the index was built for (None before the learner published one)."""
+
     def dense(self) -> "DenseColumns | None":
         """The columns the compiled rerank reads in place, if the view holds them in memory, else None."""
 
@@ -154,10 +169,36 @@ def pool_query(history_vectors: np.ndarray, decay: float) -> np.ndarray:
     return pooled / np.maximum(norms, 1e-12)
 
 
-def score(query_vec: np.ndarray, item_vectors: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """``sum_f q_f . e_f + prior`` for ``float32[n, F, d]`` items → ``float32[n]``."""
-    flat = item_vectors.reshape(item_vectors.shape[0], -1)
-    return flat @ query_vec.reshape(-1) + prior
+def score(query_vec: np.ndarray, item_vectors: np.ndarray, prior: np.ndarray, log_gates: np.ndarray | None = None,
+          tau: float = 0.05) -> np.ndarray:
+    """``combine_f(q_f . e_f) + prior`` for ``float32[n, F, d]`` items → ``float32[n]``."""
+    facets = np.einsum("nfd,fd->nf", item_vectors, query_vec)
+    gates = np.full(facets.shape[1], -np.log(facets.shape[1]), np.float32) if log_gates is None else log_gates
+    return (combine(facets, gates, tau) + prior).astype(np.float32)
+
+
+def uniform_gates(facets: int) -> np.ndarray:
+    return np.full(facets, -np.log(facets), np.float32)
+
+
+def resolve_query(view: "IndexView", query: Query, model: "QueryModel | None", horizon: int, decay: float
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+    """The request's (queries ``[F, d]``, log gates ``[F]``, tau): carried by the query, else the
+    published encoder over the history's vectors, else mean pooling (no model published yet)."""
+    if query.vector is not None:
+        gates = uniform_gates(query.vector.shape[0]) if query.log_gates is None else query.log_gates
+        return (np.asarray(query.vector, np.float32), np.asarray(gates, np.float32),
+                model.tau if model is not None else 0.05)
+    history = np.asarray(query.history, dtype=np.int64)
+    if model is not None and model.weights:
+        recent = history[-model.horizon:]
+        ts = np.zeros(recent.size, np.int64) if query.history_ts is None else \
+            np.asarray(query.history_ts, np.int64)[-model.horizon:]
+        vecs = view.vectors(recent)
+        q, g = model.query(vecs.reshape(recent.size, -1), ts)
+        return q, g, model.tau
+    q = pool_query(view.vectors(history[-horizon:]), decay)
+    return q, uniform_gates(q.shape[0]), model.tau if model is not None else 0.05
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, pool_query, top_k
+from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, resolve_query, top_k
+from mfli.retrieval.query_model import combine
 from mfli.retrieval.learned import empty_recommendation
 
 
@@ -28,16 +29,17 @@ class ExactRetriever:
         self._matrix = np.ascontiguousarray(self.view.vectors(self._rows).reshape(self._rows.size, -1))
         self._prior = self.view.prior(self._rows).astype(np.float32)
 
-    def scores_for(self, history: np.ndarray) -> np.ndarray:
-        """Score of every live row (aligned with ``self._rows``) for a history."""
-        q = pool_query(self.view.vectors(history[-self.history :]), self.recency_decay)
-        return self._matrix @ q.reshape(-1) + self._prior
+    def scores_for(self, query: Query) -> np.ndarray:
+        """Score of every live row (aligned with ``self._rows``) for a request."""
+        q, gates, tau = resolve_query(self.view, query, self.view.query_model(), self.history, self.recency_decay)
+        facets = np.einsum("nfd,fd->nf", self._matrix.reshape(self._rows.size, q.shape[0], -1), q)
+        return (combine(facets, gates, tau) + self._prior).astype(np.float32)
 
     def recommend(self, query: Query) -> Recommendation:
         history = np.asarray(query.history, dtype=np.int64)
         if history.size == 0 or self._rows.size == 0:
             return empty_recommendation(fallback=history.size == 0)
-        scores = self.scores_for(history)
+        scores = self.scores_for(query)
         exclude = np.asarray(query.exclude, dtype=np.int64)
         if exclude.size:
             scores = np.where(np.isin(self._rows, exclude), -np.inf, scores)

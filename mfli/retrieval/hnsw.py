@@ -17,7 +17,8 @@ from __future__ import annotations
 import hnswlib
 import numpy as np
 
-from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, pool_query
+from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, resolve_query
+from mfli.retrieval.query_model import combine
 from mfli.retrieval.learned import empty_recommendation
 
 
@@ -58,18 +59,22 @@ class HnswRetriever:
         history = np.asarray(query.history, dtype=np.int64)
         if history.size == 0 or self._rows.size == 0:
             return empty_recommendation(fallback=history.size == 0)
-        q = pool_query(self.view.vectors(history[-self.history :]), self.recency_decay).reshape(-1)
+        q, gates, tau = resolve_query(self.view, query, self.view.query_model(), self.history, self.recency_decay)
+        # graph search on the linearised mixture (each facet weighted by its gate), exact mixture rescore
+        weights = np.exp(gates - gates.max())
+        q_lin = (q * (weights / weights.sum())[:, None]).reshape(-1) if q.shape[0] > 1 else q.reshape(-1)
         exclude = np.asarray(query.exclude, dtype=np.int64)
         # Over-fetch by the number of excluded rows: hnswlib's filter callback is per-candidate Python.
         want = min(self._rows.size, query.k + exclude.size)
         if want > self.ef:
             self.index.set_ef(want)
-        query_vec = np.append(q, [1.0, 0.0]).astype(np.float32)
+        query_vec = np.append(q_lin, [1.0, 0.0]).astype(np.float32)
         labels, _ = self.index.knn_query(query_vec[None, :], k=want)
         if want > self.ef:
             self.index.set_ef(self.ef)
         found = labels[0]
-        scores = (self._data[found] @ query_vec[:-1]).astype(np.float32)
+        found_vecs = self._data[found][:, :-1].reshape(found.size, q.shape[0], -1)
+        scores = (combine(np.einsum("nfd,fd->nf", found_vecs, q), gates, tau) + self._data[found][:, -1]).astype(np.float32)
         order = np.argsort(-scores, kind="stable")
         rows, scores = self._rows[found[order]], scores[order]
         if exclude.size:

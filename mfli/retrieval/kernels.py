@@ -93,6 +93,18 @@ def _insert(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v) -> int:
     return filled + 1 if filled < size else filled
 
 
+@njit(cache=True, nogil=True, fastmath=True, inline="always")
+def _mixture(dots: np.ndarray, log_gates: np.ndarray, inv_tau: np.float32, tau: float) -> np.float32:
+    """``tau * logsumexp_f(dots_f / tau + log_gates_f)`` (stable: the max is factored out)."""
+    m = np.float32(-np.inf)
+    for f in range(dots.shape[0]):
+        m = max(m, dots[f] * inv_tau + log_gates[f])
+    total = np.float32(0.0)
+    for f in range(dots.shape[0]):
+        total += np.exp(dots[f] * inv_tau + log_gates[f] - m)
+    return np.float32(tau) * (m + np.log(total))
+
+
 @njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
 def rerank_top_k(
     vectors: np.ndarray,  # float32[cap, D] item vectors, facets concatenated
@@ -101,6 +113,8 @@ def rerank_top_k(
     scale: np.ndarray,  # float32[slots] their scale
     bias: np.ndarray,  # float32[slots] the prior by slot (read next to the codes, not by random row)
     q: np.ndarray,  # float32[D] query, facets concatenated
+    log_gates: np.ndarray,  # float32[F] the user's facet gates (query_model.combine)
+    tau: float,  # temperature of the facet mixture
     rows: np.ndarray,  # int64[n] candidate rows, in source order, may repeat
     slots: np.ndarray,  # int64[n] each candidate's slot in ``codes``
     exclude: np.ndarray,  # int64[e] rows never returned, sorted ascending
@@ -109,7 +123,11 @@ def rerank_top_k(
     out_pos: np.ndarray,  # int64[k] out: positions in ``rows`` of the answer, best first
     out_score: np.ndarray,  # float32[k] out: their exact scores
 ) -> int:
-    """Top-k distinct, non-excluded candidates by ``vectors[row] . q + prior[row]``; returns how many.
+    """Top-k distinct, non-excluded candidates by ``combine(facet dots) + prior[row]``; returns how many.
+
+    With one facet the score is ``vectors[row] . q + prior[row]``; with F it is the mixture of
+    softmaxes ``tau * log sum_f exp(q_f . e_f / tau + log_gates[f]) + prior`` (see
+    :func:`mfli.retrieval.query_model.combine`), each facet's dot summed separately.
 
     Pass 1 scores every candidate on its int8 codes (prefetched ahead; sequential when the slots of a
     cluster's members are consecutive) and keeps the ``shortlist`` best;
@@ -126,6 +144,10 @@ def rerank_top_k(
     q16 = np.empty(dim, np.int16)
     for j in range(dim):
         q16[j] = np.int16(np.rint(q[j] / q_scale))
+    n_facets = log_gates.shape[0]
+    fdim = dim // n_facets
+    facet_dot = np.empty(n_facets, np.float32)
+    inv_tau = np.float32(1.0) / np.float32(tau)
     sl_pos = np.empty(shortlist, np.int64)
     sl_score = np.empty(shortlist, np.float32)
     filled = 0
@@ -136,19 +158,35 @@ def rerank_top_k(
                 _prefetch(codes, ahead, j)
         r, slot = rows[i], slots[i]
         c = codes[slot]
-        acc = np.int32(0)
-        for j in range(dim):
-            acc += np.int32(c[j]) * np.int32(q16[j])
-        s = np.float32(np.int32(acc)) * (scale[slot] * q_scale) + bias[slot]  # int32: lets LLVM narrow the sum
+        if n_facets == 1:
+            acc = np.int32(0)
+            for j in range(dim):
+                acc += np.int32(c[j]) * np.int32(q16[j])
+            s = np.float32(np.int32(acc)) * (scale[slot] * q_scale) + bias[slot]  # int32: lets LLVM narrow the sum
+        else:
+            for f in range(n_facets):
+                acc = np.int32(0)
+                for j in range(f * fdim, (f + 1) * fdim):
+                    acc += np.int32(c[j]) * np.int32(q16[j])
+                facet_dot[f] = np.float32(np.int32(acc)) * (scale[slot] * q_scale)
+            s = _mixture(facet_dot, log_gates, inv_tau, tau) + bias[slot]
         if filled < shortlist or s > sl_score[shortlist - 1]:  # the common case never makes the call
             filled = _offer(r, i, s, rows, exclude, sl_pos, sl_score, filled)
     exact = np.empty(filled, np.float32)
     for t in range(filled):
         r = rows[sl_pos[t]]
         v = vectors[r]
-        s = prior[r]
-        for j in range(dim):
-            s += v[j] * q[j]
+        if n_facets == 1:
+            s = prior[r]
+            for j in range(dim):
+                s += v[j] * q[j]
+        else:
+            for f in range(n_facets):
+                acc_f = np.float32(0.0)
+                for j in range(f * fdim, (f + 1) * fdim):
+                    acc_f += v[j] * q[j]
+                facet_dot[f] = acc_f
+            s = _mixture(facet_dot, log_gates, inv_tau, tau) + prior[r]
         exact[t] = s
     m = 0
     for t in range(filled):  # insertion by (-exact, position): the shortlist is small

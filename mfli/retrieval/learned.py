@@ -10,7 +10,11 @@ For a request with trigger items (the user's recent history):
 3. **Trending source**: the items with the highest popularity prior, so recently popular items are
    reachable even when no trigger points at them (DESIGN §3's prior is where much of the recall is).
 4. Gather up to N_k members per chosen cluster, drop excluded rows, rerank the union by the exact score
-   ``sum_f q_f . e_f + prior`` and return the top k with the facet/cluster each came from.
+   (the facet mixture of :func:`~mfli.retrieval.base.score` plus the prior) and return the top k with the
+   facet/cluster each came from.
+
+The query path descends each facet's codebook with *that facet's* query, so the facets' indexes
+return different neighbours when the encoder's facet queries differ.
 
 The class only talks to an :class:`~mfli.retrieval.base.IndexView`, so it runs unchanged over the
 in-memory view (evaluation) and the LMDB view (server).
@@ -28,8 +32,9 @@ from mfli.retrieval.base import (
     IndexView,
     Query,
     Recommendation,
-    pool_query,
+    resolve_query,
     score,
+    uniform_gates,
 )
 
 
@@ -72,6 +77,7 @@ def empty_recommendation(fallback: bool = False) -> Recommendation:
 def finish(
     view: IndexView, q: np.ndarray, rows: np.ndarray, slots: np.ndarray | None, facets: np.ndarray,
     clusters: np.ndarray, ends: np.ndarray, exclude: np.ndarray, k: int,
+    log_gates: np.ndarray | None = None, tau: float = 0.05,
 ) -> Recommendation:
     """Rerank candidates exactly and keep the top k distinct, non-excluded rows (first source wins).
 
@@ -87,13 +93,14 @@ def finish(
     dense = view.dense()
     if dense is None:
         source = np.repeat(np.arange(ends.size), np.diff(ends, prepend=0))
-        return finish_numpy(view, q, rows, facets[source], clusters[source], exclude, k)
+        return finish_numpy(view, q, rows, facets[source], clusters[source], exclude, k, log_gates, tau)
     rows = rows.astype(np.int64, copy=False)
     if slots is None:
         slots = rows + dense.row_slot
     pos, scores = np.empty(k, np.int64), np.empty(k, np.float32)
+    gates = uniform_gates(view.facets) if log_gates is None else np.ascontiguousarray(log_gates, np.float32)
     n = rerank_top_k(dense.vectors, dense.prior, dense.codes, dense.scale, dense.bias,
-                     np.ascontiguousarray(q, np.float32).reshape(-1),
+                     np.ascontiguousarray(q, np.float32).reshape(-1), gates, np.float32(tau),
                      rows, slots, np.unique(exclude.astype(np.int64, copy=False)), k, SHORTLIST_FACTOR * k + 16,
                      pos, scores)
     pos = pos[:n]
@@ -104,7 +111,7 @@ def finish(
 
 def finish_numpy(
     view: IndexView, q: np.ndarray, rows: np.ndarray, facets: np.ndarray, clusters: np.ndarray,
-    exclude: np.ndarray, k: int,
+    exclude: np.ndarray, k: int, log_gates: np.ndarray | None = None, tau: float = 0.05,
 ) -> Recommendation:
     """numpy rerank: gather, score, keep the best few, then drop duplicates and excluded rows.
 
@@ -115,7 +122,7 @@ def finish_numpy(
     """
     if rows.size == 0:
         return empty_recommendation()
-    scores = score(q, view.vectors(rows), view.prior(rows))
+    scores = score(q, view.vectors(rows), view.prior(rows), log_gates, tau)
     m = min(rows.size, (k + exclude.size) * (view.facets + 1))
     head = np.argpartition(-scores, m - 1)[:m] if m < rows.size else np.arange(rows.size)
     head = head[np.lexsort((head, -scores[head]))]  # best first; ties: earliest candidate (source order)
@@ -139,19 +146,23 @@ class LearnedIndexRetriever:
         self.view = view
         self.params = params or LearnedIndexParams()
 
-    def query_vector(self, history: np.ndarray) -> np.ndarray:
-        recent = history[-self.params.history :]
+    def query_vector(self, query: Query) -> tuple[np.ndarray, np.ndarray, float]:
+        """(queries ``[F, d]``, log gates, tau) of the request (:func:`~mfli.retrieval.base.resolve_query`)."""
+        model = self.view.query_model()
         dense = self.view.dense()
-        if dense is not None:  # same pooling, compiled, reading the rows in place
-            return pool_rows(dense.vectors, recent, self.params.recency_decay, self.view.facets)
-        return pool_query(self.view.vectors(recent), self.params.recency_decay)
+        if query.vector is None and (model is None or not model.weights) and dense is not None:
+            # mean pooling (no encoder published), compiled, reading the rows in place
+            recent = np.asarray(query.history, dtype=np.int64)[-self.params.history :]
+            q = pool_rows(dense.vectors, recent, self.params.recency_decay, self.view.facets)
+            return q, uniform_gates(self.view.facets), model.tau if model is not None else 0.05
+        return resolve_query(self.view, query, model, self.params.history, self.params.recency_decay)
 
     def recommend(self, query: Query) -> Recommendation:
         view, p = self.view, self.params
         history = np.asarray(query.history, dtype=np.int64)
         if history.size == 0:
             return self._fallback(query)
-        q = self.query_vector(history)
+        q, gates, tau = self.query_vector(query)
         trig_f, trig_c = self._trigger_clusters(history[-p.history :], query)
         path_f, path_c = self._query_path_clusters(q)
         facets, clusters = unique_pairs(np.concatenate([trig_f, path_f]), np.concatenate([trig_c, path_c]))
@@ -170,7 +181,7 @@ class LearnedIndexRetriever:
         if rows.size == 0:
             return self._fallback(query)
         exclude = np.asarray(query.exclude, dtype=np.int64)
-        return finish(view, q, rows, slots, facets, clusters, np.cumsum(counts), exclude, query.k)
+        return finish(view, q, rows, slots, facets, clusters, np.cumsum(counts), exclude, query.k, gates, tau)
 
     def _trigger_clusters(self, triggers: np.ndarray, query: Query) -> tuple[np.ndarray, np.ndarray]:
         """(facets, clusters) of the K pairs with the most trigger votes, across facets."""

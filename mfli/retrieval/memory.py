@@ -36,6 +36,7 @@ class MemoryIndexView:
         self._flat = np.ascontiguousarray(snapshot.vectors, dtype=np.float32).reshape(snapshot.n_items, -1)
         self._prior = snapshot.prior.astype(np.float32, copy=False)
         self._codebooks = snapshot.codebooks
+        self._query_model = snapshot.query_model
         live = snapshot.live_rows()
         self._live = live
         self._assign = np.full((snapshot.n_items, self.facets), -1, dtype=np.int64)
@@ -115,6 +116,9 @@ class MemoryIndexView:
     def paths_clusters(self, paths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Batched :meth:`path_clusters` for paths ``[F, p, L]`` of every facet: (facets, clusters)."""
         return lookup_paths(self._path_key, self._path_ptr, self._path_ids, paths, PATH_BITS)
+
+    def query_model(self):
+        return self._query_model
 
     def codebooks(self) -> np.ndarray:
         return self._codebooks

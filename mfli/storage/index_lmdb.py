@@ -295,6 +295,15 @@ class LmdbIndexView:
 
         return self._index.cached("codebooks", version, load)
 
+    def query_model(self):
+        """The newest published query encoder (None before the learner published one)."""
+        from mfli.deltas import decode_model
+
+        version = L.unpack_i64(self._get("meta", b"qm_version"), default=-1)
+        if version < 0:
+            return None
+        return self._index.cached("query_model", version, lambda: decode_model(bytes(self._get("meta", b"qm"))))
+
     def path_clusters(self, facet: int, path: tuple[int, ...]) -> np.ndarray:
         key = int(path_keys(np.asarray(path, dtype=np.int64))[0])
         raw = self._get("paths", L.path_key_bytes(facet, key))

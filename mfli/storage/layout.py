@@ -32,7 +32,9 @@ Meta keys: ``index_version`` (i64, bumps on every committed write), ``offsets`` 
 transaction as the state), ``shape`` (JSON ``{"facets", "dim", "levels", "codewords"}``),
 ``cb_latest`` / ``cb_in_use`` (i64 codebook versions: newest stored / used by the current clusters),
 ``clusters_version`` (i64, bumps per full pass), ``full_pass_ts`` (i64 ms), ``live`` (i64 count of
-live items), ``trending`` (int64 rows of the highest-prior live items, descending), ``vec_dtype``.
+live items), ``trending`` (int64 rows of the highest-prior live items, descending), ``vec_dtype``,
+``qm_version`` / ``qm`` (i64 version and wire bytes, :func:`mfli.deltas.encode_model`, of the newest
+query encoder: the server computes request queries with it).
 
 Path keys are the code path in radix 2^15 per level (:func:`mfli.retrieval.clusters.path_keys`),
 independent of the codebook size, which the learner grows with the catalogue.
