@@ -109,16 +109,16 @@ class QueryTower:
     def mean(self) -> bool:
         return self.settings.query_model == "mean"
 
-    def queries(self, rows: torch.Tensor, window: torch.Tensor, window_ts: torch.Tensor, train: bool
+    def queries(self, rows: torch.Tensor, window: torch.Tensor, gaps: torch.Tensor, train: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(queries ``[B, F, d]``, log gates ``[B, F]``) for windows of indices into ``rows``."""
+        """(queries ``[B, F, d]``, log gates ``[B, F]``) for windows of indices into ``rows`` with their
+        time-gap buckets (:func:`~mfli.retrieval.query_model.gap_buckets`)."""
         s = self.settings
         if self.mean:
             w = self._decay[None, -window.shape[1]:] * (window >= 0)
             pooled = (rows[window.clamp(min=0)].view(*window.shape, s.facets, s.dim) * w[:, :, None, None]).sum(1)
             return F.normalize(pooled, dim=2), torch.full((window.shape[0], s.facets), -math.log(s.facets))
         self.encoder.train(train)
-        gaps = torch.from_numpy(gap_buckets(window_ts.numpy()))
         return self.encoder(rows, window, gaps)
 
     @torch.no_grad()
@@ -128,8 +128,8 @@ class QueryTower:
         uniq, inv = np.unique(window[window >= 0], return_inverse=True)
         idx = np.full(window.shape, -1, dtype=np.int64)
         idx[window >= 0] = inv
-        q, g = self.queries(table[torch.from_numpy(uniq)], torch.from_numpy(idx), torch.from_numpy(window_ts),
-                            train=False)
+        q, g = self.queries(table[torch.from_numpy(uniq)], torch.from_numpy(idx),
+                            torch.from_numpy(gap_buckets(window_ts)), train=False)
         return q.numpy(), g.numpy()
 
     def zero_grad(self) -> None:

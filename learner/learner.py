@@ -23,6 +23,7 @@ from mfli.learner.counts import DecayedCounts
 from mfli.learner.encoder import QueryTower
 from mfli.learner.history import UserHistories
 from mfli.learner.quantizer import ResidualQuantizer
+from mfli.learner.replay import ReplayBuffer
 from mfli.learner.stepper import Stepper
 from mfli.retrieval.snapshot import ItemSnapshot
 
@@ -67,6 +68,7 @@ class MFLILearner:
         self.deleted: set[int] = set()  # rows deleted since the last drain
         self.row_version = np.zeros(0, dtype=np.int64)
         self.tower = QueryTower(s, self.gen)
+        self.replay = ReplayBuffer(s.replay_capacity if s.replay_ratio > 0 else 0, s.history)
         self._stepper = Stepper(self)
 
     # --- streaming API ------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class MFLILearner:
             "changed": dict(self.changed), "deleted": sorted(self.deleted),
             "row_version": self.row_version.copy(),
             "gen": self.gen.get_state(), "rng": self.rng.bit_generator.state,
-            "tower": self.tower.state(),
+            "tower": self.tower.state(), "replay": self.replay.state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -239,3 +241,5 @@ class MFLILearner:
         self.rng.bit_generator.state = state["rng"]
         if "tower" in state:  # checkpoints from before the query encoder start it afresh
             self.tower.load_state(state["tower"])
+        if "replay" in state:
+            self.replay.load_state(state["replay"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from mfli import metrics
 from mfli.learner.loss import item_item_softmax, mixture_softmax, negative_bias
+from mfli.retrieval.query_model import gap_buckets
 
 if TYPE_CHECKING:
     from mfli.learner.learner import MFLILearner, StepStats
@@ -44,20 +45,34 @@ class Stepper:
         stats.trained = len(sel)
         if len(sel):
             tgt = items[sel]
-            win, win_ts = win[sel], win_ts[sel]
+            win, gaps = win[sel], gap_buckets(win_ts[sel])
             positive = np.nan_to_num(values[sel], nan=-np.inf) >= s.positive_threshold
+            if s.replay_ratio > 0 and len(L.replay):
+                # recent examples learned again (learner/replay.py); sampled before this batch joins
+                rw, rg, rt, rp = L.replay.sample(int(round(s.replay_ratio * len(sel))), L.rng)
+                rw, rg = L.users.keep_only(rw, rg, cat.live[np.maximum(rw, 0)])
+                ok = (rw[:, -1] >= 0) & cat.live[rt]
+                L.replay.add(win, gaps, tgt, positive)
+                win, gaps = np.concatenate([win, rw[ok]]), np.concatenate([gaps, rg[ok]])
+                tgt, positive = np.concatenate([tgt, rt[ok]]), np.concatenate([positive, rp[ok]])
+            else:
+                L.replay.add(win, gaps, tgt, positive)
             # negatives: other events' items in the batch (a random subset when the batch is large) and a
             # uniform sample of the live catalogue shared by the batch
-            n_in = min(len(sel), s.negatives)
-            neg_pos = np.arange(len(sel)) if len(sel) == n_in else \
-                np.sort(L.rng.choice(len(sel), n_in, replace=False))
             live = cat.live_rows()
-            uni = live[L.rng.integers(0, len(live), s.uniform_negatives)] if s.uniform_negatives else \
-                np.empty(0, np.int64)
+            if s.uniform_negatives >= len(live):
+                # the whole catalogue fits: a full softmax (no sampling, nothing to correct)
+                uni, n_in = live, 0
+            else:
+                uni = live[L.rng.integers(0, len(live), s.uniform_negatives)] if s.uniform_negatives else \
+                    np.empty(0, np.int64)
+                n_in = min(len(tgt), s.negatives)
+            neg_pos = np.arange(len(tgt)) if len(tgt) == n_in else \
+                np.sort(L.rng.choice(len(tgt), n_in, replace=False))
             sem_facets = L.weights.get("semantic", torch.zeros(s.facets)) > 0
             sem_anchor_i, sem_mates = (np.empty(0, np.int64),) * 2
             if bool(sem_facets.any()):
-                cand = np.arange(len(sel)) if len(sel) <= max(s.negatives, 1) else neg_pos
+                cand = np.arange(len(tgt)) if len(tgt) <= max(s.negatives, 1) else neg_pos
                 which, sem_mates = cat.sample_tag_mates(tgt[cand], L.rng)
                 sem_anchor_i = cand[which]
             in_window = win >= 0
@@ -69,7 +84,7 @@ class Stepper:
             widx[in_window] = inv[n_t + n_u:n_t + n_u + n_h]
             # log-Q: expected copies of an item among the negatives (in-batch by stream frequency, uniform)
             freq = L.freq.values(len(cat))
-            expected = n_in * freq / max(L.freq.clock, 1.0) + len(uni) / max(len(live), 1)
+            expected = n_in * freq / max(L.freq.clock, 1.0) + min(1.0, len(uni) / max(len(live), 1))
             logq = torch.from_numpy(np.log(expected + _EPS).astype(np.float32))
             sec["bookkeeping"] += time.perf_counter() - t
 
@@ -77,7 +92,7 @@ class Stepper:
             uniq_t = torch.from_numpy(uniq)
             sub = cat.emb[uniq_t].clone().requires_grad_(True)
             subn = cat.normalise(sub)
-            q, log_gates = L.tower.queries(subn, torch.from_numpy(widx), torch.from_numpy(win_ts), train=True)
+            q, log_gates = L.tower.queries(subn, torch.from_numpy(widx), torch.from_numpy(gaps), train=True)
             sec["pooling"] += time.perf_counter() - t
 
             t = time.perf_counter()

@@ -121,6 +121,10 @@ class ModelSettings(BaseModel):
         0.5, ge=0, description="weight of the per-facet objective losses (w[facet, objective]) beside the "
         "loss on the combined (mixture-of-softmaxes) score; they keep facets distinct")
     load_balance: float = Field(0.01, ge=0, description="pushes the batch-mean facet gate towards uniform")
+    replay_ratio: float = Field(
+        0.0, ge=0, description="recent examples replayed per new event in each step (learner/replay.py); "
+        "0 = off")
+    replay_capacity: int = Field(100_000, ge=0, description="newest training examples the replay buffer holds")
 
     @model_validator(mode="after")
     def _weights_shape(self) -> "ModelSettings":

@@ -140,7 +140,7 @@ class Monitor:
                 self._looks.pop(user, None)  # re-looked next tick; never measured against a stale look
                 continue
             budget -= 1
-            self._looks[user] = self._look(state, rows, newest)
+            self._looks[user] = self._look(state, rows, ts, newest)
         for user in list(self._looks):
             if user not in self._recent:
                 del self._looks[user]
@@ -148,8 +148,8 @@ class Monitor:
             if window:
                 PREQUENTIAL_RECALL.labels(source).set(sum(window) / len(window))
 
-    def _look(self, state: ReadState, rows: np.ndarray, newest: int) -> _Look:
-        index = self.service.rows_for(state, rows, self.k, "index")
+    def _look(self, state: ReadState, rows: np.ndarray, ts: np.ndarray, newest: int) -> _Look:
+        index = self.service.rows_for(state, rows, self.k, "index", ts)
         popular = state.view.trending(self.k + rows.size)
         popular = popular[~np.isin(popular, rows)][: self.k]
         return _Look(newest, int(rows.size), set(index.tolist()), set(popular.tolist()))
@@ -161,10 +161,10 @@ class Monitor:
             found = state.history(user)
             if found is None or found[0].size == 0:
                 continue
-            exact = self.service.rows_for(state, found[0], self.k, "exact")
+            exact = self.service.rows_for(state, found[0], self.k, "exact", found[1])
             if exact.size == 0:
                 continue
-            index = self.service.rows_for(state, found[0], self.k, "index")
+            index = self.service.rows_for(state, found[0], self.k, "index", found[1])
             self.recalls.append(np.intersect1d(index, exact).size / exact.size)
         if self.recalls:
             INDEX_RECALL.labels(str(self.k)).set(sum(self.recalls) / len(self.recalls))

@@ -80,11 +80,15 @@ class RecommendService:
         return bound
 
     def retrieve(self, state: ReadState, history: np.ndarray, exclude: np.ndarray, k: int, mode: str,
-                 deterministic: bool = True, seed: int = 0) -> Answer:
-        """Index or exact answer; users without usable history get the popular + fresh fallback."""
+                 deterministic: bool = True, seed: int = 0, history_ts: np.ndarray | None = None) -> Answer:
+        """Index or exact answer; users without usable history get the popular + fresh fallback.
+
+        The query is the learner's encoder (published weights, :mod:`mfli.retrieval.query_model`) over
+        the history's vectors and event times, computed here per request."""
         if history.size == 0:
             return self.fallback(state, exclude, k)
-        query = Query(history=history, k=k, exclude=exclude, deterministic=deterministic, seed=seed)
+        query = Query(history=history, k=k, exclude=exclude, deterministic=deterministic, seed=seed,
+                      history_ts=history_ts)
         if mode == "exact":
             rec = self.exact(state).recommend(query)
             sources = ["exact"] * rec.rows.size
@@ -125,20 +129,22 @@ class RecommendService:
     # --- routes ---------------------------------------------------------------------------------------
     def recommend(self, state: ReadState, user_id: str | None, triggers: list[str], exclude_ids: list[str],
                   k: int, mode: str, deterministic: bool) -> dict:
-        history = np.empty(0, np.int64)
+        history, history_ts = np.empty(0, np.int64), np.empty(0, np.int64)
         if user_id is not None:
             found = state.history(user_id)
             if found is not None:
-                history = found[0]
+                history, history_ts = found
         unknown: list[str] = []
         if triggers:
+            # trigger items count as engaged now, after the stored history (newest last)
             trig_rows, unknown = state.rows_of(triggers)
             history = np.concatenate([history, trig_rows])
+            history_ts = np.concatenate([history_ts, np.full(trig_rows.size, _now_ms(), np.int64)])
         exclude = history
         if exclude_ids:
             extra, _ = state.rows_of(exclude_ids)  # unknown ids cannot be returned anyway
             exclude = np.concatenate([exclude, extra])
-        answer = self.retrieve(state, history, exclude, k, mode, deterministic)
+        answer = self.retrieve(state, history, exclude, k, mode, deterministic, history_ts=history_ts)
         out = self.render(state, answer, mode)
         out.update(user_id=user_id, fallback=answer.fallback, unknown_items=unknown)
         return out
@@ -147,7 +153,7 @@ class RecommendService:
         rows, _ = state.rows_of([item_id])
         if rows.size == 0:
             raise NotFound(f"unknown item_id {item_id!r}")
-        answer = self.retrieve(state, rows, rows, k, mode)
+        answer = self.retrieve(state, rows, rows, k, mode, history_ts=np.full(rows.size, _now_ms(), np.int64))
         out = self.render(state, answer, mode)
         out["item_id"] = item_id
         return out
@@ -175,12 +181,17 @@ class RecommendService:
         return {"items": items, "mode": mode, "candidates": answer.candidates, "index_version": state.index_version}
 
     # --- used by the monitors -------------------------------------------------------------------------
-    def rows_for(self, state: ReadState, history: np.ndarray, k: int, mode: str) -> np.ndarray:
+    def rows_for(self, state: ReadState, history: np.ndarray, k: int, mode: str,
+                 history_ts: np.ndarray | None = None) -> np.ndarray:
         """Rows we would serve for a history (no metrics side effects beyond candidates)."""
         if history.size == 0:
             return state.view.trending(k)
-        query = Query(history=history, k=k, exclude=history)
+        query = Query(history=history, k=k, exclude=history, history_ts=history_ts)
         if mode == "exact":
             return self.exact(state).recommend(query).rows
         rec: Recommendation = LearnedIndexRetriever(state.view, self.params).recommend(query)
         return rec.rows
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
