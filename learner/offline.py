@@ -1,8 +1,7 @@
 """Static (train, then test) scoring for ``mfli eval``: every method answers the same ``Query``.
 
 The learned index, exact search and hnswlib run over one :class:`ItemSnapshot`; the popularity
-baselines are counts over the training period (whole, or its last 5 % / 20 %). The prior's beta and
-half-life are tuned here on a validation slice cut from the *training* period (DESIGN §3).
+baselines are counts over the training period (whole, or its last 5 % / 20 %).
 """
 
 from __future__ import annotations
@@ -11,11 +10,9 @@ import logging
 
 import numpy as np
 
-from mfli.learner.counts import decayed_counts
 from mfli.learner.learner import MFLILearner
-from mfli.learner.protocol import KS, TestSet, build_test_set, rank_excluding, recall_at
+from mfli.learner.protocol import KS, TestSet, build_test_set, recall_at
 from mfli.retrieval.base import Query, Retriever
-from mfli.retrieval.snapshot import ItemSnapshot
 from mfli.sources.movielens import Interactions
 
 log = logging.getLogger(__name__)
@@ -56,40 +53,6 @@ def evaluate_retriever(retriever: Retriever, hist, excl, truth, cold: list[set[i
         out.update({f"cold_{k}": v for k, v in
                     recall_at([ranked[i] for i in keep], [cold[i] for i in keep]).items()})
     return out
-
-
-def exact_recall_fast(snap: ItemSnapshot, prior: np.ndarray, hist, excl, truth, decay: float,
-                      horizon: int) -> dict[str, float]:
-    """Vectorised exact search (for the prior grid search): same ranking as ExactRetriever."""
-    n = snap.n_items
-    flat = snap.vectors.reshape(n, -1)
-    users = [i for i, h in enumerate(hist) if len(h)]
-    q = np.zeros((len(users), flat.shape[1]), dtype=np.float32)
-    for j, i in enumerate(users):
-        h = hist[i][-horizon:]
-        w = decay ** np.arange(len(h) - 1, -1, -1, dtype=np.float32)
-        pooled = np.einsum("h,hfd->fd", w, snap.vectors[h])
-        q[j] = (pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)).reshape(-1)
-    scores = q @ flat.T + prior[None, :]
-    scores[:, ~snap.live] = -np.inf
-    ranked: list[list[int]] = [[] for _ in hist]
-    for j, i in enumerate(users):
-        ranked[i] = rank_excluding(scores[j], excl[i], max(KS)).tolist()
-    return recall_at(ranked, truth)
-
-
-def tune_prior(snap: ItemSnapshot, train_item_rows: np.ndarray, hist, excl, truth, decay: float,
-               horizon: int, betas: list[float], half_lives: list[float]) -> tuple[float, float, list[dict]]:
-    """Grid search of (beta, half-life) by mean recall@20/50/100 on the validation users."""
-    table = []
-    for hl in half_lives:
-        counts = decayed_counts(train_item_rows, snap.n_items, hl)
-        for beta in betas:
-            r = exact_recall_fast(snap, (beta * np.log1p(counts)).astype(np.float32), hist, excl, truth,
-                                  decay, horizon)
-            table.append({"beta": beta, "half_life": hl, **r})
-    best = max(table, key=lambda row: np.mean([row[f"recall@{k}"] for k in KS]))
-    return best["beta"], best["half_life"], table
 
 
 def popularity_scores(learner: MFLILearner, data: Interactions, lo: int, hi: int) -> np.ndarray:

@@ -129,10 +129,12 @@ class Stepper:
                     s.commitment * F.mse_loss(e, e_hat.detach()) * s.dim
                 if s.quantised_loss:
                     # the index ranks reconstructions' clusters, so the combined score is trained on them too
+                    # in-batch negatives only (the batch's own reconstructions): re-encoding a large uniform
+                    # sample every step doubled the step time
                     e_hat_n = F.normalize(e_hat, dim=2)
-                    neg_hat = torch.cat([e_hat_n[torch.from_numpy(neg_pos)],
-                                         F.normalize(rq.reconstruct(rq.encode(negs[len(neg_pos):].detach()), cb), dim=2)])
-                    comb_q, _ = mixture_softmax(q, log_gates, e_hat_n, neg_hat, pos_logq, bias, s.temperature)
+                    t_rows = torch.from_numpy(tgt)
+                    in_batch = negative_bias(t_rows, t_rows, pos_logq)
+                    comb_q, _ = mixture_softmax(q, log_gates, e_hat_n, e_hat_n, pos_logq, in_batch, s.temperature)
                     loss = loss + comb_q.mean()
                     stats.losses["combined/ssm/quantised"] = float(comb_q.detach().mean())
             sec["quantisation"] += time.perf_counter() - t

@@ -138,13 +138,14 @@ def test_usage_stats():
 
 @pytest.mark.slow
 def test_eval_writes_an_html_report(tmp_path):
-    from mfli.learner import evaluate
+    from mfli.evaluation import run as evaluate
 
     data = tmp_path / "synthetic-ml"
     _write_synthetic_movielens(data, 6_000)
     out = tmp_path / "report.html"
-    args = argparse.Namespace(dataset=str(data), passes=1, batch=512, json=str(tmp_path / "r.json"), plot=None,
-                              report=str(out), ablations=False, no_prequential=False, beta=1.0, half_life=1e6)
+    args = argparse.Namespace(dataset=str(data), batch=512, json=str(tmp_path / "r.json"), plot=None,
+                              report=str(out), ablations=False, no_static=False, sasrec_epochs=1, bootstrap=100,
+                              beta=0.1, half_life=1e6)
     settings = load_settings(model={"warmup_events": 1_000, "level_interval_events": 1_000, "dim": 16})
     assert evaluate.run(args, settings) == 0
     doc = check_report(out)
