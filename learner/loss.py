@@ -57,6 +57,10 @@ def mixture_softmax(q: torch.Tensor, log_gates: torch.Tensor, pos: torch.Tensor,
     """
     qs = q / temperature
     pos_f = (qs * pos).sum(-1)  # [n, F]
+    if q.shape[1] == 1:  # one facet: the mixture is the facet (gate 0), one softmax does
+        logit = pos_f[:, 0] - pos_logq
+        ce = torch.logaddexp(logit, torch.logsumexp(torch.addmm(neg_bias, qs[:, 0], neg[:, 0].t()), dim=1)) - logit
+        return ce, ce[:, None]
     neg_f = torch.bmm(qs.transpose(0, 1), neg.permute(1, 2, 0))  # [F, n, k]
     pos_c = torch.logsumexp(pos_f + log_gates, dim=1) - pos_logq
     neg_c = torch.logsumexp(neg_f + log_gates.t()[:, :, None], dim=0) + neg_bias  # [n, k]
