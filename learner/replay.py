@@ -49,13 +49,15 @@ class ReplayBuffer:
                 self.positive[slots])
 
     def state(self) -> dict:
+        """The filled slots as laid out (slots ``[0, size)`` are the filled ones, oldest at ``head`` once
+        full), so a restored buffer samples exactly what this one would."""
         k = self.size
-        order = (self.head - k + np.arange(k)) % max(self.capacity, 1)  # oldest first
-        return {"capacity": self.capacity, "window": self.window[order].copy(), "gaps": self.gaps[order].copy(),
-                "target": self.target[order].copy(), "positive": self.positive[order].copy()}
+        return {"head": self.head, "window": self.window[:k].copy(), "gaps": self.gaps[:k].copy(),
+                "target": self.target[:k].copy(), "positive": self.positive[:k].copy()}
 
     def load_state(self, state: dict) -> None:
+        k = min(len(state["target"]), self.capacity)
         self.__init__(self.capacity, self.horizon)
-        window = np.asarray(state["window"])
-        self.add(window[:, -self.horizon:], np.asarray(state["gaps"])[:, -self.horizon:],
-                 np.asarray(state["target"]), np.asarray(state["positive"]))
+        self.window[:k], self.gaps[:k] = state["window"][:k], state["gaps"][:k]
+        self.target[:k], self.positive[:k] = state["target"][:k], state["positive"][:k]
+        self.size, self.head = k, int(state["head"]) % max(self.capacity, 1)
