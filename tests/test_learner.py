@@ -15,7 +15,7 @@ from learner_streams import as_events, clustered_stream
 
 
 def small_settings(**kw) -> ModelSettings:
-    base = dict(dim=16, history=20, warmup_events=2_000, level_interval_events=1_000, negatives=128,
+    base = dict(facets=3, dim=16, history=20, warmup_events=2_000, level_interval_events=1_000, negatives=128,
                 usage_interval_steps=5, dead_code_window=3, seed=3)
     base.update(kw)
     return ModelSettings(**base)
