@@ -20,6 +20,7 @@ Absolute numbers on a shared 2-core machine drift: read the ratios, which are me
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import logging
 import os
 import shutil
@@ -103,6 +104,16 @@ def synthetic_catalogue(n: int, facets: int = 3, dim: int = 64, levels: int = 2,
     prior = (0.3 * np.log1p(rng.pareto(1.5, size=n))).astype(np.float32)
     return ItemSnapshot(item_ids=np.array([f"i{r}" for r in range(n)], dtype=object), vectors=vectors,
                         codes=codes, codebooks=books, prior=prior, live=np.ones(n, bool), version=1)
+
+
+def _encoder(model) -> "QueryModel":
+    """A query encoder of the configured shape (random weights: its cost, not its answers, is measured)."""
+    from mfli.learner.encoder import QueryEncoder
+    from mfli.retrieval.query_model import QueryModel
+
+    enc = QueryEncoder(model.facets * model.dim, model.dim, model.facets, model.history, model.encoder_heads)
+    return QueryModel(version=1, weights=enc.weights(), facets=model.facets, dim=model.dim,
+                      heads=model.encoder_heads, tau=model.temperature)
 
 
 def synthetic_histories(snapshot: ItemSnapshot, users: int, history: int = 50, interests: int = 3,
@@ -344,6 +355,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (saturating run)")
     parser.add_argument("--light-connections", type=int, default=4, help="wrk connections (latency run)")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP end-to-end part")
+    parser.add_argument("--query-model", choices=["encoder", "mean"], default="encoder",
+                        help="publish a query encoder into the index (the server runs it per request, as in "
+                             "production) or leave none (mean pooling, the pre-encoder query)")
 
 
 def run(args: argparse.Namespace, settings) -> dict:
@@ -356,6 +370,8 @@ def run(args: argparse.Namespace, settings) -> dict:
         t0 = time.perf_counter()
         snap = synthetic_catalogue(n, facets=settings.model.facets, dim=settings.model.dim,
                                    levels=settings.model.levels)
+        if args.query_model == "encoder":
+            snap = replace(snap, query_model=_encoder(settings.model))
         log.info("n=%d catalogue built in %.1fs (M=%d)", n, time.perf_counter() - t0, snap.codewords)
         res = in_process(snap, settings, args.k, args.queries, ef_grid)
         tag = f"{n // 1000}k"

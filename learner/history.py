@@ -1,8 +1,8 @@
 """Per-user recent history: the query side of the model, with no per-user parameters.
 
-A user's query in facet f is the recency-weighted pool of the embeddings of their last H engaged items
-(``mfli.retrieval.base.pool_query``). The learner keeps these histories so that every training event is
-scored against the query *before* the event, exactly what the server will compute from the users store.
+A user's queries are the query encoder (``learner/encoder.py``) over their last H engaged items and
+those events' times. The learner keeps these histories so that every training event is scored against
+the query *before* the event, exactly what the server computes from the users store.
 Histories are plain Python lists: appending one event is cheaper than any numpy ring-buffer update.
 """
 
@@ -16,14 +16,11 @@ from mfli.learner.ids import IdMap
 class UserHistories:
     """Last ``H`` (item row, ts) per user, oldest first."""
 
-    def __init__(self, horizon: int, decay: float) -> None:
+    def __init__(self, horizon: int) -> None:
         self.horizon = horizon
-        self.decay = decay
         self.users = IdMap()
         self._items: list[list[int]] = []
         self._ts: list[list[int]] = []
-        # weights for a history of length h are _pow[h-1::-1]: newest weight 1, older decay**k
-        self._pow = (decay ** np.arange(horizon, dtype=np.float64)).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -34,40 +31,6 @@ class UserHistories:
             self._items.append([])
             self._ts.append([])
         return rows
-
-    def advance(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, commit: bool = True
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Append a batch of events in order, returning each event's history *before* it.
-
-        Returns ``(flat_items, offsets, weights, has_history)``: event i's history is
-        ``flat_items[offsets[i]:offsets[i+1]]`` (oldest first) with the matching pooling ``weights``;
-        events of users with no history yet get an empty slice and ``has_history[i] = False``.
-        ``commit=False`` only looks (prequential scoring: the query each event will be trained with).
-        """
-        flat: list[int] = []
-        offsets = np.zeros(len(users) + 1, dtype=np.int64)
-        lengths = np.zeros(len(users), dtype=np.int64)
-        horizon = self.horizon
-        store_items, store_ts = self._items, self._ts
-        if not commit:
-            touched = set(users.tolist())
-            store_items = {u: list(self._items[u]) for u in touched}
-            store_ts = {u: list(self._ts[u]) for u in touched}
-        for i, (u, item, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist())):
-            hist = store_items[u]
-            flat.extend(hist)
-            lengths[i] = len(hist)
-            hist.append(item)
-            hts = store_ts[u]
-            hts.append(t)
-            if len(hist) > horizon:
-                del hist[0]
-                del hts[0]
-        np.cumsum(lengths, out=offsets[1:])
-        pw = self._pow
-        weights = np.concatenate([pw[n - 1::-1] for n in lengths.tolist() if n]) if flat else \
-            np.empty(0, dtype=np.float32)
-        return np.asarray(flat, dtype=np.int64), offsets, weights.astype(np.float32), lengths > 0
 
     def advance_windows(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, commit: bool = True
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,17 +79,6 @@ class UserHistories:
         order = np.argsort(keep, axis=1, kind="stable")
         rows, times, keep = (np.take_along_axis(a, order, axis=1) for a in (rows, times, keep))
         return np.where(keep, rows, -1), np.where(keep, times, 0)
-
-    def current(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Histories now (for scoring without learning): flat items, offsets, weights."""
-        lengths = np.asarray([len(self._items[u]) for u in user_rows.tolist()], dtype=np.int64)
-        offsets = np.zeros(len(user_rows) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = [r for u in user_rows.tolist() for r in self._items[u]]
-        pw = self._pow
-        weights = np.concatenate([pw[n - 1::-1] for n in lengths.tolist() if n]) if flat else \
-            np.empty(0, dtype=np.float32)
-        return np.asarray(flat, dtype=np.int64), offsets, weights.astype(np.float32)
 
     def items_of(self, user_row: int) -> tuple[list[int], list[int]]:
         return list(self._items[user_row]), list(self._ts[user_row])

@@ -55,7 +55,7 @@ class MFLILearner:
         self.gen = torch.Generator().manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)
         self.items = ItemCatalogue(s.facets, s.dim, s.levels)
-        self.users = UserHistories(s.history, s.recency_decay)
+        self.users = UserHistories(s.history)
         self.rq = ResidualQuantizer(s.facets, s.levels, s.dim, s.codewords, s.overuse_penalty,
                                     s.dead_code_window)
         self.freq = DecayedCounts(s.logq_half_life_events)  # log-Q sampling-probability estimate
