@@ -6,7 +6,8 @@ as in ``mfli eval``) and streams the first ``--events`` ratings of the dataset i
 clock covers only the learner (the log is loaded before it starts). Reported: median events/s over
 ``--runs`` runs and the step time broken down by phase (query pooling, forward, backward, optimiser,
 quantisation, bookkeeping) in microseconds per event. ``torch.set_num_threads(2)`` on this 2-core box.
-Target >= 20k events/s, aim 50k.
+Target >= 5k events/s with the sequence encoder, full softmax and replay (issue 11; the mean-pooled
+query of before did 21k).
 """
 
 from __future__ import annotations
@@ -74,6 +75,6 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         "learn", rows,
         params={"dataset": data.name, "events": n, "batch": batch, "runs": args.runs, "threads": args.threads,
                 "facets": settings.model.facets, "dim": settings.model.dim, "negatives": settings.model.negatives},
-        targets={">= 20k events/s": median >= 20_000, "aim >= 50k events/s": median >= 50_000},
+        targets={">= 5k events/s": median >= 5_000},
         notes=["single pass, fresh learner per run; phases are summed StepStats.seconds"],
     )

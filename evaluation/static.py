@@ -56,24 +56,30 @@ def static_eval(learner: MFLILearner, settings: Settings, data: Interactions, cu
         out[r.name] = evaluate_retriever(r, hist, excl, truth, cold, queries=(q, g))
         out[r.name]["seconds"] = round(time.perf_counter() - t, 2)
     if baselines:
-        out.update(_matrix_anchors(learner, data, cut, hist, excl, truth))
+        out.update(_matrix_anchors(learner, data, cut, ts.users, excl, truth))
     out["index_over_exact@100"] = out["index"]["recall@100"] / max(out["exact"]["recall@100"], 1e-12)
     out["_table"] = _table(f"{data.name}: static protocol, {out['test_users']} test users", out)
     return out
 
 
-def _matrix_anchors(learner: MFLILearner, data: Interactions, cut: int, hist, excl, truth) -> dict:
+def _matrix_anchors(learner: MFLILearner, data: Interactions, cut: int, test_ids: list[str], excl, truth) -> dict:
     """EASE (lambda 500) and ALS (64 factors) fitted on the training period, in the learner's row space."""
     users, u_rows = np.unique(data.users[:cut], return_inverse=True)
     i_rows = np.asarray([learner.items.ids.get(i) for i in data.items[:cut].tolist()], np.int64)
     n_items = len(learner.items)
+    # the test users' whole training histories (``hist`` holds only the learner's last H items)
+    full: dict[int, list[int]] = {}
+    for u, i in zip(u_rows.tolist(), i_rows.tolist()):
+        full.setdefault(u, []).append(i)
+    test_users = np.searchsorted(users, np.asarray(test_ids, dtype=users.dtype))
+    histories = [np.asarray(full.get(int(u), []), np.int64) for u in test_users]
     out = {}
     for name, model in (("ease", EASE(500.0)), ("als", ALS(factors=64))):
         t = time.perf_counter()
         model.fit(u_rows, i_rows, len(users), n_items)
         ranked = []
-        for start in range(0, len(hist), 512):
-            chunk = hist[start:start + 512]
+        for start in range(0, len(histories), 512):
+            chunk = histories[start:start + 512]
             scores = model.scores_histories(chunk, n_items)
             for j, sc in enumerate(scores):
                 sc = sc.astype(np.float64)
