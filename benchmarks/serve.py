@@ -158,7 +158,8 @@ def write_lmdb(snapshot: ItemSnapshot, index_path: Path, users_path: Path | None
                 snapshot.prior[rows], ~snapshot.live[rows],
             )
             books = [CodebookSnapshot(snapshot.version, snapshot.codebooks)] if start == 0 else None
-            writer.apply(batch, None, books)
+            models = [snapshot.query_model] if start == 0 and snapshot.query_model is not None else None
+            writer.apply(batch, None, books, models)
         writer.full_pass()
     finally:
         writer.close()
@@ -299,7 +300,7 @@ def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Pop
 
 def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) -> dict:
     """Real LMDB + real ``mfli serve`` (one worker) + wrk on loopback: req/s and p50/p99."""
-    tag = f"{snapshot.n_items // 1000}k"
+    tag = f"{snapshot.n_items // 1000}k" + ("" if snapshot.query_model is not None else " mean-pool")
     if shutil.which("wrk") is None:
         return {"rows": [], "targets": {}, "notes": [f"{tag}: HTTP part skipped: wrk not installed (apt-get install wrk)"]}
     users = 2000
@@ -355,9 +356,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (saturating run)")
     parser.add_argument("--light-connections", type=int, default=4, help="wrk connections (latency run)")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP end-to-end part")
-    parser.add_argument("--query-model", choices=["encoder", "mean"], default="encoder",
+    parser.add_argument("--query-model", choices=["encoder", "mean", "both"], default="encoder",
                         help="publish a query encoder into the index (the server runs it per request, as in "
-                             "production) or leave none (mean pooling, the pre-encoder query)")
+                             "production), leave none (mean pooling, the pre-encoder query), or measure both")
 
 
 def run(args: argparse.Namespace, settings) -> dict:
@@ -366,34 +367,36 @@ def run(args: argparse.Namespace, settings) -> dict:
     rows: list[Row] = []
     targets: dict[str, bool] = {}
     notes: list[str] = []
+    models = ["encoder", "mean"] if args.query_model == "both" else [args.query_model]
     for n in sizes:
         t0 = time.perf_counter()
-        snap = synthetic_catalogue(n, facets=settings.model.facets, dim=settings.model.dim,
-                                   levels=settings.model.levels)
-        if args.query_model == "encoder":
-            snap = replace(snap, query_model=_encoder(settings.model))
-        log.info("n=%d catalogue built in %.1fs (M=%d)", n, time.perf_counter() - t0, snap.codewords)
-        res = in_process(snap, settings, args.k, args.queries, ef_grid)
-        tag = f"{n // 1000}k"
-        hnsw = Row(f"{tag} hnsw qps (ef={res['hnsw_ef']})", res["hnsw_qps"], "queries/s")
-        rows += [
-            Row(f"{tag} learned recall@{args.k}", res["learned_recall"], "ratio"),
-            Row(f"{tag} hnsw recall@{args.k} (ef={res['hnsw_ef']})", res["hnsw_recall"], "ratio"),
-            Row(f"{tag} exact qps", res["exact_qps"], "queries/s"),
-            hnsw,
-            Row(f"{tag} learned qps", res["learned_qps"], "queries/s",
-                note=f"{res['learned_candidates']:.0f} candidates/query").against(hnsw),
-        ]
-        targets[f"{tag} learned >= 1.6x hnsw qps at >= recall"] = bool(
-            res["ratio_learned_over_hnsw"] >= 1.6 and res["hnsw_reached_recall"] is False
-            or res["ratio_learned_over_hnsw"] >= 1.6 and res["learned_recall"] >= res["hnsw_recall"] - 0.005
-        )
-        notes.append(f"{tag}: index build {res['build_index_s']:.1f}s, hnsw build {res['build_hnsw_s']:.1f}s")
-        if not args.no_http:
-            http = http_end_to_end(snap, settings, args)
-            rows += http["rows"]
-            targets.update(http["targets"])
-            notes += http["notes"]
-        del snap
+        base_snap = synthetic_catalogue(n, facets=settings.model.facets, dim=settings.model.dim,
+                                        levels=settings.model.levels)
+        log.info("n=%d catalogue built in %.1fs (M=%d)", n, time.perf_counter() - t0, base_snap.codewords)
+        for qm in models:
+            snap = replace(base_snap, query_model=_encoder(settings.model)) if qm == "encoder" else base_snap
+            res = in_process(snap, settings, args.k, args.queries, ef_grid)
+            tag = f"{n // 1000}k" + ("" if qm == "encoder" else " mean-pool")
+            hnsw = Row(f"{tag} hnsw qps (ef={res['hnsw_ef']})", res["hnsw_qps"], "queries/s")
+            rows += [
+                Row(f"{tag} learned recall@{args.k}", res["learned_recall"], "ratio"),
+                Row(f"{tag} hnsw recall@{args.k} (ef={res['hnsw_ef']})", res["hnsw_recall"], "ratio"),
+                Row(f"{tag} exact qps", res["exact_qps"], "queries/s"),
+                hnsw,
+                Row(f"{tag} learned qps", res["learned_qps"], "queries/s",
+                    note=f"{res['learned_candidates']:.0f} candidates/query").against(hnsw),
+            ]
+            targets[f"{tag} learned >= 1.6x hnsw qps at >= recall"] = bool(
+                res["ratio_learned_over_hnsw"] >= 1.6 and res["hnsw_reached_recall"] is False
+                or res["ratio_learned_over_hnsw"] >= 1.6 and res["learned_recall"] >= res["hnsw_recall"] - 0.005
+            )
+            notes.append(f"{tag}: index build {res['build_index_s']:.1f}s, hnsw build {res['build_hnsw_s']:.1f}s")
+            if not args.no_http:
+                http = http_end_to_end(snap, settings, args)
+                rows += http["rows"]
+                targets.update(http["targets"])
+                notes += http["notes"]
+            del snap
+        del base_snap
     return result("serve", rows, params={"items": sizes, "k": args.k, "queries": args.queries}, targets=targets,
                   notes=notes)
