@@ -108,12 +108,10 @@ def synthetic_catalogue(n: int, facets: int = 3, dim: int = 64, levels: int = 2,
 
 def _encoder(model) -> "QueryModel":
     """A query encoder of the configured shape (random weights: its cost, not its answers, is measured)."""
-    from mfli.learner.encoder import QueryEncoder
     from mfli.retrieval.query_model import QueryModel
 
-    enc = QueryEncoder(model.facets * model.dim, model.dim, model.facets, model.history, model.encoder_heads)
-    return QueryModel(version=1, weights=enc.weights(), facets=model.facets, dim=model.dim,
-                      heads=model.encoder_heads, tau=model.temperature)
+    return replace(QueryModel.random(model.facets, model.dim, model.history, model.encoder_heads, model.temperature),
+                   version=1)
 
 
 def synthetic_histories(snapshot: ItemSnapshot, users: int, history: int = 50, interests: int = 3,

@@ -99,3 +99,13 @@ def test_compiled_rerank_ranks_by_the_facet_mixture():
         vec = view.vectors(rec.rows)
         expect = combine(np.einsum("nfd,fd->nf", vec, q[u]), g[u], learner.settings.temperature) + view.prior(rec.rows)
         np.testing.assert_allclose(rec.scores, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_random_model_has_the_encoders_parameters():
+    """Warm-up and the serving benchmark use QueryModel.random (no torch): same names and shapes."""
+    from mfli.learner.encoder import QueryEncoder
+    from mfli.retrieval.query_model import QueryModel
+
+    real = QueryEncoder(3 * 16, 16, 3, 8, 2).weights()
+    fake = QueryModel.random(3, 16, 8, 2).weights
+    assert {k: v.shape for k, v in fake.items()} == {k: v.shape for k, v in real.items()}

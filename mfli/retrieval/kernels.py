@@ -422,6 +422,14 @@ def warm_up() -> float:
     history = np.arange(10, dtype=np.int64)
     LearnedIndexRetriever(view, LearnedIndexParams(clusters_per_request=4, trending=4)).recommend(
         Query(history=history, k=5, exclude=history))
+    # and with a published query encoder (its compiled forward, mfli.retrieval.encoder_kernel)
+    from dataclasses import replace
+
+    from mfli.retrieval.query_model import QueryModel
+
+    view = MemoryIndexView(replace(snap, query_model=QueryModel.random(facets, dim, 16)), target=8, b_low=2, b_upp=16)
+    LearnedIndexRetriever(view, LearnedIndexParams(clusters_per_request=4, trending=4)).recommend(
+        Query(history=history, k=5, exclude=history, history_ts=np.arange(10, dtype=np.int64) * 1000))
     assemble_members(history, np.array([0, -1], np.int64), np.array([4, 6], np.int64), np.array([False, True]),
                      history, 0)  # the LMDB view's path
     return time.perf_counter() - started
