@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="self-contained HTML report: HR over time, cluster sizes, codebook usage")
     parser.add_argument("--ablations", action="store_true", help="also F=1 and mean pooling, streaming protocol")
     parser.add_argument("--no-static", action="store_true", help="skip the static protocol")
+    parser.add_argument("--static-only", action="store_true", help="only the static protocol (no streaming)")
     parser.add_argument("--sasrec-epochs", type=int, default=12, help="SASRec anchor epochs (0 = skip it)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
     parser.add_argument("--beta", type=float, default=None, help="skip tuning: use this prior weight")
@@ -110,6 +111,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         report["static"] = static_eval(learner, settings, data, cut)
         sys.stdout.write(report["static"].pop("_table"))
     html_stats = None
+    if getattr(args, "static_only", False):
+        return _write(args, report, t0)
     if getattr(args, "report", None):  # the index as it was after training (streaming keeps learning)
         from mfli.report import snapshot_stats
 
@@ -129,16 +132,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         plot_curve(report["prequential"]["curve"], args.plot, f"{data.name}: streaming HR@100")
     if args.ablations:
         report["ablations"] = _ablations(model, settings, data, cut, args, ours)
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    if args.json:
-        with open(args.json, "wb") as fh:
-            fh.write(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    _write(args, report, t0)
     if getattr(args, "report", None):
         from mfli.report import eval_report, write_report
 
         sizes, counts = html_stats
         write_report(args.report, eval_report(report, sizes, (settings.index.b_low, settings.index.b_upp), counts))
         log.info("wrote %s", args.report)
+    return 0
+
+
+def _write(args: argparse.Namespace, report: dict, t0: float) -> int:
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        with open(args.json, "wb") as fh:
+            fh.write(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     return 0
 
 
