@@ -39,6 +39,7 @@ from mfli.benchmarks.report import Row, result
 from mfli.events import InteractionEvent
 from mfli.retrieval.base import Query
 from mfli.retrieval.exact import ExactRetriever
+from mfli.retrieval.query_model import QueryModel
 from mfli.retrieval.hnsw import HnswRetriever
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
@@ -106,10 +107,8 @@ def synthetic_catalogue(n: int, facets: int = 3, dim: int = 64, levels: int = 2,
                         codes=codes, codebooks=books, prior=prior, live=np.ones(n, bool), version=1)
 
 
-def _encoder(model) -> "QueryModel":
+def _encoder(model) -> QueryModel:
     """A query encoder of the configured shape (random weights: its cost, not its answers, is measured)."""
-    from mfli.retrieval.query_model import QueryModel
-
     return replace(QueryModel.random(model.facets, model.dim, model.history, model.encoder_heads, model.temperature),
                    version=1)
 
