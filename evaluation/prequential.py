@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mfli.config import Settings
+from mfli.evaluation.streaming_anchors import target_ranks
 from mfli.learner.learner import MFLILearner
 from mfli.retrieval.base import Query
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
@@ -119,12 +120,7 @@ def tune_prior(learner: MFLILearner, data: Interactions, lo: int, hi: int, batch
             for hl, c in counts.items():
                 logc = np.log1p(c.values(model.shape[1])).astype(np.float32)
                 for b in betas:
-                    sc = model + b * logc[None, :]
-                    t = sc[np.arange(sel.size), tgt]
-                    above = (sc > t[:, None]).sum(axis=1)
-                    for r, e in enumerate(ex):
-                        if e.size:
-                            above[r] -= int((sc[r, e] > t[r]).sum())
+                    above, _ = target_ranks(model + b * logc[None, :], tgt, ex)
                     hits[(b, hl)] += [(above < kk).sum() for kk in (20, 50, 100)]
         total += idx.size
         for c in counts.values():
@@ -146,16 +142,11 @@ def _score_batch(learner: MFLILearner, params: LearnedIndexParams, settings: Set
     if has.any():
         q[has], g[has] = learner.window_queries(win[idx[has]], win_ts[idx[has]])
     snap = learner.snapshot()
-    n = len(snap.item_ids)
     facet_scores = np.einsum("bfd,nfd->bnf", q, snap.vectors)
     exact = combine(facet_scores, g[:, None, :], s.temperature) + snap.prior[None, :]
     exact[:, ~snap.live] = -np.inf
     tgt = items[idx]
-    t = exact[np.arange(idx.size), tgt]
-    above = (exact > t[:, None]).sum(axis=1)
-    for r, ex in enumerate(excl):
-        if ex.size:
-            above[r] -= int((exact[r, ex[ex < n]] > t[r]).sum())
+    above, _ = target_ranks(exact, tgt, excl)
     above[~has] = MISS  # nothing to build a query from
     ranks["exact"].extend(above.tolist())
     if "index" not in ranks:
