@@ -2,7 +2,8 @@
 
 The learner trains :class:`mfli.learner.encoder.QueryEncoder` (torch) and publishes its weights with
 a version; the server must answer with *exactly* that function (no train/serve skew) without
-importing torch, so this module re-implements the forward pass for one window at a time. A parity test
+importing torch, so this module runs the forward pass for one window at a time (compiled, in
+:mod:`mfli.retrieval.encoder_kernel`). A parity test
 (``tests/test_query_model.py``) holds the two equal to 1e-5 on the same weights and history.
 
 Facets combine as a mixture of softmaxes: ``score = tau * log sum_f g_f exp(q_f . e_f / tau)``, with
@@ -13,7 +14,6 @@ softmax is trained on, so training and serving rank identically.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -38,15 +38,6 @@ def combine(facet_scores: np.ndarray, log_gates: np.ndarray, tau: float) -> np.n
     z = facet_scores / tau + log_gates
     m = z.max(axis=-1, keepdims=True)
     return tau * (m[..., 0] + np.log(np.exp(z - m).sum(axis=-1)))
-
-
-def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    c = x - x.mean(axis=-1, keepdims=True)
-    return c / np.sqrt((c * c).mean(axis=-1, keepdims=True) + 1e-5) * w + b
-
-
-def _gelu(x: np.ndarray) -> np.ndarray:
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 @dataclass(frozen=True)
