@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mfli.config import ModelSettings
+
 from conftest import settings_env
 from mfli.supervisor import Supervisor, wait_http
 from prometheus_harness import PrometheusHarness, free_port, require_prometheus
@@ -176,12 +178,14 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
                                  'sum(mfli_index_freshness_seconds_bucket{job="mfli-indexer",le="60.0"})')
             assert beyond == 0, f"{beyond} freshness observations above 60 s"
 
-            util = prom.wait_for("mfli_codebook_utilisation_ratio", lambda r: len(r) == 6, **wait)
+            model = ModelSettings()  # the pipeline runs the defaults: one series per facet (and level)
+            series = model.facets * model.levels
+            util = prom.wait_for("mfli_codebook_utilisation_ratio", lambda r: len(r) == series, **wait)
             assert all(0 < s["value"] <= 1 for s in util), util
             perplexity = prom.query("mfli_codebook_perplexity")
-            assert len(perplexity) == 6 and all(s["value"] >= 1 for s in perplexity)
-            clusters = prom.wait_for("mfli_index_clusters", lambda r: len(r) == 3 and all(s["value"] > 0 for s in r),
-                                     **wait)
+            assert len(perplexity) == series and all(s["value"] >= 1 for s in perplexity)
+            clusters = prom.wait_for("mfli_index_clusters",
+                                     lambda r: len(r) == model.facets and all(s["value"] > 0 for s in r), **wait)
             # unlabelled metrics are exported (as 0) by every process that imports mfli.metrics: ask the owner
             items = prom.scalar('mfli_index_items{job="mfli-indexer"}')
             assert items is not None and items >= ITEMS * 0.9
