@@ -69,13 +69,27 @@ class QueryEncoder(nn.Module):
         pad = window < 0
         idx = window.clamp(min=0)
         dist = torch.arange(h - 1, -1, -1)
-        k = self.wk(x)[idx] + self.pos_k[dist][None] + self.gap_k[gaps]
-        v = self.wv(x)[idx] + self.pos_v[dist][None]
         q0 = x[idx[:, -1]]
+        qh = self.wq(q0)
+        # the logit of position j is q.(k_item + pos_k[dist_j] + gap_k[gap_j]): the position and gap terms
+        # are small [b, H] / [b, G] products, so only the item keys and values are gathered per position
+        # (one gather of both), and per-head bmm scores them without materialising [b, H, d] products
+        kv = torch.cat([self.wk(x), self.wv(x)], dim=1)[idx]  # [b, H, 2d]
+        pos_k, pos_v = self.pos_k[dist], self.pos_v[dist]
         dh = self.dim // self.heads
-        att = (self.wq(q0).view(b, 1, self.heads, dh) * k.view(b, h, self.heads, dh)).sum(-1)
-        att = (att / math.sqrt(dh)).masked_fill(pad[:, :, None], -1e9).softmax(dim=1)
-        o = (self.drop(att)[..., None] * v.view(b, h, self.heads, dh)).sum(1).reshape(b, self.dim)
+        scale = 1.0 / math.sqrt(dh)
+        # split, not slices: a slice's backward writes a zero tensor of the whole [b, H, 2d] per head
+        parts = kv.split(dh, dim=2)
+        q_parts, pk_parts, pv_parts = qh.split(dh, dim=1), pos_k.split(dh, dim=1), pos_v.split(dh, dim=1)
+        g_parts = self.gap_k.split(dh, dim=1)
+        outs = []
+        for hd in range(self.heads):
+            qi = q_parts[hd]
+            logit = torch.bmm(parts[hd], qi.unsqueeze(2)).squeeze(2) + qi @ pk_parts[hd].t() + \
+                torch.gather(qi @ g_parts[hd].t(), 1, gaps)
+            att = self.drop((logit * scale).masked_fill(pad, -1e9).softmax(dim=1))
+            outs.append(torch.bmm(att.unsqueeze(1), parts[self.heads + hd]).squeeze(1) + att @ pv_parts[hd])
+        o = torch.cat(outs, dim=1)
         y = q0 + self.drop(self.wo(o))
         y = y + self.drop(self.ff2(F.gelu(self.ff1(self.ln_ff(y)), approximate="tanh")))
         y = self.ln_out(y)

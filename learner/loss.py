@@ -68,3 +68,23 @@ def mixture_softmax(q: torch.Tensor, log_gates: torch.Tensor, pos: torch.Tensor,
     pos_1 = pos_f - pos_logq[:, None]
     neg_1 = torch.logsumexp(neg_f + neg_bias[None], dim=2).t()
     return combined, torch.logaddexp(pos_1, neg_1) - pos_1
+
+
+def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mixture_softmax` when the negatives are the whole live catalogue: plain cross-entropy.
+
+    ``items`` ``[k, F, d]`` holds every live item once and ``target`` ``[n]`` is each event's column in
+    it. Nothing is sampled, so there is no log-Q and no self-mask to build: the fused cross-entropy
+    kernel does the softmax (measured: a third of the learner's step went to the ``[n, k]`` bias, mask
+    and hand-written log-sum-exp on ml-1m). Returns (combined ``[n]``, per facet ``[n, F]``).
+    """
+    qs = q / temperature
+    if q.shape[1] == 1:
+        ce = F.cross_entropy(qs[:, 0] @ items[:, 0].t(), target, reduction="none")
+        return ce, ce[:, None]
+    f, n = q.shape[1], q.shape[0]
+    neg_f = torch.bmm(qs.transpose(0, 1), items.permute(1, 2, 0))  # [F, n, k]
+    combined = F.cross_entropy(torch.logsumexp(neg_f + log_gates.t()[:, :, None], dim=0), target, reduction="none")
+    per = F.cross_entropy(neg_f.reshape(f * n, -1), target.repeat(f), reduction="none").view(f, n).t()
+    return combined, per

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mfli import metrics
-from mfli.learner.loss import item_item_softmax, mixture_softmax, negative_bias
+from mfli.learner.loss import full_softmax, item_item_softmax, mixture_softmax, negative_bias
 from mfli.retrieval.query_model import gap_buckets
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ class Stepper:
             # negatives: other events' items in the batch (a random subset when the batch is large) and a
             # uniform sample of the live catalogue shared by the batch
             live = cat.live_rows()
-            if s.uniform_negatives >= len(live):
+            full = s.uniform_negatives >= len(live)
+            if full:
                 # the whole catalogue fits: a full softmax (no sampling, nothing to correct)
                 uni, n_in = live, 0
             else:
@@ -97,13 +98,19 @@ class Stepper:
 
             t = time.perf_counter()
             e = subn[inv_t[:n_t]].view(-1, s.facets, s.dim)
-            neg_rows = np.concatenate([tgt[neg_pos], uni])
-            negs = torch.cat([e[torch.from_numpy(neg_pos)], subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)])
             pos_logq = logq[torch.from_numpy(tgt)]
-            bias = negative_bias(torch.from_numpy(tgt), torch.from_numpy(neg_rows), logq[torch.from_numpy(neg_rows)])
             w_event = L.weights["engagement"][None, :] + \
                 L.weights.get("positive", torch.zeros(s.facets))[None, :] * torch.from_numpy(positive)[:, None].float()
-            combined, ce = mixture_softmax(q, log_gates, e, negs, pos_logq, bias, s.temperature)
+            if full:  # live rows are sorted, so each target's column is found by bisection
+                items_t = subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)
+                combined, ce = full_softmax(q, log_gates, items_t, torch.from_numpy(np.searchsorted(uni, tgt)),
+                                            s.temperature)
+            else:
+                neg_rows = np.concatenate([tgt[neg_pos], uni])
+                negs = torch.cat([e[torch.from_numpy(neg_pos)], subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)])
+                bias = negative_bias(torch.from_numpy(tgt), torch.from_numpy(neg_rows),
+                                     logq[torch.from_numpy(neg_rows)])
+                combined, ce = mixture_softmax(q, log_gates, e, negs, pos_logq, bias, s.temperature)
             loss = combined.mean() + s.facet_loss_weight * (ce * w_event).mean(0).sum()
             if s.facets > 1 and s.load_balance:
                 mean_gate = log_gates.exp().mean(0)
@@ -131,10 +138,15 @@ class Stepper:
                     # the index ranks reconstructions' clusters, so the combined score is trained on them too
                     # in-batch negatives only (the batch's own reconstructions): re-encoding a large uniform
                     # sample every step doubled the step time
+                    # (at most ``negatives`` of them: all n of a replay-doubled batch made this term quadratic
+                    # and as costly as the main softmax)
                     e_hat_n = F.normalize(e_hat, dim=2)
                     t_rows = torch.from_numpy(tgt)
-                    in_batch = negative_bias(t_rows, t_rows, pos_logq)
-                    comb_q, _ = mixture_softmax(q, log_gates, e_hat_n, e_hat_n, pos_logq, in_batch, s.temperature)
+                    cols = torch.from_numpy(neg_pos if len(neg_pos) else
+                                            np.sort(L.rng.choice(len(tgt), min(len(tgt), s.negatives), replace=False)))
+                    in_batch = negative_bias(t_rows, t_rows[cols], pos_logq[cols])
+                    comb_q, _ = mixture_softmax(q, log_gates, e_hat_n, e_hat_n[cols], pos_logq, in_batch,
+                                                s.temperature)
                     loss = loss + comb_q.mean()
                     stats.losses["combined/ssm/quantised"] = float(comb_q.detach().mean())
             sec["quantisation"] += time.perf_counter() - t
