@@ -10,7 +10,7 @@ computed in the same run on the same events.
    the anchors (online decayed popularity, the online Markov chain, SASRec trained on the training
    period and frozen) rank the same events. HR@20/50/100, NDCG@20, paired bootstrap intervals (over
    users) of mfli minus each anchor, HR@20 on fresh items (first seen < 1 day of stream time earlier).
-4. ``--ablations``: F=1, mean-pooled query, each retrained and scored in the streaming protocol.
+4. ``--ablations``: F=1/F=3, mean-pooled query, separate input embeddings, no replay, each retrained and scored in the streaming protocol.
 """
 
 from __future__ import annotations
@@ -161,6 +161,8 @@ def _ablations(model: ModelSettings, settings: Settings, data: Interactions, cut
     variants = {
         f"F={other_facets['facets']}": other_facets,
         "mean-pooled query (no encoder)": {"query_model": "mean"},
+        "separate input embeddings" if model.encoder_input == "shared" else "shared input embeddings":
+            {"encoder_input": "separate" if model.encoder_input == "shared" else "shared"},
     }
     if model.replay_ratio > 0:
         variants["no replay"] = {"replay_ratio": 0.0}

@@ -16,8 +16,11 @@ from mfli.learner.ids import IdMap
 class ItemCatalogue:
     """Rows, vectors ``[cap, F*d]`` and per-row state of every item the learner has seen."""
 
-    def __init__(self, facets: int, dim: int, levels: int, capacity: int = 1024) -> None:
+    def __init__(self, facets: int, dim: int, levels: int, capacity: int = 1024, context: bool = False) -> None:
         self.facets, self.dim, self.levels = facets, dim, levels
+        # optional separate input table of the query encoder (``encoder_input='separate'``) and its Adagrad
+        self.ctx = torch.zeros(capacity if context else 0, facets * dim)
+        self.ctx_acc = torch.zeros(capacity if context else 0)
         self.ids = IdMap()
         self.emb = torch.zeros(capacity, facets * dim)
         self.acc = torch.zeros(capacity)  # row-wise Adagrad accumulator (mean squared gradient)
@@ -46,6 +49,10 @@ class ItemCatalogue:
         live = np.zeros(cap, dtype=bool)
         live[:n] = self.live
         self.emb, self.acc, self.codes, self.live = emb, acc, codes, live
+        if self.ctx.shape[0]:
+            ctx, ctx_acc = torch.zeros(cap, self.ctx.shape[1]), torch.zeros(cap)
+            ctx[:n], ctx_acc[:n] = self.ctx, self.ctx_acc
+            self.ctx, self.ctx_acc = ctx, ctx_acc
 
     def rows_for(self, item_ids: list[str], gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``item_ids``; unseen ids get rows (random start) and become live."""
@@ -73,6 +80,9 @@ class ItemCatalogue:
     def _init_rows(self, rows: torch.Tensor, gen: torch.Generator) -> None:
         self.emb[rows] = self.normalise(torch.randn(len(rows), self.facets * self.dim, generator=gen))
         self.acc[rows] = 0
+        if self.ctx.shape[0]:
+            self.ctx[rows] = self.normalise(torch.randn(len(rows), self.facets * self.dim, generator=gen))
+            self.ctx_acc[rows] = 0
 
     @torch.no_grad()
     def _init_from_tags(self, row: int, tags: list[int], gen: torch.Generator, sample: int = 64) -> None:
@@ -127,7 +137,8 @@ class ItemCatalogue:
         return {"ids": self.ids.state(), "emb": self.emb[:n].clone(), "acc": self.acc[:n].clone(),
                 "codes": self.codes[:n].clone(), "live": self.live[:n].copy(),
                 "tags": [list(t) for t in self.tags], "tag_names": self.tag_names.state(),
-                "tag_rows": [list(t) for t in self.tag_rows]}
+                "tag_rows": [list(t) for t in self.tag_rows],
+                "ctx": self.ctx[:n].clone(), "ctx_acc": self.ctx_acc[:n].clone()}
 
     def load_state(self, state: dict) -> None:
         self.ids = IdMap.from_state(state["ids"])
@@ -138,3 +149,5 @@ class ItemCatalogue:
         self.tags = [list(t) for t in state["tags"]]
         self.tag_names = IdMap.from_state(state["tag_names"])
         self.tag_rows = [list(t) for t in state["tag_rows"]]
+        if self.ctx.shape[0] and "ctx" in state:
+            self.ctx[:n], self.ctx_acc[:n] = state["ctx"], state["ctx_acc"]

@@ -54,7 +54,7 @@ class MFLILearner:
         self.settings = s = settings
         self.gen = torch.Generator().manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)
-        self.items = ItemCatalogue(s.facets, s.dim, s.levels)
+        self.items = ItemCatalogue(s.facets, s.dim, s.levels, context=s.encoder_input == "separate")
         self.users = UserHistories(s.history)
         self.rq = ResidualQuantizer(s.facets, s.levels, s.dim, s.codewords, s.overuse_penalty,
                                     s.dead_code_window)
@@ -178,12 +178,17 @@ class MFLILearner:
         q = np.zeros((n, s.facets, s.dim), np.float32)
         g = np.full((n, s.facets), -np.log(s.facets), np.float32)
         if has.any():
-            q[has], g[has] = self.tower.infer(self.items.emb[: len(self.items)], win[has], win_ts[has])
+            q[has], g[has] = self.tower.infer(self._context_table(), win[has], win_ts[has])
         return q, g, has
 
     def window_queries(self, window: np.ndarray, window_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Queries for explicit ``[n, H]`` windows (-1 padded, each with its newest item)."""
-        return self.tower.infer(self.items.emb[: len(self.items)], window, window_ts)
+        return self.tower.infer(self._context_table(), window, window_ts)
+
+    def _context_table(self) -> torch.Tensor:
+        """What the encoder reads per history item: the indexed vectors, or the separate context table."""
+        table = self.items.ctx if self.settings.encoder_input == "separate" else self.items.emb
+        return table[: len(self.items)]
 
     def query_model(self):
         """The query encoder's weights as the server runs them (versioned by the learner step)."""

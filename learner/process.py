@@ -69,6 +69,9 @@ class LearnerProcess:
     """The learner's main loop; ``run_once`` is one poll → learn → (flush) → (checkpoint) round."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.model.encoder_input != "shared":
+            raise ValueError("model.encoder_input='separate' is an evaluation ablation: the server runs the "
+                             "encoder on the indexed vectors, so the learner process only trains 'shared'")
         self.settings = settings
         ls = settings.learner
         self.ckpt_path = Path(ls.checkpoint_dir) / CHECKPOINT_NAME

@@ -93,7 +93,9 @@ class Stepper:
             uniq_t = torch.from_numpy(uniq)
             sub = cat.emb[uniq_t].clone().requires_grad_(True)
             subn = cat.normalise(sub)
-            q, log_gates = L.tower.queries(subn, torch.from_numpy(widx), torch.from_numpy(gaps), train=True)
+            separate = s.encoder_input == "separate"
+            ctx = cat.ctx[uniq_t].clone().requires_grad_(True) if separate else subn
+            q, log_gates = L.tower.queries(ctx, torch.from_numpy(widx), torch.from_numpy(gaps), train=True)
             sec["pooling"] += time.perf_counter() - t
 
             t = time.perf_counter()
@@ -165,6 +167,11 @@ class Stepper:
                 upd[torch.from_numpy(~cat.live[uniq])] = 0  # deleted rows never move
                 new = cat.normalise(sub.detach() - upd)
                 cat.emb[uniq_t] = new
+                if separate and ctx.grad is not None:  # the context rows: the same row-wise Adagrad
+                    gc = ctx.grad
+                    cat.ctx_acc[uniq_t] += gc.pow(2).mean(dim=1)
+                    cat.ctx[uniq_t] = cat.normalise(ctx.detach() - s.learning_rate * gc /
+                                                    (cat.ctx_acc[uniq_t].sqrt()[:, None] + _EPS))
                 if cb is not None and cb.grad is not None:
                     rq.adagrad += cb.grad.pow(2)
                     rq.codebooks -= s.codebook_learning_rate * cb.grad / (rq.adagrad.sqrt() + _EPS)

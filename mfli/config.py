@@ -115,6 +115,10 @@ class ModelSettings(BaseModel):
         "encoder", description="'encoder': causal attention over the last H items (learner/encoder.py); "
         "'mean': the recency-weighted mean of the history's vectors (the pre-issue-11 query, an ablation)")
     encoder_heads: int = Field(2, ge=1, description="attention heads of the query encoder")
+    encoder_input: Literal["shared", "separate"] = Field(
+        "shared", description="what the encoder reads for a history item: 'shared' = the indexed vectors "
+        "(the server already holds them), 'separate' = a context table of its own (learner-side only: "
+        "an ablation, scored exactly; the server cannot run it)")
     encoder_dropout: float = Field(
         0.0, ge=0, lt=1, description="0 measured best (ml-1m validation slice, one pass + replay: HR@20 "
         ".4312 vs .4246 at 0.2): a stream rarely repeats an example, so there is little to over-fit")
