@@ -9,6 +9,7 @@ column 0; in-batch copies of it are masked so an item is never its own negative.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,21 +71,50 @@ def mixture_softmax(q: torch.Tensor, log_gates: torch.Tensor, pos: torch.Tensor,
     return combined, torch.logaddexp(pos_1, neg_1) - pos_1
 
 
+def seen_pairs(window: np.ndarray, target: np.ndarray, neg_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(event i, negative column j) pairs where negative j is an item in event i's history window (and
+    not the event's own item): the server never returns those (it excludes the history), so training
+    them as negatives would spend capacity on answers nobody sees. Handles repeated negatives."""
+    n, h = window.shape
+    ev = np.repeat(np.arange(n), h)
+    rows = window.reshape(-1)
+    keep = (rows >= 0) & (rows != np.repeat(target, h))
+    ev, rows = ev[keep], rows[keep]
+    order = np.argsort(neg_rows, kind="stable")
+    ordered = neg_rows[order]
+    lo, hi = np.searchsorted(ordered, rows, "left"), np.searchsorted(ordered, rows, "right")
+    cnt = hi - lo
+    if not cnt.any():
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    start = np.repeat(lo - (np.cumsum(cnt) - cnt), cnt)
+    return np.repeat(ev, cnt), order[start + np.arange(int(cnt.sum()))]
+
+
 def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float, masked: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mixture_softmax` when the negatives are the whole live catalogue: plain cross-entropy.
 
     ``items`` ``[k, F, d]`` holds every live item once and ``target`` ``[n]`` is each event's column in
     it. Nothing is sampled, so there is no log-Q and no self-mask to build: the fused cross-entropy
     kernel does the softmax (measured: a third of the learner's step went to the ``[n, k]`` bias, mask
-    and hand-written log-sum-exp on ml-1m). Returns (combined ``[n]``, per facet ``[n, F]``).
+    and hand-written log-sum-exp on ml-1m). ``masked``: (event, column) pairs left out of the softmax
+    (:func:`seen_pairs`). Returns (combined ``[n]``, per facet ``[n, F]``).
     """
     qs = q / temperature
+    where = None if masked is None or not len(masked[0]) else \
+        (torch.from_numpy(masked[0]), torch.from_numpy(masked[1]))
     if q.shape[1] == 1:
-        ce = F.cross_entropy(qs[:, 0] @ items[:, 0].t(), target, reduction="none")
+        logits = qs[:, 0] @ items[:, 0].t()
+        if where is not None:
+            logits = logits.index_put(where, torch.tensor(_MASKED))
+        ce = F.cross_entropy(logits, target, reduction="none")
         return ce, ce[:, None]
     f, n = q.shape[1], q.shape[0]
     neg_f = torch.bmm(qs.transpose(0, 1), items.permute(1, 2, 0))  # [F, n, k]
+    if where is not None:
+        neg_f = neg_f.index_put((torch.arange(f).repeat_interleave(len(where[0])), where[0].repeat(f),
+                                 where[1].repeat(f)), torch.tensor(_MASKED))
     combined = F.cross_entropy(torch.logsumexp(neg_f + log_gates.t()[:, :, None], dim=0), target, reduction="none")
     per = F.cross_entropy(neg_f.reshape(f * n, -1), target.repeat(f), reduction="none").view(f, n).t()
     return combined, per

@@ -15,13 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from mfli import metrics
-from mfli.learner.loss import full_softmax, item_item_softmax, mixture_softmax, negative_bias
+from mfli.learner.loss import full_softmax, item_item_softmax, mixture_softmax, negative_bias, seen_pairs
 from mfli.retrieval.query_model import gap_buckets
 
 if TYPE_CHECKING:
     from mfli.learner.learner import MFLILearner, StepStats
 
 _EPS = 1e-10
+_MASKED_BIAS = -1.0e4  # as learner/loss.py masks self-negatives
 
 
 class Stepper:
@@ -106,12 +107,15 @@ class Stepper:
             if full:  # live rows are sorted, so each target's column is found by bisection
                 items_t = subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)
                 combined, ce = full_softmax(q, log_gates, items_t, torch.from_numpy(np.searchsorted(uni, tgt)),
-                                            s.temperature)
+                                            s.temperature, seen_pairs(win, tgt, uni) if s.mask_seen_negatives else None)
             else:
                 neg_rows = np.concatenate([tgt[neg_pos], uni])
                 negs = torch.cat([e[torch.from_numpy(neg_pos)], subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)])
                 bias = negative_bias(torch.from_numpy(tgt), torch.from_numpy(neg_rows),
                                      logq[torch.from_numpy(neg_rows)])
+                if s.mask_seen_negatives:
+                    ev, col = seen_pairs(win, tgt, neg_rows)
+                    bias[torch.from_numpy(ev), torch.from_numpy(col)] = _MASKED_BIAS
                 combined, ce = mixture_softmax(q, log_gates, e, negs, pos_logq, bias, s.temperature)
             loss = combined.mean() + s.facet_loss_weight * (ce * w_event).mean(0).sum()
             if s.facets > 1 and s.load_balance:

@@ -176,3 +176,32 @@ def test_separate_input_table_trains_and_checkpoints():
     rows = np.arange(20)
     assert np.allclose(again.user_queries(rows)[0], learner.user_queries(rows)[0], atol=1e-6)
     assert torch.equal(again.items.ctx[: len(learner.items)], learner.items.ctx[: len(learner.items)])
+
+
+def test_seen_pairs_finds_every_history_item_among_repeated_negatives():
+    from mfli.learner.loss import seen_pairs
+
+    window = np.array([[-1, 3, 5, 7], [2, 2, 9, 1]])
+    ev, col = seen_pairs(window, np.array([7, 4]), np.array([1, 3, 5, 7, 9, 3]))
+    # event 0: 3 (columns 1 and 5) and 5 (column 2), never its own item 7; event 1: 9 and 1
+    assert sorted(zip(ev.tolist(), col.tolist())) == [(0, 1), (0, 2), (0, 5), (1, 0), (1, 4)]
+
+
+@pytest.mark.parametrize("facets", [1, 3])
+def test_masked_history_negatives_do_not_move_the_loss(facets):
+    """A masked item's score has no influence on the loss; an unmasked one does."""
+    from mfli.learner.loss import full_softmax
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, facets, 8, generator=g), dim=2)
+    items = torch.nn.functional.normalize(torch.randn(10, facets, 8, generator=g), dim=2)
+    gates = torch.log_softmax(torch.randn(4, facets, generator=g), dim=1)
+    target = torch.tensor([0, 1, 2, 3])
+    masked = (np.array([0, 0]), np.array([5, 6]))
+    base, _ = full_softmax(q, gates, items, target, 0.1, masked)
+    moved = items.clone()
+    moved[5] = q[0]  # item 5 now scores highest for event 0 in every facet
+    again, _ = full_softmax(q, gates, moved, target, 0.1, masked)
+    assert torch.allclose(base[0], again[0])
+    unmasked, _ = full_softmax(q, gates, moved, target, 0.1, None)
+    assert unmasked[0] > base[0] + 0.1
