@@ -119,8 +119,9 @@ class ModelSettings(BaseModel):
         "'mean': the recency-weighted mean of the history's vectors (the pre-issue-11 query, an ablation)")
     encoder_heads: int = Field(2, ge=1, description="attention heads of the query encoder")
     mask_seen_negatives: bool = Field(
-        False, description="leave the items of an event's history window out of its softmax negatives: the "
-        "server excludes a user's history from answers, so ranking them low is capacity spent on nothing")
+        True, description="leave the items of an event's history window out of its softmax negatives: the "
+        "server excludes a user's history from answers, so ranking them low is capacity spent on nothing "
+        "(ml-1m validation slice, streaming HR@20: .4393 on vs .4311 off)")
     encoder_input: Literal["shared", "separate"] = Field(
         "shared", description="what the encoder reads for a history item: 'shared' = the indexed vectors "
         "(the server already holds them), 'separate' = a context table of its own (learner-side only: "
