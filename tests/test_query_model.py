@@ -12,7 +12,7 @@ from mfli.deltas import decode_message, encode_model
 from mfli.indexer.writer import IndexWriter
 from mfli.learner.learner import MFLILearner
 from mfli.retrieval.base import Query, resolve_query
-from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever, finish_numpy
+from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever, finish, finish_numpy
 from mfli.retrieval.memory import MemoryIndexView
 from mfli.retrieval.query_model import combine, gap_buckets
 from mfli.storage.index_lmdb import LmdbIndex
@@ -88,14 +88,19 @@ def test_compiled_rerank_ranks_by_the_facet_mixture():
     q, g, _ = learner.user_queries(np.arange(10))
     retriever = LearnedIndexRetriever(view, LearnedIndexParams(clusters_per_request=64, members_per_cluster=64))
     live = view.live_rows()
+    tau = learner.settings.temperature
     for u in range(10):
         hist = np.asarray(learner.users.items_of(u)[0])
-        rec = retriever.recommend(Query(history=hist, k=10, exclude=hist, vector=q[u], log_gates=g[u]))
+        # the compiled rerank over the whole catalogue is the exact top 10 of the mixture score
+        rec = finish(view, q[u], live, None, np.zeros(1, np.int64), np.full(1, -1, np.int64), np.asarray([live.size]),
+                     hist, 10, g[u], tau)
         ref = finish_numpy(view, q[u], live, np.zeros(live.size, np.int64), np.zeros(live.size, np.int64), hist,
-                           10, g[u], learner.settings.temperature)
-        # the candidates cover the catalogue here, so the compiled answer is the exact top 10
+                           10, g[u], tau)
         np.testing.assert_array_equal(rec.rows, ref.rows)
         np.testing.assert_allclose(rec.scores, ref.scores, rtol=1e-5, atol=1e-5)
+        # and the index path's answer (a subset of the catalogue as candidates) carries the same exact scores
+        rec = retriever.recommend(Query(history=hist, k=10, exclude=hist, vector=q[u], log_gates=g[u]))
+        assert rec.rows.size == 10 and not np.isin(rec.rows, hist).any()
         vec = view.vectors(rec.rows)
         expect = combine(np.einsum("nfd,fd->nf", vec, q[u]), g[u], learner.settings.temperature) + view.prior(rec.rows)
         np.testing.assert_allclose(rec.scores, expect, rtol=1e-5, atol=1e-5)
