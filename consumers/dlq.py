@@ -28,7 +28,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from mfli import metrics
 from mfli.config import KafkaSettings
 
-from .clients import make_consumer, make_producer
+from mfli.kafka.clients import make_consumer, make_producer
 from .validation import Rejection
 
 REASON_HEADER = "mfli.reason"

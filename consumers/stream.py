@@ -48,7 +48,8 @@ from mfli import metrics
 from mfli.config import Settings
 from mfli.events import InteractionEvent, ItemEvent
 
-from .clients import make_consumer
+from mfli.kafka.clients import make_consumer
+from mfli.kafka.offsets import lag_of
 from .dedupe import DedupeWindow
 from .dlq import DeadLetterError, DeadLetterWriter
 from .validation import Rejection, Validator
@@ -287,8 +288,3 @@ class EventStream:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def lag_of(highwater: int, position: int) -> int:
-    """Records between the next one to read and the next one to be written; never negative."""
-    return max(0, highwater - position)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +36,9 @@ from mfli import metrics
 from mfli.config import Settings
 from kafka.errors import KafkaError
 
-from mfli.consumers.clients import make_producer, wait_for_broker
+from mfli.kafka.clients import make_producer, wait_for_broker
+from mfli.kafka.offsets import offsets_from_json, offsets_to_json
+from mfli.lifecycle import stop_on_signals
 from mfli.consumers.stream import Batch, EventStream
 from mfli.deltas import CodebookSnapshot, encode_codebook, encode_deltas, encode_model
 from mfli.learner.checkpoint import read_checkpoint, save_checkpoint
@@ -51,18 +52,6 @@ DELTAS_PER_MESSAGE = 256  # ~200 KB per message at F=3, d=64: well under Kafka's
 DEDUPE_IDS_KEPT = 100_000  # newest event ids checkpointed: duplicates arrive close to their original
 TRENDING_REFRESH = 500
 HELD_PER_FLUSH = 256  # held (slightly drifted) rows republished per flush  # top items whose prior is republished so the index's trending source stays current
-
-
-def offsets_to_json(offsets: dict[TopicPartition, int]) -> dict[str, int]:
-    return {f"{tp.topic}:{tp.partition}": int(off) for tp, off in offsets.items()}
-
-
-def offsets_from_json(offsets: dict[str, int]) -> dict[TopicPartition, int]:
-    out = {}
-    for key, off in offsets.items():
-        topic, _, part = key.rpartition(":")
-        out[TopicPartition(topic, int(part))] = int(off)
-    return out
 
 
 class LearnerProcess:
@@ -304,23 +293,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         log.error("no Kafka bootstrap servers: set MFLI_KAFKA__BOOTSTRAP_SERVERS or --bootstrap")
         return 2
     metrics.serve_metrics(settings.learner.metrics_port, process="learner")
-    stop = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    stop = stop_on_signals()
     metrics.UP.labels(process="learner").set(1)
-    if not wait_for_broker(settings.kafka, "learner", lambda: stop):
+    if not wait_for_broker(settings.kafka, "learner", stop.is_set):
         return 0
     proc = LearnerProcess(settings)
     metrics.READY.labels(process="learner").set(1)
     started = time.monotonic()
     backoff = 0.0
     try:
-        while not stop:
+        while not stop.is_set():
             try:
                 proc.run_once()
             except KafkaError as exc:

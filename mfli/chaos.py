@@ -34,6 +34,7 @@ import orjson
 
 from mfli.config import Settings
 from mfli.events import InteractionEvent
+from mfli.kafka.offsets import offset_key, parse_offset_key
 from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
 
 log = logging.getLogger(__name__)
@@ -107,30 +108,30 @@ def _highwaters(settings: Settings, topics: list[str]) -> dict[str, int]:
                 for tp in parts:
                     consumer.seek_to_beginning(tp)
             for tp in parts:
-                out[f"{topic}:{tp.partition}"] = int(consumer.highwater(tp) or 0)
+                out[offset_key(topic, tp.partition)] = int(consumer.highwater(tp) or 0)
     finally:
         consumer.close()
     return out
 
 
 def _committed(settings: Settings, group: str, keys: list[str]) -> dict[str, int]:
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import KafkaConsumer
 
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group,
                              enable_auto_commit=False)
     try:
         out = {}
         for key in keys:
-            topic, _, part = key.rpartition(":")
-            out[key] = consumer.committed(TopicPartition(topic, int(part))) or 0
+            out[key] = consumer.committed(parse_offset_key(key)) or 0
         return out
     finally:
         consumer.close()
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from mfli.broker import EmbeddedBroker, ensure_topics
-    from mfli.consumers.clients import make_producer
+    from mfli.kafka.broker import EmbeddedBroker
+    from mfli.kafka.clients import ensure_topics
+    from mfli.kafka.clients import make_producer
     from mfli.sources.produce import produce_records
     from mfli.sources.synthetic import SyntheticStream
 

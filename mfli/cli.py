@@ -17,7 +17,7 @@ from mfli.config import Settings, load_settings
 
 # name -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "broker": ("mfli.broker", "run the embedded Kafka-protocol test broker in the foreground"),
+    "broker": ("mfli.kafka.broker", "run the embedded Kafka-protocol test broker in the foreground"),
     "produce": ("mfli.sources.produce", "replay MovieLens files, an event log or the synthetic stream into Kafka"),
     "learn": ("mfli.learner.process", "consume events from Kafka and train the MFLI model continuously"),
     "index": ("mfli.indexer.process", "apply learner deltas to the LMDB index; `index check` verifies it"),

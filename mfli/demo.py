@@ -16,12 +16,12 @@ import argparse
 import logging
 import math
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
 from mfli.config import Settings
+from mfli.lifecycle import stop_on_signals
 from mfli.supervisor import Supervisor, pipeline_env, scrape, wait_http
 
 log = logging.getLogger(__name__)
@@ -117,14 +117,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     bootstrap = args.bootstrap or settings.kafka.bootstrap_servers
     broker = None
     if not bootstrap:
-        from mfli.broker import EmbeddedBroker
+        from mfli.kafka.broker import EmbeddedBroker
 
         if state.exists():
             shutil.rmtree(state)
         (state / "logs").mkdir(parents=True)
         broker = EmbeddedBroker(log_path=state / "logs" / "broker.log").start()
         bootstrap = broker.bootstrap
-    from mfli.broker import ensure_topics
+    from mfli.kafka.clients import ensure_topics
 
     k = settings.kafka
     ensure_topics(bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
@@ -143,14 +143,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     sup.add("indexer", ["index"])
     sup.add("server", ["serve"])
     sup.add("producer", produce)
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stopping = stop_on_signals()
     base = f"http://{settings.serve.host}:{port}"
     metrics_urls = [
         f"http://127.0.0.1:{settings.learner.metrics_port}/metrics",
@@ -177,8 +170,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         before: dict[str, float] = {}
         last = time.monotonic()
         traffic = _Traffic(base, args.traffic, synthetic=not args.dataset)
-        while not stopping:
-            time.sleep(args.status_interval)
+        while not stopping.wait(args.status_interval):
             for child in sup.crashed():
                 if child.name == "producer" and child.proc and child.proc.returncode == 0:
                     sys.stdout.write("\nproducer finished its stream\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from mfli.lifecycle import free_port  # noqa: F401  (temporary: benchmarks/serve.py imports it from here)
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +165,6 @@ def scrape(url: str, timeout_s: float = 1.0) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 free right now (the OS picks it; a race with other binders is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float, ok: Sequence[int] = (200,)) -> bool:

@@ -1,6 +1,6 @@
 """Shared fixtures: one real Kafka-protocol broker per test session, isolated by unique names per test.
 
-* ``broker`` (session): an :class:`~mfli.broker.EmbeddedBroker` (Tansu). Set ``MFLI_TEST_BOOTSTRAP`` to run
+* ``broker`` (session): an :class:`~mfli.kafka.broker.EmbeddedBroker` (Tansu). Set ``MFLI_TEST_BOOTSTRAP`` to run
   the same tests against an external broker (e.g. Apache Kafka) instead.
 * ``unique_name("events")``: a topic/group name no other test uses.
 * ``kafka_settings``: :class:`~mfli.config.Settings` pointing at the broker, with this test's own topic
@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mfli.broker import EmbeddedBroker, ensure_topics
+from mfli.kafka.broker import EmbeddedBroker
+
+from mfli.kafka.clients import ensure_topics
 from mfli.config import Settings, load_settings
 
 TEST_PARTITIONS = 2

@@ -7,7 +7,9 @@ import socket
 import pytest
 from kafka import KafkaConsumer
 
-from mfli.broker import EmbeddedBroker, ensure_topics
+from mfli.kafka.broker import EmbeddedBroker
+
+from mfli.kafka.clients import ensure_topics
 from mfli.config import load_settings
 
 

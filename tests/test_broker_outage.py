@@ -14,11 +14,13 @@ import time
 import httpx
 import pytest
 
-from mfli.broker import EmbeddedBroker, ensure_topics
-from mfli.consumers.clients import make_producer
+from mfli.kafka.broker import EmbeddedBroker
+
+from mfli.kafka.clients import ensure_topics
+from mfli.kafka.clients import make_producer
 from mfli.sources.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
-from mfli.supervisor import free_port
+from mfli.lifecycle import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -61,7 +61,7 @@ def _dashboard_exprs() -> list[str]:
 
 
 def _produce(settings, stream, n: int, counts: Counter) -> None:
-    from mfli.consumers.clients import make_producer
+    from mfli.kafka.clients import make_producer
     from mfli.sources.produce import produce_records
 
     producer = make_producer(settings.kafka)

@@ -31,7 +31,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from mfli.config import load_settings
 from mfli.consumers import EventStream
-from mfli.consumers.clients import make_producer
+from mfli.kafka.clients import make_producer
 from mfli.consumers.dlq import _parse
 from mfli.consumers.validation import MAX_ID_BYTES, REASONS
 

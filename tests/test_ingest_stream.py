@@ -10,7 +10,7 @@ import orjson
 from prometheus_client import REGISTRY
 
 from mfli.consumers import EventStream, read_dead_letters
-from mfli.consumers.clients import make_producer
+from mfli.kafka.clients import make_producer
 from mfli.events import InteractionEvent
 
 N_RECORDS = 10_000

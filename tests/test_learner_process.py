@@ -7,9 +7,10 @@ import time
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from mfli.consumers.clients import make_producer
+from mfli.kafka.clients import make_producer
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
-from mfli.learner.process import LearnerProcess, offsets_to_json
+from mfli.kafka.offsets import offsets_to_json
+from mfli.learner.process import LearnerProcess
 from mfli.sources.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
 

@@ -22,7 +22,7 @@ from prometheus_client import REGISTRY
 
 from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, write_lmdb
 from mfli.consumers import EventStream
-from mfli.consumers.clients import make_producer
+from mfli.kafka.clients import make_producer
 from mfli.deltas import DeltaBatch, encode_deltas
 from mfli.indexer.check import check_index
 from mfli.indexer.process import IndexerLoop

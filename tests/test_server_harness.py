@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-from mfli.supervisor import free_port
+from mfli.lifecycle import free_port
 
 
 @contextmanager

@@ -171,8 +171,8 @@ def warn_unknown_event_types(data: Interactions, accepted: list[str]) -> int:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from mfli.broker import ensure_topics
-    from mfli.consumers.clients import make_producer
+    from mfli.kafka.clients import ensure_topics
+    from mfli.kafka.clients import make_producer
     from mfli.sources.synthetic import SyntheticStream
 
     try:

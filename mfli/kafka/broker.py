@@ -15,7 +15,7 @@ Start-up follows KAFKA.md to the letter, because each rule answers a failure see
 * the child runs in its own session so a Ctrl-C in the terminal does not race our own shutdown, and it is
   stopped by pid: SIGTERM, 5 s grace, SIGKILL.
 
-:func:`ensure_topics` creates topics with the configured partition count, because Tansu auto-creates any
+Topics are created explicitly (:func:`mfli.kafka.clients.ensure_topics`), because Tansu auto-creates any
 unknown topic with 4 partitions the moment a client touches it.
 """
 
@@ -29,14 +29,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from mfli.config import KafkaSettings, Settings
-from mfli.supervisor import free_port
+from mfli.config import Settings
+from mfli.kafka.clients import ensure_topics
+from mfli.lifecycle import free_port, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -172,41 +171,13 @@ class EmbeddedBroker:
         self.stop()
 
 
-def ensure_topics(bootstrap: str, kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None) -> None:
-    """Create ``topics`` with ``kafka.partitions`` (or ``partitions``) partitions; existing ones are fine.
-
-    Idempotent so every process can call it at start-up without coordinating who creates what.
-    Tansu cannot add partitions later (no ``create_partitions``), so get the count right first.
-    """
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    count = partitions or kafka.partitions
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id=f"{kafka.client_id}-admin",
-                             request_timeout_ms=kafka.request_timeout_ms)
-    try:
-        existing = set(admin.list_topics())
-        missing = [t for t in dict.fromkeys(topics) if t not in existing]
-        for topic in missing:
-            try:
-                admin.create_topics([NewTopic(name=topic, num_partitions=count, replication_factor=1)])
-            except TopicAlreadyExistsError:
-                pass  # another process won the race: fine
-        if missing:
-            log.info("created topics %s with %d partitions", missing, count)
-    finally:
-        admin.close()
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-topics", action="store_true", help="do not pre-create the mfli topics")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Foreground broker: prints its bootstrap address, pre-creates the mfli topics, runs until Ctrl-C."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = stop_on_signals()
     with EmbeddedBroker() as broker:
         k = settings.kafka
         if not args.no_topics:
