@@ -2,8 +2,8 @@
 
 Each benchmark lives in ``benchmarks/<name>.py`` and exposes ``add_arguments(parser)`` and
 ``run(args, settings) -> dict`` (built with :func:`mfli.benchmarks.report.result`); this module
-prints its table and writes ``--json``. A benchmark's options are parsed here, lazily, because the
-top-level CLI builds every subcommand's parser on each invocation and must not import torch for that.
+prints its table and writes ``--json``. A benchmark's options are parsed here, once the benchmark is
+chosen, so ``mfli bench serve`` never imports the learner's torch (nor any other benchmark's module).
 A benchmark whose module does not exist yet says so and exits non-zero; ``all`` runs every one that
 exists and also exits non-zero if any is missing, so ``make bench`` never reports a partial run as a pass.
 """

@@ -146,9 +146,9 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
     from mfli.kafka.clients import ensure_topics
     from mfli.kafka.clients import make_producer
     from mfli.storage.index_lmdb import LmdbIndex
-    from mfli.sources.produce import produce_records
+    from mfli.orchestration.produce import produce_records
     from mfli.sources.synthetic import SyntheticStream
-    from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env
+    from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env
 
     exit_on_sigterm()
     state = Path(args.state_dir).resolve()

@@ -18,7 +18,7 @@ from mfli.kafka.broker import EmbeddedBroker
 
 from mfli.kafka.clients import ensure_topics
 from mfli.kafka.clients import make_producer
-from mfli.sources.produce import produce_records
+from mfli.orchestration.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
 from mfli.lifecycle import free_port
 
@@ -53,7 +53,7 @@ def test_processes_wait_for_the_broker_then_work(tmp_path):
            "MFLI_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"), "MFLI_LEARNER__USERS_PATH": str(tmp_path / "users"),
            "MFLI_LEARNER__CHECKPOINT_INTERVAL_S": "1", "MFLI_INDEX__PATH": str(tmp_path / "index"),
            "MFLI_LEARNER__METRICS_PORT": str(learner_metrics), "MFLI_INDEX__METRICS_PORT": str(indexer_metrics)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.cli", name], env=env,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", name], env=env,
                                     stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
              for name in ("learn", "index")}
     broker = None
@@ -140,7 +140,7 @@ def test_broker_hang_mid_run_then_recovery_loses_nothing(tmp_path):
                                     "session_timeout_ms": 3000, "heartbeat_interval_ms": 500})
     k = settings.kafka
     ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.cli", name], env=env,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", name], env=env,
                                     stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
              for name in ("learn", "index")}
     stream = SyntheticStream(n_users=60, n_items=300, n_topics=5)

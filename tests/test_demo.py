@@ -41,7 +41,7 @@ def test_demo_serves_shows_freshness_and_recall_and_stops_cleanly(tmp_path: Path
     for key in [k for k in env if k.startswith("MFLI_KAFKA__")]:
         del env[key]  # the demo must work with no configuration: embedded broker
     report = tmp_path / "demo-report.html"
-    cmd = [sys.executable, "-m", "mfli.cli", "--log-level", "WARNING", "demo", "--duration", "300",
+    cmd = [sys.executable, "-m", "mfli.orchestration.cli", "--log-level", "WARNING", "demo", "--duration", "300",
            "--state-dir", str(tmp_path / "state"), "--port", str(port), "--status-interval", "1",
            "--report", str(report)]
     started = time.monotonic()

@@ -28,7 +28,7 @@ import pytest
 from mfli.config import ModelSettings
 
 from conftest import settings_env
-from mfli.supervisor import Supervisor, wait_http
+from mfli.orchestration.supervisor import Supervisor, wait_http
 from prometheus_harness import PrometheusHarness, free_port, require_prometheus
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,7 @@ def _dashboard_exprs() -> list[str]:
 
 def _produce(settings, stream, n: int, counts: Counter) -> None:
     from mfli.kafka.clients import make_producer
-    from mfli.sources.produce import produce_records
+    from mfli.orchestration.produce import produce_records
 
     producer = make_producer(settings.kafka)
     try:

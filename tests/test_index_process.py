@@ -64,7 +64,7 @@ def _start(kafka_env, settings, path) -> subprocess.Popen:
                 "MFLI_INDEX__FULL_PASS_INTERVAL_S": "0.3", "MFLI_INDEX__MAP_SIZE": str(1 << 28),
                 "MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "MFLI_KAFKA__MAX_POLL_RECORDS": "3",
                 "MFLI_LOG_LEVEL": "WARNING"})
-    return subprocess.Popen([sys.executable, "-m", "mfli.cli", "index"], env=env, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "index"], env=env, start_new_session=True)
 
 
 def _applied(path, topic) -> int:

@@ -188,7 +188,7 @@ def test_check_cli_exit_status(tmp_path):
     w = IndexWriter(tmp_path / "ix", SETTINGS)
     w.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
     w.close()
-    cmd = [sys.executable, "-m", "mfli.cli", "index", "check", "--path", str(tmp_path / "ix"),
+    cmd = [sys.executable, "-m", "mfli.orchestration.cli", "index", "check", "--path", str(tmp_path / "ix"),
            "--min-in-bounds", "0"]
     env = {"MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "PATH": "/usr/bin:/bin"}
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env)

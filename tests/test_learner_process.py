@@ -11,7 +11,7 @@ from mfli.kafka.clients import make_producer
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
 from mfli.kafka.offsets import offsets_to_json
 from mfli.learner.process import LearnerProcess
-from mfli.sources.produce import produce_records
+from mfli.orchestration.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import time
 
 from mfli.consumers import EventStream, read_dead_letters
 from mfli.kafka.clients import make_producer
-from mfli.sources.produce import produce_records
+from mfli.orchestration.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
 
 

@@ -21,21 +21,17 @@ unknown topic with 4 partitions the moment a client touches it.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
-from mfli.config import Settings
-from mfli.kafka.clients import ensure_topics
-from mfli.lifecycle import free_port, stop_on_signals
+from mfli.lifecycle import free_port
 
 log = logging.getLogger(__name__)
 
@@ -169,24 +165,3 @@ class EmbeddedBroker:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-topics", action="store_true", help="do not pre-create the mfli topics")
-
-
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Foreground broker: prints its bootstrap address, pre-creates the mfli topics, runs until Ctrl-C."""
-    stop = stop_on_signals()
-    with EmbeddedBroker() as broker:
-        k = settings.kafka
-        if not args.no_topics:
-            ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-        sys.stdout.write(f"{broker.bootstrap}\n")
-        sys.stdout.flush()
-        while not stop.is_set():
-            if not broker.alive():
-                log.error("tansu exited unexpectedly")
-                return 1
-            stop.wait(0.5)
-    return 0

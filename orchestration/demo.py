@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mfli.config import Settings
 from mfli.lifecycle import stop_on_signals
-from mfli.supervisor import Supervisor, pipeline_env, scrape, wait_http
+from mfli.orchestration.supervisor import Supervisor, pipeline_env, scrape, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class _Traffic:
 
 
 def _write_report(path: str, state: Path, settings: Settings, history: list[dict[str, float]]) -> None:
-    from mfli.report import Curve, ReportData, lmdb_index_stats, write_report
+    from mfli.orchestration.report import Curve, ReportData, lmdb_index_stats, write_report
 
     data = ReportData(title="mfli demo", recall_xlabel="seconds since start", recall_ylabel="recall")
     t = [h["t"] for h in history]

@@ -35,7 +35,7 @@ import orjson
 from mfli.config import Settings
 from mfli.events import InteractionEvent
 from mfli.kafka.offsets import offset_key, parse_offset_key
-from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
+from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     from mfli.kafka.broker import EmbeddedBroker
     from mfli.kafka.clients import ensure_topics
     from mfli.kafka.clients import make_producer
-    from mfli.sources.produce import produce_records
+    from mfli.orchestration.produce import produce_records
     from mfli.sources.synthetic import SyntheticStream
 
     exit_on_sigterm()
