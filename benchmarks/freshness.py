@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
     from mfli.kafka.broker import EmbeddedBroker
     from mfli.kafka.clients import ensure_topics
     from mfli.kafka.clients import make_producer
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
     from mfli.orchestration.produce import produce_records
     from mfli.sources.synthetic import SyntheticStream
     from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env

@@ -2,7 +2,7 @@
 
 Builds a synthetic catalogue (clustered random unit vectors, d=64, F=3; codes by greedy residual
 argmin under a codebook whose level-1 words are random catalogue vectors, with M^L ~ items / 32), loads
-it through :class:`~mfli.indexer.writer.IndexWriter`, then measures:
+it through :class:`~mfli.storage.index.writer.IndexWriter`, then measures:
 
 * **full pass** seconds (re-encode + split/merge clusters + one atomic swap transaction);
 * **delta apply** throughput: batches of item updates (small embedding drift for most items, a large
@@ -33,8 +33,8 @@ import numpy as np
 from mfli.config import IndexSettings, Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch
 from mfli.indexer.check import check_index
-from mfli.indexer.full_pass import encode
-from mfli.indexer.writer import IndexWriter
+from mfli.storage.index.full_pass import encode
+from mfli.storage.index.writer import IndexWriter
 
 from .report import Row, result
 

@@ -140,7 +140,7 @@ def write_lmdb(snapshot: ItemSnapshot, index_path: Path, users_path: Path | None
     """Write the catalogue through the indexer's writer (chunked transactions, then a full pass) and the
     histories (users ``u0``, ``u1``, ...) into a users store, as the learner and indexer would."""
     from mfli.deltas import CodebookSnapshot, DeltaBatch
-    from mfli.indexer.writer import IndexWriter
+    from mfli.storage.index.writer import IndexWriter
     from mfli.storage.users_lmdb import UsersStore
 
     n = snapshot.n_items

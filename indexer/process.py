@@ -1,4 +1,5 @@
-"""``mfli index``: the indexer process, a thin Kafka shell around :class:`~mfli.indexer.writer.IndexWriter`.
+"""``mfli index``: the indexer process, a thin Kafka shell around the index's single writer
+(:class:`~mfli.storage.index.writer.IndexWriter`, which owns the index format with its readers).
 
 * ``mfli index`` (``run``): consume ``mfli.item-updates`` and apply each poll in one LMDB write
   transaction together with the offsets it reflects. The stored offsets are the truth: on start the
@@ -7,9 +8,9 @@
   replayed deltas are no-ops by version. Offsets are also committed to Kafka after the LMDB commit,
   only so lag shows up in the usual tools.
 * A full pass runs every ``index.full_pass_interval_s`` when something changed (computed in a
-  background thread, committed in the writer thread; see :mod:`mfli.indexer.full_pass`), and on demand:
-  ``mfli index full-pass`` signals a running indexer (SIGUSR1, pid from its lock file) or, if none
-  runs, does the pass itself.
+  background thread, committed in the writer thread; see :mod:`mfli.storage.index.full_pass`), and on
+  demand: ``mfli index full-pass`` signals a running indexer (SIGUSR1, pid from its lock file) or, if
+  none runs, does the pass itself.
 * ``mfli index check``: the invariant checker; exit status 1 on any violation.
 """
 
@@ -35,8 +36,7 @@ from mfli import metrics
 from mfli.config import Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
 from mfli.indexer.check import check_index
-from mfli.indexer.full_pass import commit_full_pass, compute_full_pass
-from mfli.indexer.writer import IndexWriter
+from mfli.storage.index.writer import IndexWriter
 from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, wait_for_broker
 from mfli.kafka.offsets import lag_of, offset_key
 from mfli.lifecycle import stop_on_signals
@@ -224,12 +224,12 @@ class IndexerLoop:
                 if pending is not None and pending.done():
                     prep = pending.result()
                     if prep is not None:
-                        commit_full_pass(writer, prep)
+                        writer.commit_full_pass(prep)
                     pending = None
                 due = dirty and time.monotonic() - last_full >= self.settings.index.full_pass_interval_s
                 if pending is None and (due or self._full_pass_requested or writer.full_pass_wanted):
                     self._full_pass_requested = writer.full_pass_wanted = False
-                    pending = pool.submit(compute_full_pass, writer, 0, cancel)
+                    pending = pool.submit(writer.prepare_full_pass, 0, cancel)
                     last_full, dirty = time.monotonic(), False
                 if max_batches and batches >= max_batches:
                     break

@@ -223,7 +223,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sup.children["learner"].stop(grace_s=60)  # SIGTERM: final flush + checkpoint + commit
         updates_hw = _highwaters(settings, [k.item_updates_topic])
         index_deadline = time.monotonic() + 120
-        from mfli.storage.index_lmdb import LmdbIndex
+        from mfli.storage.index.reader import LmdbIndex
 
         while time.monotonic() < index_deadline:
             index = LmdbIndex(settings.index.path, settings.index.map_size)
@@ -274,7 +274,7 @@ def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict
     from mfli.indexer.check import check_index
     from mfli.learner.checkpoint import read_checkpoint
     from mfli.learner.process import CHECKPOINT_NAME
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
     from mfli.storage.users_lmdb import UsersStore
 
     checks: dict[str, dict] = {}

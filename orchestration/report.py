@@ -160,21 +160,15 @@ def lmdb_index_stats(path: str | Path, map_size: int = 8 << 30) -> tuple[dict[in
                                                                          dict[tuple[int, int], np.ndarray]]:
     """(cluster sizes per facet from the posting lists, items per codeword per (facet, level) from the
     live records' code paths), read in one transaction of the LMDB index."""
-    from mfli.storage import layout as L
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
 
     index = LmdbIndex(path, map_size)
     try:
         with index.view() as view:
-            txn = view._txn
             sizes: dict[int, list[int]] = {f: [] for f in range(view.facets)}
-            with txn.cursor(db=index.db("post")) as cur:
-                for k, v in cur.iternext(keys=True, values=True):
-                    f, _ = L.post_key_parts(bytes(k))
-                    sizes.setdefault(f, []).append(len(v) // 8)
-            with txn.cursor(db=index.db("rec")) as cur:
-                raw = b"".join(v for v in cur.iternext(keys=False, values=True))
-            rec = np.frombuffer(raw, dtype=L.record_dtype(view.facets, view.levels))
+            for f, _, members in view.postings():
+                sizes.setdefault(f, []).append(members.size)
+            _, rec = view.scan_records()
             codes = rec["codes"][rec["deleted"] == 0]
             try:
                 m = int(view.codebooks().shape[2])

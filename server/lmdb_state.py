@@ -22,8 +22,7 @@ import lmdb
 import numpy as np
 
 from mfli.config import Settings
-from mfli.storage import layout as L
-from mfli.storage.index_lmdb import LmdbIndex, LmdbIndexView
+from mfli.storage.index.reader import LmdbIndex, LmdbIndexView
 from mfli.storage.users_lmdb import UsersStore
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,7 @@ class _LmdbRead:
         self.view = view
         self._users = users
         self.index_version = view.version
-        # LmdbIndexView has no public accessor for it yet; the meta key is part of the documented layout.
-        self.codebook_version = L.unpack_i64(view._get("meta", b"cb_in_use"), default=-1)
+        self.codebook_version = view.codebook_version()
 
     def rows_of(self, item_ids: list[str]) -> tuple[np.ndarray, list[str]]:
         # An id LMDB cannot hold as a key (empty, or > 511 bytes) is unknown by definition; asking the

@@ -109,7 +109,7 @@ def _applied(users_path) -> int:
 
 
 def _indexed(index_path) -> int:
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
 
     try:
         index = LmdbIndex(index_path)

@@ -6,8 +6,8 @@ import numpy as np
 
 from mfli.config import IndexSettings
 from mfli.deltas import ItemDelta
-from mfli.indexer.writer import IndexWriter
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.storage.index.writer import IndexWriter
+from mfli.storage.index.reader import LmdbIndex
 
 F, D, L, M = 2, 8, 2, 4
 

@@ -26,7 +26,7 @@ from mfli.kafka.clients import make_producer
 from mfli.deltas import DeltaBatch, encode_deltas
 from mfli.indexer.check import check_index
 from mfli.indexer.process import IndexerLoop
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.storage.index.reader import LmdbIndex
 from test_server_harness import serve_process
 
 pytestmark = pytest.mark.slow

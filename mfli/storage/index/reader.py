@@ -1,6 +1,6 @@
 """Read side of the index LMDB: :class:`LmdbIndex` (the environment) and :class:`LmdbIndexView`.
 
-The byte layout is documented in :mod:`mfli.storage.layout`. A view wraps ONE read transaction, so a
+The byte layout is documented in :mod:`mfli.storage.index.layout`. A view wraps ONE read transaction, so a
 request sees a consistent snapshot even while the indexer commits deltas or swaps in a full pass;
 LMDB readers never block the single writer. The environment is opened lazily and re-opened in a
 forked child (LMDB handles must not cross ``fork``), read-only, with ``readahead`` off (random access
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,12 @@ import lmdb
 import numpy as np
 import orjson
 
+from mfli.deltas import decode_model
 from mfli.retrieval.base import DenseColumns
 from mfli.retrieval.clusters import FACET_SHIFT, PATH_BITS, path_keys
-from mfli.storage import layout as L
-from mfli.storage.mirror import IndexMirror
+from mfli.retrieval.query_model import QueryModel
+from mfli.storage.index import layout as L
+from mfli.storage.index.mirror import IndexMirror
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class LmdbIndex:
     ) -> None:
         """``env``: share an environment already open in this process (py-lmdb refuses to open one
         twice, so an in-process reader of the writer's index passes ``writer.env``).
-        ``mirror``: keep a dense numpy copy of vectors/priors/clusters (:mod:`mfli.storage.mirror`) so
+        ``mirror``: keep a dense numpy copy of vectors/priors/clusters (:mod:`mfli.storage.index.mirror`) so
         views gather candidates without per-key reads; the server turns it on."""
         self.path = Path(path)
         self.mirror: IndexMirror | None = IndexMirror() if mirror else None
@@ -129,7 +132,8 @@ class LmdbIndexView:
         self.levels, self.codewords = int(shape["levels"]), int(shape["codewords"])
         self.version = L.unpack_i64(self._get("meta", b"index_version"))
         vec_dtype = self._get("meta", b"vec_dtype")
-        self._vec_dtype = np.dtype(bytes(vec_dtype).decode()) if vec_dtype is not None else np.dtype("<f4")
+        #: dtype of the stored vectors (little-endian float32, or float16 with ``index.store_float16``)
+        self.vec_dtype = np.dtype(bytes(vec_dtype).decode()) if vec_dtype is not None else np.dtype("<f4")
         self._rec_dtype = L.record_dtype(self.facets, self.levels)
         self._m = None  # mirror arrays at exactly this view's version, if the index keeps a mirror
         mirror = index.mirror
@@ -167,7 +171,7 @@ class LmdbIndexView:
         return b"".join(v for _, v in found)
 
     def records(self, rows: np.ndarray) -> np.ndarray:
-        """Structured ``rec`` array (:func:`~mfli.storage.layout.record_dtype`) of the given rows."""
+        """Structured ``rec`` array (:func:`~mfli.storage.index.layout.record_dtype`) of the given rows."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return np.empty(0, dtype=self._rec_dtype)
@@ -185,13 +189,13 @@ class LmdbIndexView:
         with self._txn.cursor(db=self._index.db("vec")) as cur:
             found = cur.getmulti(keys)
         if len(found) == len(keys):
-            raw = np.frombuffer(b"".join(v for _, v in found), dtype=self._vec_dtype)
+            raw = np.frombuffer(b"".join(v for _, v in found), dtype=self.vec_dtype)
             return raw.reshape(rows.size, self.facets, self.dim).astype(np.float32, copy=False)
         out = np.zeros((rows.size, self.facets, self.dim), dtype=np.float32)
         values = {bytes(k): v for k, v in found}
         for i, k in enumerate(keys):
             if k in values:
-                out[i] = np.frombuffer(values[k], dtype=self._vec_dtype).reshape(self.facets, self.dim)
+                out[i] = np.frombuffer(values[k], dtype=self.vec_dtype).reshape(self.facets, self.dim)
         return out
 
     def prior(self, rows: np.ndarray) -> np.ndarray:
@@ -279,8 +283,16 @@ class LmdbIndexView:
         facets = np.repeat([L.path_key_parts(bytes(k))[0] for k, _ in found], [len(v) // 8 for _, v in found])
         return facets.astype(np.int64), clusters
 
+    def codebook_version(self) -> int:
+        """Version of the codebook the clusters were built with (-1 before the first full pass)."""
+        return L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
+
+    def clusters_version(self) -> int:
+        """Bumped by every full pass (0 before the first): a reader caching clusters reloads when it moves."""
+        return L.unpack_i64(self._get("meta", b"clusters_version"))
+
     def codebooks(self) -> np.ndarray:
-        version = L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
+        version = self.codebook_version()
         if version < 0:
             version = L.unpack_i64(self._get("meta", b"cb_latest"), default=-1)
         if version < 0:
@@ -295,10 +307,8 @@ class LmdbIndexView:
 
         return self._index.cached("codebooks", version, load)
 
-    def query_model(self):
+    def query_model(self) -> QueryModel | None:
         """The newest published query encoder (None before the learner published one)."""
-        from mfli.deltas import decode_model
-
         version = L.unpack_i64(self._get("meta", b"qm_version"), default=-1)
         if version < 0:
             return None
@@ -404,17 +414,48 @@ class LmdbIndexView:
                     parts.append(np.frombuffer(value, dtype="<i8"))
         return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
 
-    def scan_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, records, float32 vectors; zeros for deleted rows) of every stored item, one cursor pass
-        per sub-db: what a reader-side cache loads in full."""
+    def scan_records(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows ascending, records) of every stored item, deleted ones included, in one cursor pass.
+        Records are the structured ``rec`` array (fields ``version``, ``event_ts``, ``update_ts``,
+        ``prior``, ``deleted``, ``clusters[F]``, ``codes[F, L]``; see the layout)."""
         with self._txn.cursor(db=self._index.db("rec")) as cur:
             pairs = list(cur.iternext(keys=True, values=True))
         if not pairs:
-            return (np.empty(0, np.int64), np.empty(0, dtype=self._rec_dtype),
-                    np.empty((0, self.facets, self.dim), np.float32))
+            return np.empty(0, np.int64), np.empty(0, dtype=self._rec_dtype)
         rows = L.key_rows(b"".join(k for k, _ in pairs))
-        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+        return rows, np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+
+    def scan_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, records, float32 vectors; zeros for deleted rows) of every stored item, one cursor pass
+        per sub-db: what a reader-side cache loads in full."""
+        rows, rec = self.scan_records()
+        if rows.size == 0:
+            return rows, rec, np.empty((0, self.facets, self.dim), np.float32)
         return rows, rec, self.vectors(rows)
+
+    def postings(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Every posting list as (facet, cluster, int64 rows), in (facet, cluster) order."""
+        with self._txn.cursor(db=self._index.db("post")) as cur:
+            for key, value in cur.iternext(keys=True, values=True):
+                facet, cluster = L.post_key_parts(bytes(key))
+                yield facet, cluster, np.frombuffer(value, dtype="<i8").astype(np.int64)
+
+    def path_map(self, facet: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``paths`` map of one facet as pairs: (path key, cluster) for every cluster each stored
+        code path maps to (path keys as :func:`mfli.retrieval.clusters.path_keys` computes them)."""
+        keys, ids = [], []
+        prefix = L.facet_key(facet)
+        with self._txn.cursor(db=self._index.db("paths")) as cur:
+            if cur.set_range(prefix):
+                for k, value in cur.iternext(keys=True, values=True):
+                    if bytes(k[:2]) != prefix:
+                        break
+                    clusters = np.frombuffer(value, dtype="<i8").astype(np.int64)
+                    keys.append(np.full(clusters.size, L.path_key_parts(bytes(k))[1], np.int64))
+                    ids.append(clusters)
+        if not keys:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(keys), np.concatenate(ids)
 
     def scan_paths(self) -> list[tuple[int, np.ndarray]]:
         """Every (``facet << FACET_SHIFT | path key``, clusters) of the path map: the mirror's full load."""
@@ -450,10 +491,5 @@ class LmdbIndexView:
         return self._index.cached("all_vectors", self.version, build)
 
     def _scan_live(self) -> np.ndarray:
-        with self._txn.cursor(db=self._index.db("rec")) as cur:
-            pairs = list(cur.iternext(keys=True, values=True))
-        if not pairs:
-            return np.empty(0, np.int64)
-        rows = L.key_rows(b"".join(k for k, _ in pairs))
-        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+        rows, rec = self.scan_records()
         return rows[rec["deleted"] == 0]
