@@ -37,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 
 from mfli.config import Settings
 from mfli.metrics import READY, REQUEST_SECONDS, REQUESTS, UP
-from mfli.retrieval.kernels import warm_up
+from mfli.retrieval.warmup import warm_up
 
 from .monitor import Monitor
 from .schemas import (
