@@ -10,6 +10,7 @@ reconstruction, a commitment term, and sparse row-wise Adagrad on just the rows 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,6 +133,21 @@ class MFLILearner:
         for r in rows.tolist():
             if self.changed.get(r, -1) < ts:
                 self.changed[r] = ts
+
+    def mark_changed(self, rows: Iterable[int], event_ts: int = -1) -> None:
+        """Have the next :meth:`drain_changed` include ``rows`` (live ones) even if no step touched them.
+        ``event_ts`` -1 marks a change no event caused (a prior refresh: freshness ignores it)."""
+        for r in rows:
+            self.changed[r] = max(self.changed.get(r, -1), event_ts)
+
+    def requeue(self, deltas: Iterable[ItemDelta]) -> None:
+        """Deltas that were drained but never delivered: the next drain returns those rows again, in
+        their newest state (a deletion stays a deletion)."""
+        for d in deltas:
+            if d.deleted:
+                self.deleted.add(d.row)
+            else:
+                self.mark_changed([d.row], d.event_ts or -1)
 
     def drain_changed(self) -> list[ItemDelta]:
         """Deltas for every row changed (or deleted) since the last drain, one per row, newest state."""
