@@ -33,9 +33,31 @@ def stop_on_signals(signals: Iterable[int] = (signal.SIGINT, signal.SIGTERM)) ->
     return stop
 
 
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+        return None
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL, parent: int | None = None) -> bool:
+    """Ask Linux to send ``sig`` to *this* process when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+    False where that does not exist. ``parent``: the pid the caller expects as its parent; if it is
+    already gone (it died before the ``prctl``), ``sig`` is sent at once."""
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
 def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A ``subprocess.Popen(preexec_fn=...)`` that asks Linux to send ``sig`` to the child when its
-    parent dies (``prctl(PR_SET_PDEATHSIG)``); None where that does not exist (not Linux).
+    """A ``subprocess.Popen(preexec_fn=...)`` that makes the child receive ``sig`` when the process
+    starting it dies, even by SIGKILL; None where that does not exist (not Linux).
 
     Why: children started in their own session (so a Ctrl-C reaches only the supervisor, which then
     stops them in order) are not reached by the terminal's signals, and a supervisor killed with
@@ -45,20 +67,14 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
     start children from a thread that lives as long as they should (the main thread, in mfli); and a
     parent that died between ``fork`` and the ``prctl`` is caught by comparing the parent pid.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+    if _prctl() is None:
         log.debug("prctl is not available; children will not die with their parent")
         return None
     parent = os.getpid()
 
     def preexec() -> None:
         # Runs in the child between fork and exec: no allocation-heavy work, no locks.
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before the prctl took effect
-            os.kill(os.getpid(), sig)
+        set_parent_death_signal(sig, parent)
 
     return preexec
 

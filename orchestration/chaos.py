@@ -26,15 +26,28 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import numpy as np
 import orjson
+from kafka import KafkaConsumer, TopicPartition
 
 from mfli.config import Settings
+from mfli.consumers.dlq import read_dead_letters
 from mfli.events import InteractionEvent
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import ensure_topics, make_producer
+from mfli.indexer.check import check_index
 from mfli.kafka.offsets import offset_key, parse_offset_key
+from mfli.learner.checkpoint import read_checkpoint
+from mfli.learner.process import CHECKPOINT_NAME
+from mfli.lifecycle import free_port
+from mfli.orchestration.produce import produce_records
+from mfli.sources.synthetic import SyntheticStream
+from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.users_lmdb import UsersStore
 from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
 
 log = logging.getLogger(__name__)
@@ -92,8 +105,6 @@ class Prober(threading.Thread):
 
 
 def _highwaters(settings: Settings, topics: list[str]) -> dict[str, int]:
-    from kafka import KafkaConsumer, TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False)
     out = {}
     try:
@@ -115,8 +126,6 @@ def _highwaters(settings: Settings, topics: list[str]) -> dict[str, int]:
 
 
 def _committed(settings: Settings, group: str, keys: list[str]) -> dict[str, int]:
-    from kafka import KafkaConsumer
-
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group,
                              enable_auto_commit=False)
     try:
@@ -129,12 +138,6 @@ def _committed(settings: Settings, group: str, keys: list[str]) -> dict[str, int
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from mfli.kafka.broker import EmbeddedBroker
-    from mfli.kafka.clients import ensure_topics
-    from mfli.kafka.clients import make_producer
-    from mfli.orchestration.produce import produce_records
-    from mfli.sources.synthetic import SyntheticStream
-
     exit_on_sigterm()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     state = Path(args.state_dir).resolve()
@@ -143,18 +146,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     rng = random.Random(args.seed)
     started = time.monotonic()
     summary: dict = {"events_requested": args.events, "kills": {}, "checks": {}}
-    with EmbeddedBroker(log_path=state / "logs" / "broker.log") as broker:
+    with EmbeddedBroker(log_path=state / "logs" / "broker.log") as broker, ExitStack() as cleanup:
         settings = settings.model_copy(deep=True)
         settings.kafka.bootstrap_servers = broker.bootstrap
+        # Free ports, not the configured ones: a chaos run must not collide with a demo (or another
+        # chaos run) on the same machine, and nothing here needs a well-known port.
+        settings.serve.port = free_port()
         settings.kafka.session_timeout_ms, settings.kafka.heartbeat_interval_ms = 3000, 500
         k = settings.kafka
         ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
         env = pipeline_env(state, broker.bootstrap, MFLI_LEARNER__CHECKPOINT_INTERVAL_S="3",
-                           MFLI_INDEX__FULL_PASS_INTERVAL_S="20", MFLI_SERVE__PORT=str(settings.serve.port))
+                           MFLI_INDEX__FULL_PASS_INTERVAL_S="20", MFLI_SERVE__PORT=str(settings.serve.port),
+                           MFLI_LEARNER__METRICS_PORT=str(free_port()), MFLI_INDEX__METRICS_PORT=str(free_port()))
         settings.learner.checkpoint_dir = state / "learner"
         settings.learner.users_path = state / "users.lmdb"
         settings.index.path = state / "index.lmdb"
         sup = Supervisor(state / "logs", env)
+        cleanup.callback(sup.stop_all)  # also when a check below raises: no child outlives the run
         for name in PROCESSES:
             sup.add(name, {"learner": ["learn"], "indexer": ["index"], "server": ["serve", "--no-monitor"]}[name])
         sup.start_all()
@@ -203,8 +211,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                                "duplicates_injected": counts["duplicates_injected"], "items": counts["items"]}
 
         # --- drain: wait for the users store to reflect every event offset, then stop cleanly --------
-        from mfli.storage.users_lmdb import UsersStore
-
         events_hw = _highwaters(settings, [k.events_topic])
         deadline = started + args.timeout
         while time.monotonic() < deadline:
@@ -223,8 +229,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sup.children["learner"].stop(grace_s=60)  # SIGTERM: final flush + checkpoint + commit
         updates_hw = _highwaters(settings, [k.item_updates_topic])
         index_deadline = time.monotonic() + 120
-        from mfli.storage.index.reader import LmdbIndex
-
         while time.monotonic() < index_deadline:
             index = LmdbIndex(settings.index.path, settings.index.map_size)
             with index.view() as view:
@@ -270,13 +274,6 @@ def _expected_windows(produced: list[InteractionEvent], history: int) -> dict[st
 def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict[str, int],
            updates_hw: dict[str, int], counts: Counter) -> dict[str, dict]:
     """Every check of the module docstring, each ``{"ok": bool, ...numbers}``."""
-    from mfli.consumers.dlq import read_dead_letters
-    from mfli.indexer.check import check_index
-    from mfli.learner.checkpoint import read_checkpoint
-    from mfli.learner.process import CHECKPOINT_NAME
-    from mfli.storage.index.reader import LmdbIndex
-    from mfli.storage.users_lmdb import UsersStore
-
     checks: dict[str, dict] = {}
     distinct = len({ev.event_id for ev in produced})
     store = UsersStore(settings.learner.users_path, history=settings.model.history, readonly=True)

@@ -1,9 +1,13 @@
 """Run mfli processes as supervised children: the demo and the chaos run both use this.
 
-Each child is ``python -m mfli.orchestration.cli <command> …`` in its own process group with its own log file, so
-a crash is *reported* (exit status and the log's tail) rather than hidden, and a stop reaches the
-child's own children too. The supervisor never restarts a child on its own: the demo reports a crash
-and the chaos run decides when to restart what it killed.
+Each child is ``python -m mfli.orchestration.cli <command> …`` in its own process group with its own
+log file, so a crash is *reported* (exit status and the log's tail) rather than hidden, and a stop
+reaches the child's own children too. The supervisor never restarts a child on its own: the demo
+reports a crash and the chaos run decides when to restart what it killed.
+
+Children die with the supervisor even when it is SIGKILLed and cannot stop them (the kernel sends
+them SIGKILL, :func:`mfli.lifecycle.die_with_parent`): every process is crash-safe by design, and a
+leftover learner or server would hold its ports and files against the next run.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from mfli.lifecycle import die_with_parent
 
 
 log = logging.getLogger(__name__)
@@ -49,8 +55,9 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mfli.orchestration.cli", *self.argv], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-m", "mfli.orchestration.cli", *self.argv], env=self.env, stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
         out.close()
         self.starts += 1

@@ -13,7 +13,8 @@ Start-up follows KAFKA.md to the letter, because each rule answers a failure see
 * ready = log line ``ready in`` **and** process alive **and** TCP connect, because on a port conflict
   Tansu panics and exits with rc 0 (so an exit status alone says nothing): we retry on a fresh port;
 * the child runs in its own session so a Ctrl-C in the terminal does not race our own shutdown, and it is
-  stopped by pid: SIGTERM, 5 s grace, SIGKILL.
+  stopped by pid: SIGTERM, 5 s grace, SIGKILL; if the process that started it dies without stopping it
+  (SIGKILL), the kernel kills it too (:func:`mfli.lifecycle.die_with_parent`).
 
 Topics are created explicitly (:func:`mfli.kafka.clients.ensure_topics`), because Tansu auto-creates any
 unknown topic with 4 partitions the moment a client touches it.
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from mfli.lifecycle import free_port
+from mfli.lifecycle import die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ class EmbeddedBroker:
                     [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
                      "--storage-engine", "memory://tansu/"],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,
+                    start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
                 )
             if self._wait_ready(proc, port, log_file):
                 self._proc, self.port, self._log_file = proc, port, log_file
