@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,24 +24,9 @@ from mfli.learner.encoder import QueryTower
 from mfli.learner.history import UserHistories
 from mfli.learner.quantizer import ResidualQuantizer
 from mfli.learner.replay import ReplayBuffer
+from mfli.learner.state import PHASES, StepStats  # noqa: F401 - PHASES: benchmarks/learn.py, until it follows
 from mfli.learner.stepper import Stepper
 from mfli.retrieval.snapshot import ItemSnapshot
-
-PHASES = ("bookkeeping", "pooling", "forward", "quantisation", "backward", "optimiser")
-
-
-@dataclass
-class StepStats:
-    """What one ``learn`` call did."""
-
-    events: int = 0
-    trained: int = 0  # events whose user had a history (the others only start one)
-    new_items: int = 0
-    new_users: int = 0
-    loss: float = 0.0
-    losses: dict[str, float] = field(default_factory=dict)  # "f{facet}/{objective}/{kind}" -> value
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-
 
 class MFLILearner:
     """Multifaceted item embeddings + RQ codebooks, trained one micro-batch at a time."""
@@ -108,7 +92,7 @@ class MFLILearner:
             self.items.set_tags(row, ev.tags, self.gen, content_start=not known)
             self.items.live[row] = True
             self.deleted.discard(row)
-            self._touch(np.asarray([row]), ev.created_ts)
+            self.touch(np.asarray([row]), ev.created_ts)
             n += 1
         return n
 
@@ -124,7 +108,8 @@ class MFLILearner:
                 n += 1
         return n
 
-    def _touch(self, rows: np.ndarray, ts: int) -> None:
+    def touch(self, rows: np.ndarray, ts: int) -> None:
+        """Mark ``rows`` changed (versioned by the next step) with ``ts`` as their newest event time."""
         if len(self.row_version) < len(self.items):
             grown = np.zeros(max(len(self.items), 2 * len(self.row_version)), dtype=np.int64)
             grown[: len(self.row_version)] = self.row_version
@@ -133,6 +118,8 @@ class MFLILearner:
         for r in rows.tolist():
             if self.changed.get(r, -1) < ts:
                 self.changed[r] = ts
+
+    _touch = touch  # the stepper's old name for it (until the stepper's import follows)
 
     def mark_changed(self, rows: Iterable[int], event_ts: int = -1) -> None:
         """Have the next :meth:`drain_changed` include ``rows`` (live ones) even if no step touched them.
