@@ -45,7 +45,8 @@ def _load(name: str) -> ModuleType | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"],
+                        help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="options of the chosen benchmark (see NAME -h)")
 

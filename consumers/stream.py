@@ -47,9 +47,9 @@ from kafka.structs import OffsetAndMetadata
 from mfli import metrics
 from mfli.config import Settings
 from mfli.events import InteractionEvent, ItemEvent
-
 from mfli.kafka.clients import make_consumer
 from mfli.kafka.offsets import lag_of
+
 from .dedupe import DedupeWindow
 from .dlq import DeadLetterError, DeadLetterWriter
 from .validation import Rejection, Validator
@@ -77,7 +77,7 @@ class Batch:
 class _Listener(ConsumerRebalanceListener):
     """Seeks newly assigned partitions to the owner's stored offsets (else Kafka's committed ones)."""
 
-    def __init__(self, stream: "EventStream") -> None:
+    def __init__(self, stream: EventStream) -> None:
         self.stream = stream
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -283,7 +283,7 @@ class EventStream:
             if self._owns_dlq:
                 self._dlq.close()
 
-    def __enter__(self) -> "EventStream":
+    def __enter__(self) -> EventStream:
         return self
 
     def __exit__(self, *exc: object) -> None:

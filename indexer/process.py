@@ -36,11 +36,11 @@ from mfli import metrics
 from mfli.config import Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
 from mfli.indexer.check import check_index
-from mfli.storage.index.writer import IndexWriter
 from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, wait_for_broker
 from mfli.kafka.offsets import lag_of, offset_key
 from mfli.lifecycle import stop_on_signals
 from mfli.retrieval.query_model import QueryModel
+from mfli.storage.index.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ class DecayedCounts:
                 "scaled": self._scaled.copy()}
 
     @classmethod
-    def from_state(cls, state: dict) -> "DecayedCounts":
+    def from_state(cls, state: dict) -> DecayedCounts:
         c = cls(state["half_life"], capacity=max(1, len(state["scaled"])))
         c.clock, c._origin = float(state["clock"]), float(state["origin"])
         c._scaled = np.asarray(state["scaled"], dtype=np.float64).copy()

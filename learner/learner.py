@@ -28,6 +28,7 @@ from mfli.learner.state import PHASES, StepStats  # noqa: F401 - PHASES: benchma
 from mfli.learner.stepper import Stepper
 from mfli.retrieval.snapshot import ItemSnapshot
 
+
 class MFLILearner:
     """Multifaceted item embeddings + RQ codebooks, trained one micro-batch at a time."""
 

@@ -202,4 +202,5 @@ class ResidualQuantizer:
 
     def load_state(self, state: dict) -> None:
         for k, v in state.items():
-            setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else np.copy(v) if isinstance(v, np.ndarray) else v)
+            copy = v.clone() if isinstance(v, torch.Tensor) else np.copy(v) if isinstance(v, np.ndarray) else v
+            setattr(self, k, copy)

@@ -37,18 +37,18 @@ from kafka import KafkaConsumer, TopicPartition
 from mfli.config import Settings
 from mfli.consumers.dlq import read_dead_letters
 from mfli.events import InteractionEvent
+from mfli.indexer.check import check_index
 from mfli.kafka.broker import EmbeddedBroker
 from mfli.kafka.clients import ensure_topics, make_producer
-from mfli.indexer.check import check_index
 from mfli.kafka.offsets import offset_key, parse_offset_key
 from mfli.learner.checkpoint import read_checkpoint
 from mfli.learner.process import CHECKPOINT_NAME
 from mfli.lifecycle import free_port
 from mfli.orchestration.produce import produce_records
+from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
 from mfli.sources.synthetic import SyntheticStream
 from mfli.storage.index.reader import LmdbIndex
 from mfli.storage.users_lmdb import UsersStore
-from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,8 @@ def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict
             applied_offsets.get(key, 0) == hw for key, hw in updates_hw.items() if hw),
         "invariants_ok": report.ok, "violations": report.violations[:5], "live_items_learner": len(ids),
         "live_items_index": indexed, "missing_from_index": missing, "max_vector_diff": max_diff,
-        "applied_offsets_equal_highwater": all(applied_offsets.get(key, 0) == hw for key, hw in updates_hw.items() if hw),
+        "applied_offsets_equal_highwater": all(
+            applied_offsets.get(key, 0) == hw for key, hw in updates_hw.items() if hw),
     }
     letters = list(read_dead_letters(settings.kafka, expected=None, timeout_s=30))
     # The DLQ is at-least-once like every hop: a replayed invalid record is dead-lettered again.

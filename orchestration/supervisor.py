@@ -27,7 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mfli.lifecycle import die_with_parent
 
-
 log = logging.getLogger(__name__)
 
 
@@ -126,7 +125,7 @@ class Supervisor:
     """Starts children, notices crashes, stops everything in reverse order."""
 
     #: supervisors with children that may be alive (stopped by :func:`exit_on_sigterm`'s handler)
-    running: list["Supervisor"] = []
+    running: list[Supervisor] = []
 
     def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
         Supervisor.running.append(self)

@@ -41,8 +41,17 @@ from mfli.retrieval.warmup import warm_up
 
 from .monitor import Monitor
 from .schemas import (
-    BadRequest, HttpError, MethodNotAllowed, NoParams, NotFound, PayloadTooLarge, RecommendBody,
-    RecommendParams, SimilarParams, Unavailable, describe,
+    BadRequest,
+    HttpError,
+    MethodNotAllowed,
+    NoParams,
+    NotFound,
+    PayloadTooLarge,
+    RecommendBody,
+    RecommendParams,
+    SimilarParams,
+    Unavailable,
+    describe,
 )
 from .service import RecommendService
 from .state import StateSource

@@ -55,7 +55,7 @@ class _LmdbRead:
             idx = np.flatnonzero(known)
             alive = self.view.clusters_of(rows[idx])[:, 0] >= 0  # deleted items have no cluster
             known[idx[~alive]] = False
-        return rows[known], [i for i, ok in zip(item_ids, known.tolist()) if not ok]
+        return rows[known], [i for i, ok in zip(item_ids, known.tolist(), strict=True) if not ok]
 
     def ids_of(self, rows: np.ndarray) -> list[str]:
         return self.view.item_ids(rows) if rows.size else []
@@ -126,7 +126,8 @@ class LmdbState:
                 view.codebooks()
                 if view.n_live() <= 0:
                     return False, "index holds no live items"
-        except (lmdb.Error, RuntimeError, KeyError, ValueError) as exc:  # not ready, with the reason; never a crash loop
+        except (lmdb.Error, RuntimeError, KeyError, ValueError) as exc:
+            # not ready, with the reason; never a crash loop
             return False, f"{type(exc).__name__}: {exc}"
         self._ready_until = time.monotonic() + 1.0
         return True, ""

@@ -58,7 +58,7 @@ class StateSource(Protocol):
     def ready(self) -> tuple[bool, str]:
         """(True, "") when an index with a codebook is open, else (False, why)."""
 
-    def read(self) -> "contextmanager[ReadState]":  # type: ignore[valid-type]
+    def read(self) -> contextmanager[ReadState]:  # type: ignore[valid-type]
         """Context manager yielding a :class:`ReadState`."""
 
     def users_version(self) -> int:
@@ -66,7 +66,7 @@ class StateSource(Protocol):
 
 
 class _MemoryRead:
-    def __init__(self, owner: "MemoryState") -> None:
+    def __init__(self, owner: MemoryState) -> None:
         self._o = owner
         self.view = owner.view
         self.index_version = owner.snapshot.version

@@ -6,7 +6,8 @@
 * ``kafka_settings``: :class:`~mfli.config.Settings` pointing at the broker, with this test's own topic
   and group names (events, items, DLQ, item updates; topics created with 2 partitions) and the small
   group timeouts that keep joins at about 1.5 s on Tansu (KAFKA.md).
-* ``kafka_env(settings)`` (fixture returning a function): the same settings as ``MFLI_*`` environment variables, for subprocesses.
+* ``kafka_env(settings)`` (fixture returning a function): the same settings as ``MFLI_*`` environment
+  variables, for subprocesses.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mfli.kafka.broker import EmbeddedBroker
-
-from mfli.kafka.clients import ensure_topics
 from mfli.config import Settings, load_settings
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import ensure_topics
 
 TEST_PARTITIONS = 2
 FAST_GROUP_TIMEOUTS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500}

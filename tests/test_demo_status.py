@@ -12,8 +12,8 @@ import math
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mfli.orchestration.demo import merge, status_line, status_values
 from mfli.metrics import _FRESHNESS_BUCKETS
+from mfli.orchestration.demo import merge, status_line, status_values
 
 
 def _process(items: float, freshness: list[float], recall: float | None = None) -> dict[str, float]:

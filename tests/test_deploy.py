@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 from mfli.config import Settings
+
 from prometheus_harness import require_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]

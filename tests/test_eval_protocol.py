@@ -20,7 +20,7 @@ def test_temporal_cut_is_ninety_percent_and_validates():
 
 
 def test_test_users_need_training_history_and_an_unseen_test_item():
-    ts = build_test_set(*zip(*TRAIN), *zip(*TEST))
+    ts = build_test_set(*zip(*TRAIN, strict=True), *zip(*TEST, strict=True))
     # u2's only test item was seen in training; u4 has no training event
     assert ts.users == ["u1", "u3"]
     assert ts.truth == {"u1": {"d"}, "u3": {"f", "a"}}

@@ -290,7 +290,6 @@ def test_produce_events_stops_on_a_bad_file_before_touching_the_broker(tmp_path,
 
 def test_produce_events_replays_a_csv_through_the_broker(kafka_settings, tmp_path):
     from mfli.consumers import EventStream
-
     from mfli.orchestration import produce
 
     events = _write(tmp_path / "shop.csv", "who;what;when;kind\nb;p2;2023-11-14T22:13:21Z;purchase\n"

@@ -10,6 +10,7 @@ import numpy as np
 
 from mfli.deltas import CodebookSnapshot
 from mfli.storage.index.writer import IndexWriter
+
 from test_index_writer import SETTINGS, _batch, _catalogue
 
 F = 3

@@ -14,8 +14,9 @@ from mfli.config import IndexSettings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message, encode_codebook, encode_deltas
 from mfli.indexer.check import check_index
 from mfli.storage.index.full_pass import encode
-from mfli.storage.index.writer import IndexWriter
 from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.index.writer import IndexWriter
+
 from test_index_writer import _dump
 
 F, D, LV, M = 3, 16, 2, 8

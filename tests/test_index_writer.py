@@ -8,13 +8,13 @@ from mfli import metrics
 from mfli.config import IndexSettings
 from mfli.deltas import CodebookSnapshot, DeltaBatch
 from mfli.indexer.check import check_index
-from mfli.storage.index.full_pass import encode
-from mfli.storage.index.writer import IndexWriter
 from mfli.retrieval.base import Query
 from mfli.retrieval.learned import LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
 from mfli.retrieval.snapshot import ItemSnapshot
 from mfli.storage.index import layout as L
+from mfli.storage.index.full_pass import encode
+from mfli.storage.index.writer import IndexWriter
 
 F, D, LV, M = 3, 16, 2, 8
 SETTINGS = IndexSettings(map_size=1 << 28, target_cluster_size=16)
@@ -172,7 +172,7 @@ def test_writer_reopens_from_lmdb(tmp_path):
     w2 = IndexWriter(tmp_path / "ix", SETTINGS)
     try:
         assert w2.offsets == {"t:0": 4} and w2.n_live == 200
-        assert all(np.array_equal(a, fc.sizes) for a, fc in zip(sizes, w2.clusters))
+        assert all(np.array_equal(a, fc.sizes) for a, fc in zip(sizes, w2.clusters, strict=True))
         assert w2.apply(_batch(range(200), v, codes, prior), {}).skipped == 200
     finally:
         w2.close()
@@ -346,8 +346,8 @@ def test_public_read_api_and_the_report_see_what_the_writer_wrote(tmp_path):
             assert sorted(members) == live.tolist()  # every live row in exactly one list, no deleted row
             assert [members[r] for r in live.tolist()] == clusters[:, f].tolist()
             keys, ids = view.path_map(f)
-            pairs = set(zip(keys.tolist(), ids.tolist()))
-            assert set(zip(path_keys(codes[live, f]).tolist(), clusters[:, f].tolist())) <= pairs
+            pairs = set(zip(keys.tolist(), ids.tolist(), strict=True))
+            assert set(zip(path_keys(codes[live, f]).tolist(), clusters[:, f].tolist(), strict=True)) <= pairs
     writer.close()
     sizes, counts = lmdb_index_stats(tmp_path / "index", SETTINGS.map_size)
     assert sorted(sizes) == list(range(F)) and all(int(sizes[f].sum()) == live.size for f in range(F))

@@ -7,9 +7,9 @@ import pytest
 
 from mfli.config import load_settings
 from mfli.consumers.dedupe import DedupeWindow
-from mfli.kafka.offsets import lag_of, offset_key, offsets_from_json, offsets_to_json, parse_offset_key
 from mfli.consumers.validation import Rejection, Validator
 from mfli.events import InteractionEvent, ItemEvent
+from mfli.kafka.offsets import lag_of, offset_key, offsets_from_json, offsets_to_json, parse_offset_key
 
 SETTINGS = load_settings()
 VALIDATE = Validator.for_events(SETTINGS.ingest.max_event_bytes, SETTINGS.ingest.event_types)

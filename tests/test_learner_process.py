@@ -7,8 +7,8 @@ import time
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from mfli.kafka.clients import make_producer
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
+from mfli.kafka.clients import make_producer
 from mfli.kafka.offsets import offsets_to_json
 from mfli.learner.process import LearnerProcess
 from mfli.orchestration.produce import produce_records

@@ -103,7 +103,7 @@ class EmbeddedBroker:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Start the broker, retrying on a new port when the chosen one was taken in the meantime."""
         if self.alive():
             return self
@@ -160,7 +160,7 @@ class EmbeddedBroker:
             self._log_file.unlink(missing_ok=True)
         self._proc, self.port, self._log_file = None, None, None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -19,7 +19,6 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
-
 from mfli import metrics
 from mfli.config import KafkaSettings
 
@@ -124,7 +123,7 @@ class BrokerHealth:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker-health", daemon=True)
 
-    def start(self) -> "BrokerHealth":
+    def start(self) -> BrokerHealth:
         self._thread.start()
         return self
 

@@ -145,7 +145,7 @@ class FacetClusters:
     def from_pairs(
         cls, levels: int, codewords: int, centroids: np.ndarray, sizes: np.ndarray, keys: np.ndarray,
         clusters: np.ndarray,
-    ) -> "FacetClusters":
+    ) -> FacetClusters:
         """Build the path map from (path key, cluster) pairs (duplicates allowed)."""
         keys, clusters = keys.astype(np.int64), clusters.astype(np.int64)
         width = int(clusters.max(initial=0)) + 1

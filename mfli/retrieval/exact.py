@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, resolve_query, top_k
-from mfli.retrieval.query_model import combine
 from mfli.retrieval.learned import empty_recommendation
+from mfli.retrieval.query_model import combine
 
 
 class ExactRetriever:

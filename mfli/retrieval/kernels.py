@@ -30,7 +30,6 @@ from numba.extending import intrinsic
 
 from mfli.retrieval.clusters import FACET_SHIFT
 
-
 #: candidates scored ahead of the one being scored have their int8 rows prefetched this far ahead
 PREFETCH_AHEAD = 8
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mfli.retrieval.kernels import beam_paths, pool_rows, rerank_top_k, top_voted_clusters, unique_pairs
 from mfli.retrieval.base import (
     TRENDING_FACET,
     IndexView,
@@ -36,6 +35,7 @@ from mfli.retrieval.base import (
     score,
     uniform_gates,
 )
+from mfli.retrieval.kernels import beam_paths, pool_rows, rerank_top_k, top_voted_clusters, unique_pairs
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class LearnedIndexParams:
     recency_decay: float = 0.97
 
     @classmethod
-    def from_settings(cls, serve, model) -> "LearnedIndexParams":
+    def from_settings(cls, serve, model) -> LearnedIndexParams:
         return cls(
             clusters_per_request=serve.clusters_per_request,
             members_per_cluster=serve.members_per_cluster,

@@ -40,7 +40,7 @@ class ItemSnapshot:
     live: np.ndarray
     version: int = 0  # learner step the snapshot was taken at
     tags: list[list[str]] | None = None
-    query_model: "QueryModel | None" = None  # the query encoder at this step
+    query_model: QueryModel | None = None  # the query encoder at this step
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)

@@ -214,7 +214,7 @@ def read_event_log(spec: EventLogSpec) -> tuple[Interactions, EventLogReport]:
             try:
                 if cells is None:
                     raise _Skip(error)
-                row = dict(zip(mapping, cells))
+                row = dict(zip(mapping, cells, strict=False))
                 user, item = _text(row["user"], "user", _ID_MAX), _text(row["item"], "item", _ID_MAX)
                 ms = _ms(row["time"], spec.time_unit)
                 value = _value(row["value"]) if has_value else spec.default_value

@@ -61,14 +61,16 @@ class Interactions:
     def item_events(self) -> Iterator[ItemEvent]:
         """The catalogue as upserts, created at the item's first interaction (or 0 if never rated)."""
         first: dict[str, int] = {}
-        for item, t in zip(self.items.tolist(), self.ts.tolist()):
+        for item, t in zip(self.items.tolist(), self.ts.tolist(), strict=True):
             first.setdefault(item, t)
         for item, tags in self.item_tags.items():
             yield ItemEvent(item_id=item, op="upsert", created_ts=first.get(item, 0), tags=tags,
                             text=self.item_titles.get(item))
 
 
-def _sorted(name: str, users: list, items: list, values: list, ts_seconds: list, tags: dict, titles: dict) -> Interactions:
+def _sorted(
+    name: str, users: list, items: list, values: list, ts_seconds: list, tags: dict, titles: dict
+) -> Interactions:
     ts = np.asarray(ts_seconds, dtype=np.int64) * 1000
     # Stable sort keeps the file's order among equal timestamps, so runs are reproducible.
     order = np.argsort(ts, kind="stable")
@@ -119,7 +121,7 @@ def _read_ml100k(root: Path) -> Interactions:
             for line in fh:
                 parts = line.rstrip("\n").split("|")
                 flags = parts[5:24]
-                tags[parts[0]] = [g for g, f in zip(_ML100K_GENRES, flags) if f == "1"]
+                tags[parts[0]] = [g for g, f in zip(_ML100K_GENRES, flags, strict=False) if f == "1"]
                 titles[parts[0]] = parts[1]
     return _sorted("ml-100k", users, items, values, ts, tags, titles)
 

@@ -162,7 +162,7 @@ class _Parquet:
     def rows(self, wanted: Sequence[str]) -> Iterator[Row]:
         line = 0
         for batch in self._file.iter_batches(batch_size=65_536, columns=list(dict.fromkeys(wanted))):
-            for cells in zip(*(self._python(batch.column(c)) for c in wanted)):
+            for cells in zip(*(self._python(batch.column(c)) for c in wanted), strict=True):
                 line += 1
                 yield line, cells, ""
 

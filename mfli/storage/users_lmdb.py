@@ -18,8 +18,8 @@ tail after a crash leaves the store exactly as it was (DESIGN §1, at-least-once
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import lmdb
@@ -77,7 +77,7 @@ class UsersStore:
 
     def _merge(self, rec: dict, events: list[InteractionEvent]) -> None:
         known = set(rec["e"])
-        entries = list(zip(rec["t"], rec["i"], rec["e"]))
+        entries = list(zip(rec["t"], rec["i"], rec["e"], strict=True))
         full = len(entries) >= self.window
         oldest = entries[0][0] if entries else None
         for ev in events:

@@ -217,7 +217,8 @@ class IndexMirror:
         n, end = arrays.rows, arrays.row_slot + arrays.rows
         bigger.vectors[:n], bigger.prior[:n] = arrays.vectors[:n], arrays.prior[:n]
         bigger.clusters[:n], bigger.live[:n], bigger.rows = arrays.clusters[:n], arrays.live[:n], n
-        bigger.codes[:end], bigger.scale[:end], bigger.bias[:end] = arrays.codes[:end], arrays.scale[:end], arrays.bias[:end]
+        bigger.codes[:end], bigger.scale[:end] = arrays.codes[:end], arrays.scale[:end]
+        bigger.bias[:end] = arrays.bias[:end]
         bigger.ivf_of_row[:n] = arrays.ivf_of_row[:n]
         bigger.ivf_first, bigger.ivf_len, bigger.ivf_rows = arrays.ivf_first, arrays.ivf_len, arrays.ivf_rows
         bigger.dirty = arrays.dirty

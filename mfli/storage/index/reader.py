@@ -94,7 +94,7 @@ class LmdbIndex:
         self.env()
         return self._dbs[name]
 
-    def view(self, buffers: bool = True) -> "LmdbIndexView":
+    def view(self, buffers: bool = True) -> LmdbIndexView:
         """A view over a fresh read transaction; use as a context manager (or call ``close()``).
 
         ``buffers=True`` (requests) returns zero-copy memoryviews: fastest for random ``getmulti``.
@@ -144,7 +144,7 @@ class LmdbIndexView:
             m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.bias, m.row_slot)
 
     # --- plumbing ---------------------------------------------------------------------------------------
-    def __enter__(self) -> "LmdbIndexView":
+    def __enter__(self) -> LmdbIndexView:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -274,7 +274,8 @@ class LmdbIndexView:
             return lookup_paths(m.path_key, m.path_ptr, m.path_ids, np.ascontiguousarray(paths), PATH_BITS)
         valid = paths[:, :, 0] >= 0
         facet_of = np.broadcast_to(np.arange(paths.shape[0])[:, None], valid.shape)[valid]
-        keys = [L.path_key_bytes(f, k) for f, k in zip(facet_of.tolist(), path_keys(paths[valid]).tolist())]
+        keys = [L.path_key_bytes(f, k)
+                for f, k in zip(facet_of.tolist(), path_keys(paths[valid]).tolist(), strict=True)]
         with self._txn.cursor(db=self._index.db("paths")) as cur:
             found = cur.getmulti(keys)
         if not found:
@@ -368,7 +369,7 @@ class LmdbIndexView:
         if cache is not None:
             if len(cache) > self._index.mirror.cache_limit:
                 cache.clear()
-            cache.update((i, r) for i, r in zip(item_ids, rows.tolist()) if r >= 0)
+            cache.update((i, r) for i, r in zip(item_ids, rows.tolist(), strict=True) if r >= 0)
         return rows
 
     def item_ids(self, rows: np.ndarray) -> list[str]:
@@ -382,7 +383,7 @@ class LmdbIndexView:
         if cache is not None and len(ids) == rows.size:
             if len(cache) > self._index.mirror.cache_limit:
                 cache.clear()
-            cache.update(zip(rows.tolist(), ids))
+            cache.update(zip(rows.tolist(), ids, strict=True))
         return ids
 
     def item(self, item_id: str) -> ItemInfo | None:
@@ -462,7 +463,7 @@ class LmdbIndexView:
         with self._txn.cursor(db=self._index.db("paths")) as cur:
             pairs = list(cur.iternext(keys=True, values=True))
         return [((f << FACET_SHIFT) | k, np.frombuffer(bytes(v), dtype="<i8").astype(np.int64))
-                for (f, k), (_, v) in zip((L.path_key_parts(bytes(k)) for k, _ in pairs), pairs)]
+                for (f, k), (_, v) in zip((L.path_key_parts(bytes(k)) for k, _ in pairs), pairs, strict=True)]
 
     def paths_of(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(combined key, clusters) of the given ``facet << FACET_SHIFT | path key`` keys found."""
