@@ -93,7 +93,7 @@ def _insert(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v) -> int:
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _mixture(dots: np.ndarray, log_gates: np.ndarray, inv_tau: np.float32, tau: float) -> np.float32:
+def _mixture(dots: np.ndarray, log_gates: np.ndarray, inv_tau: np.float32, tau: np.float32) -> np.float32:
     """``tau * logsumexp_f(dots_f / tau + log_gates_f)`` (stable: the max is factored out)."""
     m = np.float32(-np.inf)
     for f in range(dots.shape[0]):
@@ -113,7 +113,7 @@ def rerank_top_k(
     bias: np.ndarray,  # float32[slots] the prior by slot (read next to the codes, not by random row)
     q: np.ndarray,  # float32[D] query, facets concatenated
     log_gates: np.ndarray,  # float32[F] the user's facet gates (query_model.combine)
-    tau: float,  # temperature of the facet mixture
+    tau: np.float32,  # temperature of the facet mixture (float32: the kernel is compiled for it)
     rows: np.ndarray,  # int64[n] candidate rows, in source order, may repeat
     slots: np.ndarray,  # int64[n] each candidate's slot in ``codes``
     exclude: np.ndarray,  # int64[e] rows never returned, sorted ascending
@@ -154,7 +154,7 @@ def rerank_top_k(
         if i + PREFETCH_AHEAD < n:
             ahead = slots[i + PREFETCH_AHEAD]
             for j in range(0, dim, 64):
-                _prefetch(codes, ahead, j)
+                _prefetch(codes, ahead, j)  # type: ignore[call-arg]  # numba supplies typingctx
         r, slot = rows[i], slots[i]
         c = codes[slot]
         if n_facets == 1:
@@ -324,9 +324,9 @@ def lookup_paths(sorted_keys: np.ndarray, ptr: np.ndarray, ids: np.ndarray, path
     clusters = np.empty(total, np.int64)
     at = 0
     for i in range(m):
-        for j in range(counts[i]):
+        for t in range(counts[i]):
             facets[at] = which[i]
-            clusters[at] = ids[starts[i] + j]
+            clusters[at] = ids[starts[i] + t]
             at += 1
     return facets, clusters
 

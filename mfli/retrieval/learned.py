@@ -172,7 +172,7 @@ class LearnedIndexRetriever:
             slots = None
         if p.trending:
             hot = view.trending(p.trending)
-            if slots is not None:
+            if slots is not None and dense is not None:
                 slots = np.concatenate([slots, hot + dense.row_slot])
             rows = np.concatenate([rows, hot])
             facets = np.append(facets, TRENDING_FACET)

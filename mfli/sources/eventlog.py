@@ -222,7 +222,11 @@ def read_event_log(spec: EventLogSpec) -> tuple[Interactions, EventLogReport]:
             except _Skip as skip:
                 report.bad.append(BadRow(line, skip.reason, skip.raw))
                 continue
-            users.append(user), items.append(item), times.append(ms), values.append(value), types.append(kind)
+            users.append(user)
+            items.append(item)
+            times.append(ms)
+            values.append(value)
+            types.append(kind)
         if table.seen:  # nothing seen: every row was unusable, which the bad-row error below says better
             check_columns(spec.path, list(mapping.values()), table)
     report.kept = len(times)

@@ -94,7 +94,10 @@ def _read_ml1m(root: Path) -> Interactions:
     with opener(ratings, "rt", encoding="ascii") as fh:
         for line in fh:
             u, i, r, t = line.rstrip("\n").split("::")
-            users.append(u), items.append(i), values.append(float(r)), ts.append(int(t))
+            users.append(u)
+            items.append(i)
+            values.append(float(r))
+            ts.append(int(t))
     tags: dict[str, list[str]] = {}
     titles: dict[str, str] = {}
     movies = root / "movies.dat"
@@ -112,7 +115,10 @@ def _read_ml100k(root: Path) -> Interactions:
     with open(root / "u.data", encoding="ascii") as fh:
         for line in fh:
             u, i, r, t = line.split("\t")
-            users.append(u), items.append(i), values.append(float(r)), ts.append(int(t))
+            users.append(u)
+            items.append(i)
+            values.append(float(r))
+            ts.append(int(t))
     tags: dict[str, list[str]] = {}
     titles: dict[str, str] = {}
     item_file = root / "u.item"
@@ -132,7 +138,10 @@ def _read_latest(root: Path) -> Interactions:
         reader = csv.reader(fh)
         next(reader)
         for u, i, r, t in reader:
-            users.append(u), items.append(i), values.append(float(r)), ts.append(int(t))
+            users.append(u)
+            items.append(i)
+            values.append(float(r))
+            ts.append(int(t))
     tags: dict[str, list[str]] = {}
     titles: dict[str, str] = {}
     movies = root / "movies.csv"

@@ -79,7 +79,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"  # by content, so a compressed file needs no .gz name
     # utf-8-sig: spreadsheet exports start with a BOM that would otherwise stick to the first column name
-    return (gzip.open if gz else open)(path, "rt", encoding="utf-8-sig", newline="")  # type: ignore[operator]
+    return (gzip.open if gz else open)(path, "rt", encoding="utf-8-sig", newline="")
 
 
 class _Csv:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import orjson
@@ -62,7 +63,7 @@ class UsersStore:
             for user, evs in by_user.items():
                 key = user.encode()
                 raw = txn.get(key, db=self._users)
-                rec = orjson.loads(raw) if raw else {"i": [], "t": [], "e": [], "v": 0}
+                rec: dict[str, Any] = orjson.loads(raw) if raw else {"i": [], "t": [], "e": [], "v": 0}
                 before = rec["v"]
                 self._merge(rec, evs)
                 if rec["v"] != before:

@@ -110,8 +110,8 @@ def _read_snapshot(files: IndexFiles):
         version = L.unpack_i64(txn.get(b"cb_latest", db=meta), default=-1)
         if version < 0:
             return None
-        shape = orjson.loads(bytes(txn.get(b"cb_shape", db=meta)))
-        codebooks = np.frombuffer(bytes(txn.get(L.row_key(version), db=files.db["cb"])), dtype="<f4")
+        shape = orjson.loads(L.required(txn.get(b"cb_shape", db=meta), "codebook shape"))
+        codebooks = np.frombuffer(L.required(txn.get(L.row_key(version), db=files.db["cb"]), "codebook"), dtype="<f4")
         codebooks = codebooks.reshape(shape).copy()
         with txn.cursor(db=files.db["rec"]) as cur:
             pairs = list(cur.iternext(keys=True, values=True))

@@ -120,6 +120,13 @@ def facet_key(facet: int) -> bytes:
     return struct.pack(">H", facet)
 
 
+def required(raw: bytes | None, what: str) -> bytes:
+    """``raw``, a value the layout guarantees once its neighbours exist; KeyError naming ``what`` if not."""
+    if raw is None:
+        raise KeyError(f"index holds no {what}")
+    return bytes(raw)
+
+
 def pack_i64(value: int) -> bytes:
     return _I64.pack(value)
 

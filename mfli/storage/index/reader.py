@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lmdb
 import numpy as np
@@ -31,6 +32,9 @@ from mfli.retrieval.clusters import FACET_SHIFT, PATH_BITS, path_keys
 from mfli.retrieval.query_model import QueryModel
 from mfli.storage.index import layout as L
 from mfli.storage.index.mirror import IndexMirror
+
+if TYPE_CHECKING:
+    from lmdb import _Database
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +70,10 @@ class LmdbIndex:
         self.map_size = map_size
         self._env: lmdb.Environment | None = None
         self._pid = -1
+        self._dbs: dict[str, _Database] = {}
         if env is not None:
             self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
             self._env, self._pid = env, os.getpid()
-        self._dbs: dict[str, object] = getattr(self, "_dbs", {})
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[int, object]] = {}
 
@@ -90,7 +94,7 @@ class LmdbIndex:
         self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
         self._env, self._pid = env, os.getpid()
 
-    def db(self, name: str) -> object:
+    def db(self, name: str) -> _Database:
         self.env()
         return self._dbs[name]
 
@@ -123,7 +127,7 @@ class LmdbIndexView:
     def __init__(self, index: LmdbIndex, buffers: bool = True) -> None:
         self._index = index
         env = index.env()
-        self._txn = env.begin(buffers=buffers)
+        self._txn = env.begin(buffers=True) if buffers else env.begin()
         shape = self._meta_json(b"shape")
         if shape is None:
             self._txn.abort()
@@ -139,6 +143,8 @@ class LmdbIndexView:
         mirror = index.mirror
         if mirror is not None and mirror.sync(self) and mirror.version == self.version:
             self._m = mirror.arrays
+        #: the index's mirror when this view reads through it (it is at exactly this view's version)
+        self._mirror: IndexMirror | None = mirror if self._m is not None else None
         m = self._m  # built once per view: a request asks for it several times
         self._dense = None if m is None or m.vectors.dtype != np.float32 else DenseColumns(
             m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.bias, m.row_slot)
@@ -330,8 +336,8 @@ class LmdbIndexView:
         return live[np.argsort(-prior, kind="stable")[:n]]
 
     def live_rows(self) -> np.ndarray:
-        mirror = self._index.mirror
-        if self._m is not None and mirror.version == self.version:  # _m is only set when a mirror exists
+        mirror = self._mirror
+        if mirror is not None and mirror.version == self.version:
             return mirror.live_rows()
         return self._index.cached("live_rows", self.version, self._scan_live)
 
@@ -353,7 +359,8 @@ class LmdbIndexView:
     def rows_of(self, item_ids: list[str]) -> np.ndarray:
         """Rows of external ids, -1 for unknown ones (with a mirror, known ids are cached: an id never
         changes rows)."""
-        cache = self._index.mirror.id_rows if self._m is not None else None
+        mirror = self._mirror
+        cache = mirror.id_rows if mirror is not None else None
         if cache is not None:
             hit = [cache.get(i, -1) for i in item_ids]
             if -1 not in hit:
@@ -366,24 +373,25 @@ class LmdbIndexView:
             else:
                 rows = np.array([-1 if (v := cur.get(k)) is None else L.key_rows(bytes(v))[0] for k in keys],
                                 dtype=np.int64)
-        if cache is not None:
-            if len(cache) > self._index.mirror.cache_limit:
+        if mirror is not None and cache is not None:
+            if len(cache) > mirror.cache_limit:
                 cache.clear()
             cache.update((i, r) for i, r in zip(item_ids, rows.tolist(), strict=True) if r >= 0)
         return rows
 
     def item_ids(self, rows: np.ndarray) -> list[str]:
-        cache = self._index.mirror.row_ids if self._m is not None else None
-        if cache is not None:
-            hit = [cache.get(r) for r in rows.tolist()]
+        mirror = self._mirror
+        row_cache = mirror.row_ids if mirror is not None else None
+        if row_cache is not None:
+            hit = [row_cache.get(r) for r in rows.tolist()]
             if None not in hit:
-                return hit
+                return cast(list[str], hit)
         with self._txn.cursor(db=self._index.db("row2id")) as cur:
             ids = [bytes(v).decode() for _, v in cur.getmulti(L.row_keys(rows))]
-        if cache is not None and len(ids) == rows.size:
-            if len(cache) > self._index.mirror.cache_limit:
-                cache.clear()
-            cache.update(zip(rows.tolist(), ids, strict=True))
+        if mirror is not None and row_cache is not None and len(ids) == rows.size:
+            if len(row_cache) > mirror.cache_limit:
+                row_cache.clear()
+            row_cache.update(zip(rows.tolist(), ids, strict=True))
         return ids
 
     def item(self, item_id: str) -> ItemInfo | None:
@@ -420,7 +428,7 @@ class LmdbIndexView:
         Records are the structured ``rec`` array (fields ``version``, ``event_ts``, ``update_ts``,
         ``prior``, ``deleted``, ``clusters[F]``, ``codes[F, L]``; see the layout)."""
         with self._txn.cursor(db=self._index.db("rec")) as cur:
-            pairs = list(cur.iternext(keys=True, values=True))
+            pairs: list[tuple[bytes | memoryview, bytes | memoryview]] = list(cur.iternext())
         if not pairs:
             return np.empty(0, np.int64), np.empty(0, dtype=self._rec_dtype)
         rows = L.key_rows(b"".join(k for k, _ in pairs))

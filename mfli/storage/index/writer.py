@@ -102,6 +102,7 @@ class IndexWriter:
         self.index_version = 0
         self.offsets: dict[str, int] = {}
         self._pending_clusters: dict[int, FacetClusters] = {}  # path maps grown in an open transaction
+        self._active_levels: int | None = None  # codebook levels in use (a new one asks for a full pass)
         self._load()
 
     # --- start-up -------------------------------------------------------------------------------------
@@ -135,7 +136,9 @@ class IndexWriter:
                  self.n_live, "loaded" if self.clusters else "not built yet")
 
     def _load_clusters(self, txn) -> list[FacetClusters]:
-        facets, levels, m = self.shape["facets"], self.shape["levels"], self.shape["codewords"]
+        shape, columns = self.shape, self.columns
+        assert shape is not None and columns is not None, "_load reads the shape and the columns first"
+        facets, levels, m = shape["facets"], shape["levels"], shape["codewords"]
         keys: list[list[int]] = [[] for _ in range(facets)]
         ids: list[list[np.ndarray]] = [[] for _ in range(facets)]
         with txn.cursor(db=self.db["paths"]) as cur:
@@ -146,10 +149,10 @@ class IndexWriter:
                 ids[facet].append(clusters)
         out = []
         for f in range(facets):
-            cent = np.frombuffer(txn.get(L.facet_key(f), db=self.db["cent"]), dtype="<f4")
-            cent = cent.reshape(-1, self.shape["dim"]).copy()
-            rows = np.flatnonzero(self.columns.live)
-            sizes = np.bincount(self.columns.clusters[rows, f][self.columns.clusters[rows, f] >= 0],
+            cent = np.frombuffer(L.required(txn.get(L.facet_key(f), db=self.db["cent"]), "centroids"), dtype="<f4")
+            cent = cent.reshape(-1, shape["dim"]).copy()
+            rows = np.flatnonzero(columns.live)
+            sizes = np.bincount(columns.clusters[rows, f][columns.clusters[rows, f] >= 0],
                                 minlength=cent.shape[0])
             cl = np.concatenate(ids[f]) if ids[f] else np.empty(0, np.int64)
             out.append(FacetClusters.from_pairs(levels, m, cent, sizes, np.array(keys[f], np.int64), cl))
@@ -196,7 +199,7 @@ class IndexWriter:
         # The learner activates levels one by one (coarse before fine) and starts a level from all-zero
         # codewords; until a full pass the clusters ignore a newly active level, so ask for one now.
         active = int((np.abs(cb).reshape(f, levels, -1).max(axis=2) > 0).any(axis=0).sum())
-        if active != getattr(self, "_active_levels", active):
+        if self._active_levels is not None and active != self._active_levels:
             log.info("codebook has %d active levels (was %d): full pass requested", active, self._active_levels)
             self.full_pass_wanted = True
         self._active_levels = active
@@ -220,8 +223,8 @@ class IndexWriter:
             version = L.unpack_i64(txn.get(b"cb_latest", db=self.db["meta"]), default=-1)
             if version < 0:
                 return None
-            shape = orjson.loads(txn.get(b"cb_shape", db=self.db["meta"]))
-            raw = txn.get(L.row_key(version), db=self.db["cb"])
+            shape = orjson.loads(L.required(txn.get(b"cb_shape", db=self.db["meta"]), "codebook shape"))
+            raw = L.required(txn.get(L.row_key(version), db=self.db["cb"]), "codebook")
             return version, np.frombuffer(raw, dtype="<f4").reshape(shape).copy()
 
     # --- deltas -----------------------------------------------------------------------------------------
@@ -268,6 +271,7 @@ class IndexWriter:
         self.index_version += 1
         self.offsets = new_offsets
         if pending is not None:
+            assert batch is not None, "pending edits come from a batch"
             self._commit_columns(pending, batch)
         self._export(result, batch, int(time.time() * 1000))
         codebook_known = bool(self.shape and self.shape["codewords"])
@@ -384,28 +388,28 @@ class IndexWriter:
         rec = np.zeros(idx.size, dtype=self._rec_dtype())
         rec["version"], rec["event_ts"], rec["update_ts"] = batch.versions[idx], batch.event_ts[idx], now_ms
         rec["prior"], rec["deleted"], rec["clusters"], rec["codes"] = batch.prior[idx], deleted, new_c, codes
-        keys = L.row_keys(rows)
+        row_keys_ = L.row_keys(rows)
         size = rec.dtype.itemsize
         buf = rec.tobytes()
         with txn.cursor(db=self.db["rec"]) as cur:
-            cur.putmulti([(k, buf[i * size : (i + 1) * size]) for i, k in enumerate(keys)])
+            cur.putmulti([(k, buf[i * size : (i + 1) * size]) for i, k in enumerate(row_keys_)])
         up = np.flatnonzero(live)
         if up.size:
             vbuf = vectors[up].astype(self.vec_dtype).tobytes()
             vsize = facets * dim * self.vec_dtype.itemsize
             with txn.cursor(db=self.db["vec"]) as cur:
-                cur.putmulti([(keys[j], vbuf[i * vsize : (i + 1) * vsize])
+                cur.putmulti([(row_keys_[j], vbuf[i * vsize : (i + 1) * vsize])
                               for i, j in enumerate(up.tolist())])
         gone = np.flatnonzero(deleted)
         if gone.size:  # a deleted item keeps its record (version, for replays) but not its vectors
             for j in gone.tolist():
-                txn.delete(keys[j], db=self.db["vec"])
+                txn.delete(row_keys_[j], db=self.db["vec"])
         fresh = np.flatnonzero(~m.exists[rows])
         if fresh.size:
             with txn.cursor(db=self.db["row2id"]) as cur:
-                cur.putmulti([(keys[j], batch.item_ids[idx[j]].encode()) for j in fresh.tolist()])
+                cur.putmulti([(row_keys_[j], batch.item_ids[idx[j]].encode()) for j in fresh.tolist()])
             with txn.cursor(db=self.db["id2row"]) as cur:
-                cur.putmulti([(batch.item_ids[idx[j]].encode(), keys[j]) for j in fresh.tolist()])
+                cur.putmulti([(batch.item_ids[idx[j]].encode(), row_keys_[j]) for j in fresh.tolist()])
         prior = m.prior.copy()
         is_live = m.live.copy()
         prior[rows], is_live[rows] = batch.prior[idx], live
@@ -428,6 +432,7 @@ class IndexWriter:
 
     def _add_paths(self, txn, facet: int, keys: np.ndarray, clusters: np.ndarray) -> None:
         """New code paths seen in deltas join the path map (so path lookups find their items)."""
+        assert self.clusters is not None, "paths are added only once clusters exist"
         fc = self.clusters[facet]
         per_path = np.repeat(fc.path_key, np.diff(fc.path_ptr))
         merged = FacetClusters.from_pairs(
@@ -443,8 +448,10 @@ class IndexWriter:
     def _commit_columns(self, pending: dict, batch: DeltaBatch) -> None:
         """After a successful commit: bring the item columns, path maps and cluster sizes up to date."""
         m = self.columns
+        assert m is not None, "a committed batch implies a shaped index"
         rows, idx, new_c = pending["rows"], pending["idx"], pending["new_c"]
         for f, merged in self._pending_clusters.items():
+            assert self.clusters is not None
             self.clusters[f] = merged
         self._pending_clusters = {}
         if idx.size:
