@@ -12,9 +12,10 @@ it through :class:`~mfli.storage.index.writer.IndexWriter`, then measures:
 
 Encoding the updated items (the learner's job) happens outside the timed section.
 
-``--movielens DIR`` instead trains the learner on the DESIGN §7 training period (one pass), indexes
-its state in LMDB with and without split/merge, and reports the learned-index recall of both over the
-LMDB views (the split/merge ablation), exact search, and the invariant check of the balanced index.
+``--movielens DIR`` instead trains the learner on the training period of the evaluation protocol
+(docs/design.md §Evaluation protocol; one pass), indexes its state in LMDB with and without
+split/merge, and reports the learned-index recall of both over the LMDB views (the split/merge
+ablation), exact search, and the invariant check of the balanced index.
 """
 
 from __future__ import annotations

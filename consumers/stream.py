@@ -1,4 +1,5 @@
-"""Validated, de-duplicated micro-batches from ``mfli.events`` and ``mfli.items`` (DESIGN §1, §2).
+"""Validated, de-duplicated micro-batches from ``mfli.events`` and ``mfli.items`` (docs/design.md §Delivery,
+§Wire formats).
 
 The learner's one door to Kafka::
 
@@ -22,14 +23,15 @@ Delivery reasoning (why nothing valid is lost and nothing invalid gets through):
   state that stores offsets with itself therefore resumes exactly where it ends, whatever was committed.
 * After a crash only the uncommitted tail is re-delivered. Records the state already reflects are
   skipped by seeking to the stored offsets; without stored offsets the learner re-applies at most one
-  batch, and its state is idempotent per event (DESIGN §1).
+  batch, and its state is idempotent per event (docs/design.md §Delivery).
 * The ``event_id`` window lives in memory and restarts empty. Duplicates it catches are *producer*
   duplicates (the same event sent twice at different offsets). Duplicates that straddle a restart are
   therefore only possible when the original and its copy lie on either side of the resume point; that
   is the residue of at-least-once delivery that the learner's idempotent, offset-stamped state absorbs.
 
 Lag is ``consumer.highwater(tp) - position``: the high watermark comes from fetch responses and is
-correct on Apache Kafka and on Tansu, whose ``ListOffsets(LATEST)`` (``end_offsets``) is not (KAFKA.md).
+correct on Apache Kafka and on Tansu, whose ``ListOffsets(LATEST)`` (``end_offsets``) is not
+(docs/design.md §Kafka and the embedded broker).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Checked from ONE read transaction (so a concurrent writer cannot produce false a
   names; no posting list holds a deleted, unknown or duplicated row;
 * each live item's cluster is one of the clusters its code path maps to (``paths``);
 * balance: the share of live items in clusters with B_low <= size <= B_upp is reported and, when
-  ``min_in_bounds`` is given, required (DESIGN §4: >= 95 % after a full pass).
+  ``min_in_bounds`` is given, required (docs/design.md §Index: >= 95 % after a full pass).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """MFLILearner: the online-learning API the Kafka learner process and the evaluation both drive.
 
-One ``learn`` call is one micro-batch step (DESIGN §3): every event is scored against its user's query
+One ``learn`` call is one micro-batch step (docs/design.md §Model): every event is scored against its user's query
 *before* the event (recency-weighted pool of the last H items' embeddings, the server's computation),
 then a sampled softmax per facet and objective on the continuous embedding and on its RQ
 reconstruction, a commitment term, and sparse row-wise Adagrad on just the rows the batch touched.

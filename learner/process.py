@@ -1,4 +1,4 @@
-"""``mfli learn``: the learner process (DESIGN §1).
+"""``mfli learn``: the learner process (docs/design.md §Delivery).
 
 Loop: validated micro-batch from Kafka → catalogue changes and one learning step → the batch's events
 into the users store (one LMDB transaction, with the offsets) → every ``flush_interval_ms`` the changed

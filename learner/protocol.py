@@ -1,4 +1,5 @@
-"""DESIGN §7 evaluation protocol, as small pure functions (the parts a hand-made log can check).
+"""The static evaluation protocol (docs/design.md §Evaluation protocol) as small pure functions: the parts
+a hand-made log can check.
 
 Temporal split: the first 90 % of events (by time) train, the last 10 % test. Test users have at least
 one training event and at least one test item they had not seen in training; truth = those items.

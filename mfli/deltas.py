@@ -1,4 +1,4 @@
-"""What the learner tells the indexer (topic ``mfli.item-updates``), DESIGN §1 and §4.
+"""What the learner tells the indexer (topic ``mfli.item-updates``; docs/design.md §Wire formats).
 
 The learner publishes, per flush interval, the item rows it changed (coalesced: one delta per item,
 the newest), a codebook snapshot whenever the codebooks changed, and every few seconds the query

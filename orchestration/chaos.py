@@ -112,7 +112,8 @@ def _highwaters(settings: Settings, topics: list[str]) -> dict[str, int]:
             parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
             consumer.assign(parts)
             consumer.seek_to_beginning(*parts)
-            # ListOffsets(LATEST) is wrong on Tansu (KAFKA.md); the fetch response's high watermark is not.
+            # ListOffsets(LATEST) is wrong on Tansu (docs/design.md §Kafka and the embedded broker); the
+            # fetch response's high watermark is not.
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(consumer.highwater(tp) is None for tp in parts):
                 consumer.poll(timeout_ms=200, max_records=1)

@@ -1,7 +1,7 @@
 """``mfli produce``: replay MovieLens files, an event log or the synthetic stream into Kafka, in time order.
 
 Items go to ``mfli.items`` keyed by item id and interactions to ``mfli.events`` keyed by user id, so a
-user's events stay ordered within one partition (the learner shards by user later, DESIGN §1). For
+user's events stay ordered within one partition (the learner shards by user later, docs/design.md §Delivery). For
 MovieLens the whole catalogue is sent first (each item's ``created_ts`` is its first rating); the
 synthetic stream interleaves catalogue changes where they happen. An event log (``--events``, see
 docs/eventlog.md) is replayed like MovieLens: its ``--catalogue`` first, then its interactions by time.

@@ -96,7 +96,7 @@ def pipeline_env(state: Path, bootstrap: str, fast_groups: bool = True, **overri
     """Environment for learner/indexer/server children sharing one state directory and one broker.
 
     ``fast_groups`` sets the small group timeouts that keep joins near 1.5 s on the embedded broker
-    (KAFKA.md); ``overrides`` are further ``MFLI_*`` variables.
+    (docs/design.md §Kafka and the embedded broker); ``overrides`` are further ``MFLI_*`` variables.
     """
     env = {
         **os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "MFLI_DATA_DIR": str(state),

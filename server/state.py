@@ -112,7 +112,8 @@ class _MemoryRead:
 class MemoryState:
     """An in-memory :class:`StateSource`: one snapshot, a dict of user histories.
 
-    Rows are assigned on first sight (DESIGN §2), so the highest live rows are the freshest items.
+    Rows are assigned on first sight (docs/design.md §Wire formats, ids and rows), so the highest live
+    rows are the freshest items.
     """
 
     def __init__(self, snapshot: ItemSnapshot, view: IndexView, users: dict[str, list[tuple[str, int]]] | None = None,

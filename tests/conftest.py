@@ -5,7 +5,7 @@
 * ``unique_name("events")``: a topic/group name no other test uses.
 * ``kafka_settings``: :class:`~mfli.config.Settings` pointing at the broker, with this test's own topic
   and group names (events, items, DLQ, item updates; topics created with 2 partitions) and the small
-  group timeouts that keep joins at about 1.5 s on Tansu (KAFKA.md).
+  group timeouts that keep joins at about 1.5 s on Tansu (docs/design.md §Kafka and the embedded broker).
 * ``kafka_env(settings)`` (fixture returning a function): the same settings as ``MFLI_*`` environment
   variables, for subprocesses.
 """

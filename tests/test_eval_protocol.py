@@ -1,4 +1,4 @@
-"""DESIGN §7 protocol pieces on a tiny hand-made log whose answer is known."""
+"""Static protocol pieces (docs/design.md §Evaluation protocol) on a tiny hand-made log whose answer is known."""
 
 import numpy as np
 import pytest

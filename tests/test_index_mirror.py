@@ -1,4 +1,4 @@
-"""The server's dense mirror of the index follows deltas and full passes exactly (DESIGN §4 readers)."""
+"""The server's dense mirror of the index follows deltas and full passes exactly (docs/design.md §Index, readers)."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def registry() -> dict[str, Metric]:
         for obj in vars(mfli.metrics).values()
         if isinstance(obj, MetricWrapperBase)
     ]
-    assert len(found) > 30, "mfli.metrics should define every DESIGN §6 metric"
+    assert len(found) > 30, "mfli.metrics should define every metric of docs/metrics.md"
     return {m.primary: m for m in found}
 
 

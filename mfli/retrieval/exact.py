@@ -1,4 +1,5 @@
-"""Exact search: score every live item. The yardstick for index recall (DESIGN §5, §7)."""
+"""Exact search: score every live item. The yardstick for index recall (docs/design.md §Serving,
+§Evaluation protocol)."""
 
 from __future__ import annotations
 

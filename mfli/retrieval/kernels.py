@@ -206,7 +206,7 @@ def rerank_top_k(
 
 @njit(cache=True, nogil=True)
 def top_voted_clusters(assigned: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The trigger histogram (DESIGN §5): ``assigned`` is int64[h, F], each trigger's cluster per facet
+    """The trigger histogram (docs/design.md §Serving): ``assigned`` is int64[h, F], each trigger's cluster per facet
     (-1: not indexed). Returns (facets, clusters) of the ``k`` (facet, cluster) pairs with the most
     votes, most votes first, ties by ascending ``cluster * F + facet`` (as ``np.lexsort`` would)."""
     h, n_facets = assigned.shape

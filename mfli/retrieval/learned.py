@@ -1,4 +1,4 @@
-"""The learned-index retrieval path (DESIGN §5): cluster lookup and exact rerank, no ANN search.
+"""The learned-index retrieval path (docs/design.md §Serving): cluster lookup and exact rerank, no ANN search.
 
 For a request with trigger items (the user's recent history):
 
@@ -8,7 +8,8 @@ For a request with trigger items (the user's recent history):
    few code paths are descended by beam search; their clusters join. This reaches clusters none of the
    triggers sit in, which matters once a user's trigger clusters are exhausted by seen items.
 3. **Trending source**: the items with the highest popularity prior, so recently popular items are
-   reachable even when no trigger points at them (DESIGN §3's prior is where much of the recall is).
+   reachable even when no trigger points at them (the popularity prior, docs/design.md §Model, is where
+   much of the recall is).
 4. Gather up to N_k members per chosen cluster, drop excluded rows, rerank the union by the exact score
    (the facet mixture of :func:`~mfli.retrieval.base.score` plus the prior) and return the top k with the
    facet/cluster each came from.

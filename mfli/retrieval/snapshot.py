@@ -28,7 +28,7 @@ class ItemSnapshot:
     * ``vectors``  float32[N, F, d], L2-normalised per facet (the continuous embeddings e_f)
     * ``codes``    int32[N, F, L], greedy residual-quantisation code path per facet
     * ``codebooks`` float32[F, L, M, d]
-    * ``prior``    float32[N], popularity prior ``beta * log1p(decayed count)`` (DESIGN §3)
+    * ``prior``    float32[N], popularity prior ``beta * log1p(decayed count)`` (docs/design.md §Model)
     * ``live``     bool[N], False for deleted rows and rows never seen in an event or upsert
     """
 

@@ -1,7 +1,7 @@
 """The users store: each user's recent engaged items, written by the learner, read by the server.
 
-The server builds a user's query vector from this history with numpy (DESIGN §3 "query side, no
-torch at serve time"), so a user's answers change as soon as the learner writes their new event here,
+The server builds a user's query vector from this history with numpy (docs/design.md §Serving: no
+torch at serve time), so a user's answers change as soon as the learner writes their new event here,
 before any training touches the embeddings.
 
 Layout (one LMDB environment, single writer = the learner process, any number of readers)
@@ -13,7 +13,7 @@ Layout (one LMDB environment, single writer = the learner process, any number of
 
 Idempotency: applying an event whose ``event_id`` is already in the user's window is a no-op, and an
 event older than a full window is dropped (it would be evicted anyway), so replaying the uncommitted
-tail after a crash leaves the store exactly as it was (DESIGN §1, at-least-once in, exactly-once state).
+tail after a crash leaves the store exactly as it was (docs/design.md §Delivery: at-least-once in, exactly-once state).
 """
 
 from __future__ import annotations
