@@ -101,10 +101,10 @@ def _update_batch(args, rng, vectors, prior, cb, version: int) -> DeltaBatch:
 
 
 def _movielens_ablation(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from mfli.evaluation.offline import evaluate_retriever, test_set, user_rows
+    from mfli.evaluation.protocol import temporal_cut
     from mfli.evaluation.run import fresh
-    from mfli.learner.offline import evaluate_retriever, test_set, user_rows
-    from mfli.learner.protocol import temporal_cut
-    from mfli.learner.streaming import train
+    from mfli.evaluation.training import train
     from mfli.retrieval.exact import ExactRetriever
     from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
     from mfli.sources.movielens import load_movielens

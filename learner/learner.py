@@ -24,7 +24,7 @@ from mfli.learner.encoder import QueryTower
 from mfli.learner.history import UserHistories
 from mfli.learner.quantizer import ResidualQuantizer
 from mfli.learner.replay import ReplayBuffer
-from mfli.learner.state import PHASES, StepStats  # noqa: F401 - PHASES: benchmarks/learn.py, until it follows
+from mfli.learner.state import StepStats
 from mfli.learner.stepper import Stepper
 from mfli.retrieval.snapshot import ItemSnapshot
 
@@ -119,8 +119,6 @@ class MFLILearner:
         for r in rows.tolist():
             if self.changed.get(r, -1) < ts:
                 self.changed[r] = ts
-
-    _touch = touch  # the stepper's old name for it (until the stepper's import follows)
 
     def mark_changed(self, rows: Iterable[int], event_ts: int = -1) -> None:
         """Have the next :meth:`drain_changed` include ``rows`` (live ones) even if no step touched them.

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from mfli.evaluation.protocol import build_test_set, rank_excluding, recall_at, temporal_cut
 from mfli.learner.counts import DecayedCounts, decayed_counts
-from mfli.learner.protocol import build_test_set, rank_excluding, recall_at, temporal_cut
 
 # (user, item) in time order: 9 training events, 1 cut, test events after
 TRAIN = [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u1", "c"), ("u2", "d"), ("u3", "b"), ("u3", "c"),

@@ -10,8 +10,8 @@ import logging
 
 import numpy as np
 
+from mfli.evaluation.protocol import KS, TestSet, build_test_set, recall_at
 from mfli.learner.learner import MFLILearner
-from mfli.learner.protocol import KS, TestSet, build_test_set, recall_at
 from mfli.retrieval.base import Query, Retriever
 from mfli.sources.movielens import Interactions
 
