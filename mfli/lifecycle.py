@@ -2,7 +2,8 @@
 
 * :func:`stop_on_signals`: SIGINT/SIGTERM set an event that the main loop checks between rounds, so a
   process finishes the round it is in (a learner writes its final checkpoint, the indexer commits its
-  transaction) instead of dying mid-write. Every long-running command uses it.
+  transaction) instead of dying mid-write. The learner, the indexer, the demo and the foreground broker
+  use it (uvicorn handles the server's signals).
 * :func:`die_with_parent`: a ``preexec_fn`` that makes a child process receive a signal when the
   process that started it dies, even by SIGKILL (which leaves no chance to stop children). The demo,
   the chaos run and the embedded broker use it so nothing outlives its supervisor.

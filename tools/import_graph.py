@@ -122,14 +122,12 @@ def build(root: Path = ROOT, dirs: Mapping[str, str] | None = None) -> Graph:
 
 def floor_of(module: str) -> tuple[int, str]:
     """(floor index, package) of a module: the longest package prefix listed in :data:`FLOORS`."""
-    best = (-1, "", "")
-    for i, (_, packages) in enumerate(FLOORS):
-        for package in packages:
-            if (module == package or module.startswith(package + ".")) and len(package) > len(best[2]):
-                best = (i, package, package)
-    if best[0] < 0:
+    matches = [(len(package), floor, package) for floor, (_, packages) in enumerate(FLOORS) for package in packages
+               if module == package or module.startswith(package + ".")]
+    if not matches:
         raise ValueError(f"{module} is on no floor")
-    return best[0], best[1]
+    _, floor, package = max(matches)
+    return floor, package
 
 
 def cycles(edges: Mapping[str, Iterable[str]]) -> list[list[str]]:
