@@ -1,10 +1,11 @@
-# The two commands a new user needs: `make demo` (main job) and `make test` (the test suite).
+# The two commands a new user needs: `make demo` (main job) and `make test` (the test suite);
+# `make lint` runs the static checks CI runs before the tests.
 # Both create the virtual environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (rule set in pyproject.toml), mypy on the shared floor, and the floors of the import graph
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) tools/import_graph.py --quiet
 
 bench: setup
 	$(VENV)/bin/mfli bench all --json reports/bench.json

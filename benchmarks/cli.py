@@ -2,8 +2,8 @@
 
 Each benchmark lives in ``benchmarks/<name>.py`` and exposes ``add_arguments(parser)`` and
 ``run(args, settings) -> dict`` (built with :func:`mfli.benchmarks.report.result`); this module
-prints its table and writes ``--json``. A benchmark's options are parsed here, lazily, because the
-top-level CLI builds every subcommand's parser on each invocation and must not import torch for that.
+prints its table and writes ``--json``. A benchmark's options are parsed here, once the benchmark is
+chosen, so ``mfli bench serve`` never imports the learner's torch (nor any other benchmark's module).
 A benchmark whose module does not exist yet says so and exits non-zero; ``all`` runs every one that
 exists and also exits non-zero if any is missing, so ``make bench`` never reports a partial run as a pass.
 """
@@ -45,7 +45,8 @@ def _load(name: str) -> ModuleType | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=[*BENCHMARKS, "all"], help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
+    parser.add_argument("name", choices=[*BENCHMARKS, "all"],
+                        help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="options of the chosen benchmark (see NAME -h)")
 

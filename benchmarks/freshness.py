@@ -38,8 +38,7 @@ def _kafka_hop(settings: Settings, n: int = 50) -> list[float]:
     """Produce → receive latency of single small records through the same broker."""
     from kafka import KafkaConsumer, TopicPartition
 
-    from mfli.broker import ensure_topics
-    from mfli.consumers.clients import make_producer
+    from mfli.kafka.clients import ensure_topics, make_producer
 
     topic = "mfli.bench.hop"
     ensure_topics(settings.kafka.bootstrap_servers, settings.kafka, [topic], partitions=1)
@@ -142,12 +141,12 @@ def _user_probes(args, settings: Settings, k, producer, index, users_path: Path)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict:
-    from mfli.broker import EmbeddedBroker, ensure_topics
-    from mfli.consumers.clients import make_producer
-    from mfli.storage.index_lmdb import LmdbIndex
-    from mfli.sources.produce import produce_records
+    from mfli.kafka.broker import EmbeddedBroker
+    from mfli.kafka.clients import ensure_topics, make_producer
+    from mfli.orchestration.produce import produce_records
+    from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env
     from mfli.sources.synthetic import SyntheticStream
-    from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env
+    from mfli.storage.index.reader import LmdbIndex
 
     exit_on_sigterm()
     state = Path(args.state_dir).resolve()

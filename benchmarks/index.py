@@ -2,7 +2,7 @@
 
 Builds a synthetic catalogue (clustered random unit vectors, d=64, F=3; codes by greedy residual
 argmin under a codebook whose level-1 words are random catalogue vectors, with M^L ~ items / 32), loads
-it through :class:`~mfli.indexer.writer.IndexWriter`, then measures:
+it through :class:`~mfli.storage.index.writer.IndexWriter`, then measures:
 
 * **full pass** seconds (re-encode + split/merge clusters + one atomic swap transaction);
 * **delta apply** throughput: batches of item updates (small embedding drift for most items, a large
@@ -12,9 +12,10 @@ it through :class:`~mfli.indexer.writer.IndexWriter`, then measures:
 
 Encoding the updated items (the learner's job) happens outside the timed section.
 
-``--movielens DIR`` instead trains the learner on the DESIGN §7 training period (one pass), indexes
-its state in LMDB with and without split/merge, and reports the learned-index recall of both over the
-LMDB views (the split/merge ablation), exact search, and the invariant check of the balanced index.
+``--movielens DIR`` instead trains the learner on the training period of the evaluation protocol
+(docs/design.md §Evaluation protocol; one pass), indexes its state in LMDB with and without
+split/merge, and reports the learned-index recall of both over the LMDB views (the split/merge
+ablation), exact search, and the invariant check of the balanced index.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import numpy as np
 from mfli.config import IndexSettings, Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch
 from mfli.indexer.check import check_index
-from mfli.indexer.full_pass import encode
-from mfli.indexer.writer import IndexWriter
+from mfli.storage.index.full_pass import encode
+from mfli.storage.index.writer import IndexWriter
 
 from .report import Row, result
 
@@ -100,10 +101,10 @@ def _update_batch(args, rng, vectors, prior, cb, version: int) -> DeltaBatch:
 
 
 def _movielens_ablation(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    from mfli.evaluation.offline import evaluate_retriever, test_set, user_rows
+    from mfli.evaluation.protocol import temporal_cut
     from mfli.evaluation.run import fresh
-    from mfli.learner.offline import evaluate_retriever, test_set, user_rows
-    from mfli.learner.protocol import temporal_cut
-    from mfli.learner.streaming import train
+    from mfli.evaluation.training import train
     from mfli.retrieval.exact import ExactRetriever
     from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
     from mfli.sources.movielens import load_movielens

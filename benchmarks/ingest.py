@@ -24,11 +24,11 @@ from typing import Any
 
 from kafka import KafkaConsumer
 
-from mfli.broker import EmbeddedBroker, ensure_topics
 from mfli.config import Settings
 from mfli.consumers import EventStream
-from mfli.consumers.clients import consumer_config, make_producer
 from mfli.consumers.validation import Validator
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import consumer_config, ensure_topics, make_producer
 from mfli.sources.synthetic import SyntheticStream
 
 from .report import Row, result

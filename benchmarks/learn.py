@@ -25,7 +25,8 @@ import torch  # noqa: E402
 
 from mfli.config import Settings
 from mfli.events import ItemEvent
-from mfli.learner.learner import PHASES, MFLILearner
+from mfli.learner.learner import MFLILearner
+from mfli.learner.state import PHASES
 from mfli.sources.movielens import load_movielens
 
 from .report import Row, result

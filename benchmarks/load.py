@@ -161,7 +161,8 @@ def run(args: argparse.Namespace, settings) -> dict:
     out = run_load(args, settings)
     probe, load = out["probe"], out["load"]
     rows = [
-        Row("sustainable req/s (probe)", probe["rps"], "requests/s", note=f"{args.connections} conns, {args.probe_seconds}s"),
+        Row("sustainable req/s (probe)", probe["rps"], "requests/s",
+            note=f"{args.connections} conns, {args.probe_seconds}s"),
         Row("probe p99", probe.get("p99_ms", float("nan")), "ms"),
         Row("2x load req/s", load["rps"], "requests/s", note=out["driver"]),
         Row("2x load p50", load.get("p50_ms", float("nan")), "ms"),

@@ -29,13 +29,13 @@ class Row:
     note: str = ""
 
     @classmethod
-    def from_samples(cls, name: str, samples: list[float], unit: str, **kwargs: Any) -> "Row":
+    def from_samples(cls, name: str, samples: list[float], unit: str, **kwargs: Any) -> Row:
         if not samples:
             raise ValueError(f"row {name!r} has no samples")
         return cls(name=name, median=statistics.median(samples), unit=unit, p95=percentile(samples, 95),
                    runs=len(samples), **kwargs)
 
-    def against(self, baseline: "Row") -> "Row":
+    def against(self, baseline: Row) -> Row:
         """Set ``ratio`` to this median over the baseline's (same unit required)."""
         if baseline.unit != self.unit:
             raise ValueError(f"cannot compare {self.unit} with {baseline.unit}")
@@ -76,9 +76,10 @@ def render(res: dict[str, Any]) -> str:
     lines = [(f"{res['name']} / {r['name']}", _fmt(r["median"]), _fmt(r["p95"]), r["unit"], str(r["runs"]),
               "-" if r["ratio"] is None else f"{r['ratio']:.3f}", r["baseline"] or "-") for r in res["rows"]]
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
     out.append("  ".join("-" * w for w in widths))
-    out += ["  ".join(c.ljust(w) if i in (0, 3, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    out += ["  ".join(c.ljust(w) if i in (0, 3, 6) else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(line, widths, strict=True)))
             for line in lines]
     for target, ok in res.get("targets", {}).items():
         out.append(f"target {target}: {'PASS' if ok else 'FAIL'}")

@@ -20,15 +20,15 @@ Absolute numbers on a shared 2-core machine drift: read the ratios, which are me
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
-import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -37,14 +37,14 @@ from threadpoolctl import threadpool_limits
 
 from mfli.benchmarks.report import Row, result
 from mfli.events import InteractionEvent
+from mfli.lifecycle import free_port
 from mfli.retrieval.base import Query
 from mfli.retrieval.exact import ExactRetriever
-from mfli.retrieval.query_model import QueryModel
 from mfli.retrieval.hnsw import HnswRetriever
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
+from mfli.retrieval.query_model import QueryModel
 from mfli.retrieval.snapshot import ItemSnapshot
-from mfli.supervisor import free_port
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def assign_nearest(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> 
 
 
 def codewords_for(n: int, levels: int) -> int:
-    """DESIGN §3: M^L ~ items / 32, at least 8."""
+    """docs/design.md §Model: M^L ~ items / 32, at least 8."""
     return max(8, int(round((n / 32) ** (1.0 / levels))))
 
 
@@ -140,7 +140,7 @@ def write_lmdb(snapshot: ItemSnapshot, index_path: Path, users_path: Path | None
     """Write the catalogue through the indexer's writer (chunked transactions, then a full pass) and the
     histories (users ``u0``, ``u1``, ...) into a users store, as the learner and indexer would."""
     from mfli.deltas import CodebookSnapshot, DeltaBatch
-    from mfli.indexer.writer import IndexWriter
+    from mfli.storage.index.writer import IndexWriter
     from mfli.storage.users_lmdb import UsersStore
 
     n = snapshot.n_items
@@ -188,7 +188,7 @@ def _timed_queries(retriever, queries: list[Query], passes: int = 3) -> tuple[fl
 
 
 def _recall(answers: list[np.ndarray], truth: list[np.ndarray]) -> float:
-    return float(np.mean([np.intersect1d(a, t).size / max(1, t.size) for a, t in zip(answers, truth)]))
+    return float(np.mean([np.intersect1d(a, t).size / max(1, t.size) for a, t in zip(answers, truth, strict=True)]))
 
 
 def in_process(snapshot: ItemSnapshot, settings, k: int, n_queries: int, ef_grid: list[int]) -> dict:
@@ -277,10 +277,12 @@ def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Pop
     """A real one-worker ``mfli serve`` on a free loopback port over ``root``'s index and users store,
     returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within 120 s)."""
     port = free_port()
-    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"), "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
+    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"),
+           "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
            "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1", "--port", str(port),
-                             *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "serve", "--workers", "1",
+                             "--port", str(port), *extra_args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -299,7 +301,8 @@ def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) 
     """Real LMDB + real ``mfli serve`` (one worker) + wrk on loopback: req/s and p50/p99."""
     tag = f"{snapshot.n_items // 1000}k" + ("" if snapshot.query_model is not None else " mean-pool")
     if shutil.which("wrk") is None:
-        return {"rows": [], "targets": {}, "notes": [f"{tag}: HTTP part skipped: wrk not installed (apt-get install wrk)"]}
+        return {"rows": [], "targets": {},
+                "notes": [f"{tag}: HTTP part skipped: wrk not installed (apt-get install wrk)"]}
     users = 2000
     with tempfile.TemporaryDirectory(prefix="mfli-bench-serve-") as tmp:
         root = Path(tmp)
@@ -312,12 +315,14 @@ def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) 
             script = root / "recommend.lua"
             script.write_text(_WRK_SCRIPT % (users - 1, args.k))
             # warm-up (page cache, first-touch allocations), then the measured runs
-            subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d2s", "-s", str(script), base], capture_output=True)
+            subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d2s", "-s", str(script), base],
+                           capture_output=True)
             def measure(connections: int) -> list[dict]:
                 out = []
                 for _ in range(3):
-                    done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(args.http_seconds)}s", "--latency",
-                                           "-s", str(script), base], capture_output=True, text=True, check=True)
+                    done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(args.http_seconds)}s",
+                                           "--latency", "-s", str(script), base],
+                                          capture_output=True, text=True, check=True)
                     out.append(_parse_wrk(done.stdout))
                     log.info("%s wrk -c%d: %s", tag, connections, out[-1])
                 return out
@@ -339,7 +344,8 @@ def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) 
                                  [r["p99_ms"] for r in light], "ms")
     bad = sum(r.get("non_2xx", 0) for r in runs + light)
     return {"rows": [rps, p50, p99, light_rps, light_p50, light_p99],
-            "targets": {f"{tag} HTTP p99 <= 10 ms at >= 5k req/s (one worker)": p99.median <= 10 and rps.median >= 5000},
+            "targets": {f"{tag} HTTP p99 <= 10 ms at >= 5k req/s (one worker)":
+                        p99.median <= 10 and rps.median >= 5000},
             "notes": [f"{tag}: LMDB written in {write_s:.1f}s; non-2xx answers: {bad:.0f}"]}
 
 

@@ -1,10 +1,10 @@
 """Kafka ingestion: validated, de-duplicated micro-batches with dead letters (the learner's input).
 
-Public interface: :class:`EventStream` and :class:`Batch` (``stream.py``), :func:`read_dead_letters`
-(``dlq.py``), and the client factories in ``clients.py``.
+Public interface: :class:`EventStream` and :class:`Batch` (``stream.py``) and :func:`read_dead_letters`
+(``dlq.py``). Kafka clients, offsets and lag are shared plumbing: :mod:`mfli.kafka`.
 """
 
 from .dlq import DeadLetter, DeadLetterError, read_dead_letters
-from .stream import Batch, EventStream, lag_of
+from .stream import Batch, EventStream
 
-__all__ = ["Batch", "DeadLetter", "DeadLetterError", "EventStream", "lag_of", "read_dead_letters"]
+__all__ = ["Batch", "DeadLetter", "DeadLetterError", "EventStream", "read_dead_letters"]

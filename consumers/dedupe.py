@@ -1,4 +1,4 @@
-"""Remember the most recent ``event_id`` values and drop repeats (DESIGN §2).
+"""Remember the most recent ``event_id`` values and drop repeats (docs/design.md §Wire formats).
 
 A set for O(1) membership plus a FIFO of insertion order for O(1) eviction: a plain dict popped from
 the front degrades (CPython leaves dummies that every ``next(iter(d))`` must skip), and an

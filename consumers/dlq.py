@@ -27,8 +27,8 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from mfli import metrics
 from mfli.config import KafkaSettings
+from mfli.kafka.clients import make_consumer, make_producer
 
-from .clients import make_consumer, make_producer
 from .validation import Rejection
 
 REASON_HEADER = "mfli.reason"
@@ -104,7 +104,9 @@ def _parse(record: ConsumerRecord) -> DeadLetter:
     )
 
 
-def read_dead_letters(kafka: KafkaSettings, expected: int | None = None, timeout_s: float = 20.0) -> Iterator[DeadLetter]:
+def read_dead_letters(
+    kafka: KafkaSettings, expected: int | None = None, timeout_s: float = 20.0
+) -> Iterator[DeadLetter]:
     """Read the DLQ from the beginning without a group (no offsets committed, nothing disturbed).
 
     Stops once ``expected`` letters were read, or when the topic stays quiet for a second after the

@@ -1,4 +1,5 @@
-"""Validated, de-duplicated micro-batches from ``mfli.events`` and ``mfli.items`` (DESIGN §1, §2).
+"""Validated, de-duplicated micro-batches from ``mfli.events`` and ``mfli.items`` (docs/design.md §Delivery,
+§Wire formats).
 
 The learner's one door to Kafka::
 
@@ -22,14 +23,15 @@ Delivery reasoning (why nothing valid is lost and nothing invalid gets through):
   state that stores offsets with itself therefore resumes exactly where it ends, whatever was committed.
 * After a crash only the uncommitted tail is re-delivered. Records the state already reflects are
   skipped by seeking to the stored offsets; without stored offsets the learner re-applies at most one
-  batch, and its state is idempotent per event (DESIGN §1).
+  batch, and its state is idempotent per event (docs/design.md §Delivery).
 * The ``event_id`` window lives in memory and restarts empty. Duplicates it catches are *producer*
   duplicates (the same event sent twice at different offsets). Duplicates that straddle a restart are
   therefore only possible when the original and its copy lie on either side of the resume point; that
   is the residue of at-least-once delivery that the learner's idempotent, offset-stamped state absorbs.
 
 Lag is ``consumer.highwater(tp) - position``: the high watermark comes from fetch responses and is
-correct on Apache Kafka and on Tansu, whose ``ListOffsets(LATEST)`` (``end_offsets``) is not (KAFKA.md).
+correct on Apache Kafka and on Tansu, whose ``ListOffsets(LATEST)`` (``end_offsets``) is not
+(docs/design.md §Kafka and the embedded broker).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ from kafka.structs import OffsetAndMetadata
 from mfli import metrics
 from mfli.config import Settings
 from mfli.events import InteractionEvent, ItemEvent
+from mfli.kafka.clients import make_consumer
+from mfli.kafka.offsets import lag_of
 
-from .clients import make_consumer
 from .dedupe import DedupeWindow
 from .dlq import DeadLetterError, DeadLetterWriter
 from .validation import Rejection, Validator
@@ -76,7 +79,7 @@ class Batch:
 class _Listener(ConsumerRebalanceListener):
     """Seeks newly assigned partitions to the owner's stored offsets (else Kafka's committed ones)."""
 
-    def __init__(self, stream: "EventStream") -> None:
+    def __init__(self, stream: EventStream) -> None:
         self.stream = stream
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -282,13 +285,8 @@ class EventStream:
             if self._owns_dlq:
                 self._dlq.close()
 
-    def __enter__(self) -> "EventStream":
+    def __enter__(self) -> EventStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def lag_of(highwater: int, position: int) -> int:
-    """Records between the next one to read and the next one to be written; never negative."""
-    return max(0, highwater - position)

@@ -76,11 +76,11 @@ class Validator:
         self._validate_json = model.model_validate_json
 
     @classmethod
-    def for_events(cls, max_bytes: int, event_types: list[str]) -> "Validator":
+    def for_events(cls, max_bytes: int, event_types: list[str]) -> Validator:
         return cls(InteractionEvent, max_bytes=max_bytes, event_types=frozenset(event_types))
 
     @classmethod
-    def for_items(cls, max_bytes: int) -> "Validator":
+    def for_items(cls, max_bytes: int) -> Validator:
         return cls(ItemEvent, max_bytes=max_bytes)
 
     def __call__(self, raw: bytes | None) -> BaseModel | Rejection:

@@ -100,7 +100,7 @@ class OnlineMarkov:
             return
         self._last = _grow(self._last, int(users.max()) + 1, -1)
         last, rows, cache = self._last, self._rows, self._cache
-        for u, i in zip(users.tolist(), items.tolist()):
+        for u, i in zip(users.tolist(), items.tolist(), strict=True):
             prev = int(last[u])
             if prev >= 0:
                 row = rows.get(prev)

@@ -52,7 +52,7 @@ def _batches(learner: MFLILearner, data: Interactions, cut: int, hi: int, batch:
     exclusions per scored event), then learn the batch once the consumer is done with it."""
     seen: dict[str, set[int]] = {}
     rows_of = learner.items.ids.get
-    for u, i in zip(data.users[:cut].tolist(), data.items[:cut].tolist()):
+    for u, i in zip(data.users[:cut].tolist(), data.items[:cut].tolist(), strict=True):
         seen.setdefault(u, set()).add(rows_of(i) if rows_of(i) is not None else -1)
     for start in range(cut, hi, batch):
         end = min(hi, start + batch)
@@ -65,7 +65,7 @@ def _batches(learner: MFLILearner, data: Interactions, cut: int, hi: int, batch:
         scored = np.zeros(len(ids_u), dtype=bool)
         running: dict[str, set[int]] = {}
         excl: list[np.ndarray] = []
-        for j, (u, it) in enumerate(zip(ids_u.tolist(), items.tolist())):
+        for j, (u, it) in enumerate(zip(ids_u.tolist(), items.tolist(), strict=True)):
             scored[j] = u in seen or u in running
             if scored[j]:
                 rows = seen.get(u, set()) | running.get(u, set())
@@ -108,7 +108,7 @@ def tune_prior(learner: MFLILearner, data: Interactions, lo: int, hi: int, batch
         c.add(np.asarray([learner.items.ids.get(i) for i in data.items[:lo].tolist()], np.int64))
     hits = {(b, hl): np.zeros(3) for b in betas for hl in half_lives}
     total = 0
-    for start, idx, items, win, win_ts, excl in _batches(learner, data, lo, hi, batch):
+    for _start, idx, items, win, win_ts, excl in _batches(learner, data, lo, hi, batch):
         has = win[idx, -1] >= 0
         sel, tgt = idx[has], items[idx[has]]
         if sel.size:
@@ -116,7 +116,7 @@ def tune_prior(learner: MFLILearner, data: Interactions, lo: int, hi: int, batch
             vectors = learner.items.vectors().numpy()
             model = combine(np.einsum("bfd,nfd->bnf", q, vectors), g[:, None, :], s.temperature)
             model[:, ~learner.items.live[: len(vectors)]] = -np.inf
-            ex = [e for e, h in zip(excl, has) if h]
+            ex = [e for e, h in zip(excl, has, strict=True) if h]
             for hl, c in counts.items():
                 logc = np.log1p(c.values(model.shape[1])).astype(np.float32)
                 for b in betas:

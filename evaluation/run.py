@@ -4,13 +4,15 @@ computed in the same run on the same events.
 1. Temporal split 90/10. The popularity prior (beta, half-life) is tuned in the streaming protocol on a
    validation slice cut from the *training* period (the last 10 % of it); the test period is never used
    for tuning.
-2. A fresh learner streams the training period once, then the static protocol (DESIGN §7: recall of
-   the test users' unseen test items) for the index path, exact search, hnswlib, popularity, EASE, ALS.
+2. A fresh learner streams the training period once, then the static protocol (docs/design.md
+   §Evaluation protocol: recall of the test users' unseen test items) for the index path, exact
+   search, hnswlib, popularity, EASE, ALS.
 3. Streaming: every test event is scored before it is learned, through the index path and exactly;
    the anchors (online decayed popularity, the online Markov chain, SASRec trained on the training
    period and frozen) rank the same events. HR@20/50/100, NDCG@20, paired bootstrap intervals (over
    users) of mfli minus each anchor, HR@20 on fresh items (first seen < 1 day of stream time earlier).
-4. ``--ablations``: F=1/F=3, mean-pooled query, separate input embeddings, no replay, each retrained and scored in the streaming protocol.
+4. ``--ablations``: F=1/F=3, mean-pooled query, separate input embeddings, no replay, each retrained and
+   scored in the streaming protocol.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ import torch
 
 from mfli.config import ModelSettings, Settings
 from mfli.evaluation.prequential import ModelStream, prequential, tune_prior
+from mfli.evaluation.protocol import temporal_cut
 from mfli.evaluation.static import static_eval
 from mfli.evaluation.stream_anchors import anchor_streams, summarise
+from mfli.evaluation.training import train
 from mfli.learner.learner import MFLILearner
-from mfli.learner.protocol import temporal_cut
-from mfli.learner.streaming import train
 from mfli.sources import add_source_arguments, load_interactions, spec_from_args
 from mfli.sources.movielens import Interactions
 
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if getattr(args, "static_only", False):
         return _write(args, report, t0)
     if getattr(args, "report", None):  # the index as it was after training (streaming keeps learning)
-        from mfli.report import snapshot_stats
+        from mfli.orchestration.report import snapshot_stats
 
         html_stats = snapshot_stats(learner.snapshot(), settings.index, seed=model.seed)
     ours = prequential(learner, data, cut, args.batch, settings)
@@ -127,14 +129,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write(line + "\n")
     report["prequential"] = report["streaming"]["prequential_compat"]
     if args.plot:
-        from mfli.learner.streaming import plot_curve
+        from mfli.evaluation.training import plot_curve
 
         plot_curve(report["prequential"]["curve"], args.plot, f"{data.name}: streaming HR@100")
     if args.ablations:
         report["ablations"] = _ablations(model, settings, data, cut, args, ours)
     _write(args, report, t0)
     if getattr(args, "report", None):
-        from mfli.report import eval_report, write_report
+        from mfli.orchestration.report import eval_report, write_report
 
         sizes, counts = html_stats
         write_report(args.report, eval_report(report, sizes, (settings.index.b_low, settings.index.b_upp), counts))

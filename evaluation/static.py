@@ -1,4 +1,5 @@
-"""The static protocol (DESIGN §7): train on the first 90 % of the log, then rank once per test user.
+"""The static protocol (docs/design.md §Evaluation protocol): train on the first 90 % of the log, then
+rank once per test user.
 
 Recall@K of the test users' unseen test items, training-seen items excluded. mfli answers through the
 learned index, exact search and hnswlib over one snapshot, each from the query the learner's encoder
@@ -13,10 +14,10 @@ import time
 import numpy as np
 
 from mfli.config import Settings
+from mfli.evaluation.offline import evaluate_retriever, popularity_scores, test_set, user_rows
+from mfli.evaluation.protocol import KS, rank_excluding, recall_at
 from mfli.evaluation.static_baselines import ALS, EASE
 from mfli.learner.learner import MFLILearner
-from mfli.learner.offline import evaluate_retriever, popularity_scores, test_set, user_rows
-from mfli.learner.protocol import KS, rank_excluding, recall_at
 from mfli.retrieval.exact import ExactRetriever
 from mfli.retrieval.hnsw import HnswRetriever
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
@@ -69,7 +70,7 @@ def _matrix_anchors(learner: MFLILearner, data: Interactions, cut: int, test_ids
     n_items = len(learner.items)
     # the test users' whole training histories (``hist`` holds only the learner's last H items)
     full: dict[int, list[int]] = {}
-    for u, i in zip(u_rows.tolist(), i_rows.tolist()):
+    for u, i in zip(u_rows.tolist(), i_rows.tolist(), strict=True):
         full.setdefault(u, []).append(i)
     test_users = np.searchsorted(users, np.asarray(test_ids, dtype=users.dtype))
     histories = [np.asarray(full.get(int(u), []), np.int64) for u in test_users]

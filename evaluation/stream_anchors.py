@@ -38,7 +38,7 @@ def anchor_streams(data: Interactions, cut: int, sasrec_epochs: int = 12,
                                         cut, n_items, observe=markov.observe, batch=1024)
     if sasrec_epochs > 0:
         seqs: dict[int, list[int]] = {}
-        for u, i in zip(users[:cut].tolist(), items[:cut].tolist()):
+        for u, i in zip(users[:cut].tolist(), items[:cut].tolist(), strict=True):
             seqs.setdefault(u, []).append(i)
         n_train = int(items[:cut].max()) + 1
         sasrec = SASRecAnchor(n_train, SASRecSettings(epochs=sasrec_epochs))
@@ -51,7 +51,7 @@ def anchor_streams(data: Interactions, cut: int, sasrec_epochs: int = 12,
 
 def _fresh_mask(data: Interactions, positions: np.ndarray) -> np.ndarray:
     first: dict[str, int] = {}
-    for i, t in zip(data.items.tolist(), data.ts.tolist()):
+    for i, t in zip(data.items.tolist(), data.ts.tolist(), strict=True):
         first.setdefault(i, t)
     born = np.fromiter((first[i] for i in data.items[positions].tolist()), np.int64, positions.size)
     return data.ts[positions] - born < FRESH_MS
@@ -111,6 +111,6 @@ def _compat(ours: ModelStream, ranks: dict[str, np.ndarray], data: Interactions,
         out[short] = {f"recall@{k}": float((r < k).mean()) for k in KS}
         h = (r < 100).astype(float)
         curve[short] = [float(h[(pos >= a) & (pos < b)].mean()) if ((pos >= a) & (pos < b)).any() else None
-                        for a, b in zip(edges[:-1], edges[1:])]
+                        for a, b in zip(edges[:-1], edges[1:], strict=True)]
     out["curve"] = curve
     return out

@@ -80,7 +80,7 @@ def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int,
     if items.size and (items.min() < 0 or items.max() >= n_items):
         raise ValueError(f"item rows must be in [0, {n_items})")
     history: dict[int, list[int]] = {}
-    for u, i in zip(users[:cut].tolist(), items[:cut].tolist()):
+    for u, i in zip(users[:cut].tolist(), items[:cut].tolist(), strict=True):
         history.setdefault(u, []).append(i)
     if observe is not None:
         observe(users[:cut], items[:cut])
@@ -93,7 +93,7 @@ def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int,
     while lo < users.size:
         hi = _chunk_end(users, lo, batch) if observe is not None else min(users.size, lo + batch)
         pos, hists, excl = [], [], []
-        for p, u, i in zip(range(lo, hi), users[lo:hi].tolist(), items[lo:hi].tolist()):
+        for p, u, i in zip(range(lo, hi), users[lo:hi].tolist(), items[lo:hi].tolist(), strict=True):
             h = history.setdefault(u, [])
             if h:
                 arr = np.asarray(h, dtype=np.int64)

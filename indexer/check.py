@@ -6,7 +6,7 @@ Checked from ONE read transaction (so a concurrent writer cannot produce false a
   names; no posting list holds a deleted, unknown or duplicated row;
 * each live item's cluster is one of the clusters its code path maps to (``paths``);
 * balance: the share of live items in clusters with B_low <= size <= B_upp is reported and, when
-  ``min_in_bounds`` is given, required (DESIGN §4: >= 95 % after a full pass).
+  ``min_in_bounds`` is given, required (docs/design.md §Index: >= 95 % after a full pass).
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import numpy as np
 
 from mfli.config import IndexSettings
 from mfli.retrieval.clusters import path_keys
-from mfli.storage import layout as L
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.storage.index.reader import LmdbIndex
 
 
 @dataclass
@@ -50,22 +49,15 @@ def check_index(
     report = CheckReport()
     with index.view(buffers=False) as view:
         report.index_version = view.version
-        txn = view._txn
-        with txn.cursor(db=index.db("rec")) as cur:
-            pairs = list(cur.iternext(keys=True, values=True))
-        rows = L.key_rows(b"".join(k for k, _ in pairs)) if pairs else np.empty(0, np.int64)
-        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=L.record_dtype(view.facets, view.levels))
+        rows, rec = view.scan_records()
         live = rec["deleted"] == 0
         report.items = int(live.sum())
-        clustered = L.unpack_i64(txn.get(b"clusters_version", db=index.db("meta"))) > 0
+        clustered = view.clusters_version() > 0
         post_rows, post_facet, post_cluster = [], [], []
-        with txn.cursor(db=index.db("post")) as cur:
-            for k, v in cur.iternext(keys=True, values=True):
-                f, c = L.post_key_parts(bytes(k))
-                members = np.frombuffer(v, dtype="<i8").astype(np.int64)
-                post_rows.append(members)
-                post_facet.append(np.full(members.size, f))
-                post_cluster.append(np.full(members.size, c))
+        for f, c, members in view.postings():
+            post_rows.append(members)
+            post_facet.append(np.full(members.size, f))
+            post_cluster.append(np.full(members.size, c))
         p_rows = np.concatenate(post_rows) if post_rows else np.empty(0, np.int64)
         p_facet = np.concatenate(post_facet) if post_facet else np.empty(0, np.int64)
         p_cluster = np.concatenate(post_cluster) if post_cluster else np.empty(0, np.int64)
@@ -109,18 +101,9 @@ def _check_facet(report, f, view, rows, rec, live, live_rows, p_rows, p_cluster,
     codes = rec["codes"][live, f]
     if clustered:
         keys = path_keys(codes)
-        map_keys, map_ids = [], []
-        prefix = L.facet_key(f)
-        with view._txn.cursor(db=view._index.db("paths")) as cur:
-            if cur.set_range(prefix):
-                for k, val in cur.iternext(keys=True, values=True):
-                    if bytes(k[:2]) != prefix:
-                        break
-                    ids = np.frombuffer(val, dtype="<i8")
-                    map_keys.append(np.full(ids.size, L.path_key_parts(bytes(k))[1]))
-                    map_ids.append(ids)
-        width = int(max(assigned.max(initial=0), max((int(i.max()) for i in map_ids), default=0))) + 1
-        pairs = (np.concatenate(map_keys) * width + np.concatenate(map_ids)) if map_keys else np.empty(0)
+        map_keys, map_ids = view.path_map(f)
+        width = int(max(assigned.max(initial=0), map_ids.max(initial=0))) + 1
+        pairs = map_keys * width + map_ids
         bad = int((~np.isin(keys * width + assigned, pairs) & should).sum())
         if bad:
             v.append(f"facet {f}: {bad} items sit in a cluster their code path does not map to")

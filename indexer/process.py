@@ -1,4 +1,5 @@
-"""``mfli index``: the indexer process, a thin Kafka shell around :class:`~mfli.indexer.writer.IndexWriter`.
+"""``mfli index``: the indexer process, a thin Kafka shell around the index's single writer
+(:class:`~mfli.storage.index.writer.IndexWriter`, which owns the index format with its readers).
 
 * ``mfli index`` (``run``): consume ``mfli.item-updates`` and apply each poll in one LMDB write
   transaction together with the offsets it reflects. The stored offsets are the truth: on start the
@@ -7,9 +8,9 @@
   replayed deltas are no-ops by version. Offsets are also committed to Kafka after the LMDB commit,
   only so lag shows up in the usual tools.
 * A full pass runs every ``index.full_pass_interval_s`` when something changed (computed in a
-  background thread, committed in the writer thread; see :mod:`mfli.indexer.full_pass`), and on demand:
-  ``mfli index full-pass`` signals a running indexer (SIGUSR1, pid from its lock file) or, if none
-  runs, does the pass itself.
+  background thread, committed in the writer thread; see :mod:`mfli.storage.index.full_pass`), and on
+  demand: ``mfli index full-pass`` signals a running indexer (SIGUSR1, pid from its lock file) or, if
+  none runs, does the pass itself.
 * ``mfli index check``: the invariant checker; exit status 1 on any violation.
 """
 
@@ -28,12 +29,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from mfli import metrics
 from mfli.config import Settings
-from mfli.consumers.clients import BrokerHealth, bootstrap_of
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
+from mfli.indexer.check import check_index
+from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, wait_for_broker
+from mfli.kafka.offsets import lag_of, offset_key
+from mfli.lifecycle import stop_on_signals
 from mfli.retrieval.query_model import QueryModel
+from mfli.storage.index.writer import IndexWriter
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     path = Path(args.path or settings.index.path)
     if args.action == "check":
-        from mfli.indexer.check import check_index
-
         report = check_index(path, settings.index, min_in_bounds=args.min_in_bounds or None)
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
         return 0 if report.ok else 1
@@ -69,8 +74,6 @@ def _full_pass_now(path: Path, settings: Settings) -> int:
         os.kill(pid, signal.SIGUSR1)
         log.info("asked the running indexer (pid %d) for a full pass", pid)
         return 0
-    from mfli.indexer.writer import IndexWriter
-
     writer = IndexWriter(path, settings)
     try:
         report = writer.full_pass()
@@ -102,7 +105,7 @@ class IndexerLoop:
     def __init__(self, settings: Settings, path: Path) -> None:
         self.settings = settings
         self.path = path
-        self._stop = False
+        self._stop = threading.Event()  # replaced by the signal-driven one when run() starts
         self._full_pass_requested = False
         self._lock_fh = None
         self._lag_at = 0.0  # monotonic time lag was last exported
@@ -121,16 +124,11 @@ class IndexerLoop:
         self._lock_fh = fh
 
     def _consumer(self, writer):
-        from kafka import KafkaConsumer, TopicPartition
-
         k = self.settings.kafka
         bootstrap = k.bootstrap_servers
         if not bootstrap:
             raise SystemExit("mfli index needs MFLI_KAFKA__BOOTSTRAP_SERVERS (the demo sets it)")
-        from mfli.broker import ensure_topics
-        from mfli.consumers.clients import wait_for_broker
-
-        if not wait_for_broker(k, "indexer", lambda: self._stop):
+        if not wait_for_broker(k, "indexer", self._stop.is_set):
             raise SystemExit(0)
         ensure_topics(bootstrap, k, [k.item_updates_topic])
         consumer = KafkaConsumer(
@@ -150,7 +148,7 @@ class IndexerLoop:
         tps = [TopicPartition(k.item_updates_topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         for tp in tps:
-            stored = writer.offsets.get(f"{tp.topic}:{tp.partition}")
+            stored = writer.offsets.get(offset_key(tp.topic, tp.partition))
             if stored is None:
                 consumer.seek_to_beginning(tp)
             else:
@@ -162,8 +160,6 @@ class IndexerLoop:
     def _export_lag(self, consumer) -> None:
         """Lag of the item-update partitions (high watermark from fetches, correct on Tansu and Kafka),
         at most once a second: the "index stuck while deltas wait" alert keys on it."""
-        from mfli.consumers.stream import lag_of
-
         now = time.monotonic()
         if now - self._lag_at < 1.0:
             return
@@ -175,16 +171,11 @@ class IndexerLoop:
                 metrics.CONSUMER_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(lag)
 
     def run(self, max_batches: int = 0) -> int:
-        from mfli.indexer.writer import IndexWriter
-
         self._take_lock()
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
+        self._stop = stop_on_signals()
         signal.signal(signal.SIGUSR1, self._on_full_pass)
         metrics.serve_metrics(self.settings.index.metrics_port, process="indexer")
         metrics.UP.labels(process="indexer").set(1)
-        from mfli.indexer.full_pass import commit_full_pass, compute_full_pass
-
         writer = IndexWriter(self.path, self.settings)
         consumer = self._consumer(writer)
         metrics.READY.labels(process="indexer").set(1)
@@ -201,7 +192,7 @@ class IndexerLoop:
         batches = 0
         map_full_backoff = 0.0
         try:
-            while not self._stop:
+            while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=200)
                 if polled:
                     try:
@@ -233,12 +224,12 @@ class IndexerLoop:
                 if pending is not None and pending.done():
                     prep = pending.result()
                     if prep is not None:
-                        commit_full_pass(writer, prep)
+                        writer.commit_full_pass(prep)
                     pending = None
                 due = dirty and time.monotonic() - last_full >= self.settings.index.full_pass_interval_s
                 if pending is None and (due or self._full_pass_requested or writer.full_pass_wanted):
                     self._full_pass_requested = writer.full_pass_wanted = False
-                    pending = pool.submit(compute_full_pass, writer, 0, cancel)
+                    pending = pool.submit(writer.prepare_full_pass, 0, cancel)
                     last_full, dirty = time.monotonic(), False
                 if max_batches and batches >= max_batches:
                     break
@@ -257,15 +248,13 @@ class IndexerLoop:
     def _rewind(consumer, writer) -> None:
         """Seek every partition back to the offsets the index holds (the failed batch is read again)."""
         for tp in consumer.assignment():
-            stored = writer.offsets.get(f"{tp.topic}:{tp.partition}")
+            stored = writer.offsets.get(offset_key(tp.topic, tp.partition))
             if stored is None:
                 consumer.seek_to_beginning(tp)
             else:
                 consumer.seek(tp, stored)
 
     def _apply(self, writer, consumer, polled) -> bool:
-        from kafka.structs import OffsetAndMetadata
-
         batches: list[DeltaBatch] = []
         codebooks: list[CodebookSnapshot] = []
         models: list[QueryModel] = []
@@ -285,7 +274,7 @@ class IndexerLoop:
                     models.append(msg)
                 elif len(msg):
                     batches.append(msg)
-            offsets[f"{tp.topic}:{tp.partition}"] = records[-1].offset + 1
+            offsets[offset_key(tp.topic, tp.partition)] = records[-1].offset + 1
             commit[tp] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
         result = writer.apply(DeltaBatch.concat(batches) if batches else None, offsets, codebooks, models)
         try:
@@ -293,9 +282,6 @@ class IndexerLoop:
         except Exception as exc:  # noqa: BLE001 - a failed monitoring commit must not stop indexing
             log.debug("kafka offset commit failed: %s", exc)
         return bool(result.applied or codebooks or models)
-
-    def _on_stop(self, *_: object) -> None:
-        self._stop = True
 
     def _on_full_pass(self, *_: object) -> None:
         self._full_pass_requested = True

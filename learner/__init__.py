@@ -1,4 +1,4 @@
-"""The MFLI learner: model, codebooks, online-learning API, checkpoints and the evaluation harness.
+"""The MFLI learner: model, codebooks, online-learning API, publishing and checkpoints.
 
 OpenMP threads that spin while waiting collapse when the 2-core machine is shared with other CPU
 work: measured on ml-1m steps (load average ~8), 2 torch threads ran at 2.4k events/s with the default

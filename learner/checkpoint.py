@@ -2,7 +2,7 @@
 
 Written to a temporary file in the same directory, fsync'ed, then renamed over the old checkpoint
 (and the directory fsync'ed), so a crash leaves either the old or the new checkpoint, never a torn
-one. The offsets are stored *with* the state (DESIGN §1): a restart resumes exactly where the state
+one. The offsets are stored *with* the state (docs/design.md §Delivery): a restart resumes exactly where the state
 ends, and Kafka offsets are committed only after this returns.
 """
 

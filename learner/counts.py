@@ -1,6 +1,6 @@
 """Exponentially decayed per-item counts with a half-life measured in events.
 
-Used twice: the popularity prior ``beta * log1p(count)`` (DESIGN §3) and the item-frequency estimate
+Used twice: the popularity prior ``beta * log1p(count)`` (docs/design.md §Model) and the item-frequency estimate
 behind the log-Q correction of the sampled softmax. Decay is lazy: counts are stored scaled by
 ``2 ** (clock / half_life)`` so an increment is one ``np.add.at`` and nothing is touched per tick; the
 scale is folded back in before it can overflow.
@@ -55,7 +55,7 @@ class DecayedCounts:
                 "scaled": self._scaled.copy()}
 
     @classmethod
-    def from_state(cls, state: dict) -> "DecayedCounts":
+    def from_state(cls, state: dict) -> DecayedCounts:
         c = cls(state["half_life"], capacity=max(1, len(state["scaled"])))
         c.clock, c._origin = float(state["clock"]), float(state["origin"])
         c._scaled = np.asarray(state["scaled"], dtype=np.float64).copy()

@@ -153,7 +153,7 @@ class QueryTower:
         if not self.mean:
             self.optimizer.step()
 
-    def query_model(self, version: int) -> "QueryModel":
+    def query_model(self, version: int) -> QueryModel:
         s = self.settings
         return QueryModel(version=version, weights={} if self.mean else self.encoder.weights(), facets=s.facets,
                           dim=s.dim, heads=s.encoder_heads, tau=s.temperature)

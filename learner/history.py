@@ -46,7 +46,7 @@ class UserHistories:
             touched = set(users.tolist())
             store_items = {u: list(self._items[u]) for u in touched}
             store_ts = {u: list(self._ts[u]) for u in touched}
-        for i, (u, item, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist())):
+        for i, (u, item, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist(), strict=True)):
             hist, hts = store_items[u], store_ts[u]
             if hist:
                 has[i] = True

@@ -52,7 +52,7 @@ class IdMap:
         return list(self._ids)
 
     @classmethod
-    def from_state(cls, ids: list[str]) -> "IdMap":
+    def from_state(cls, ids: list[str]) -> IdMap:
         m = cls()
         m._ids = list(ids)
         m._row = {k: i for i, k in enumerate(m._ids)}

@@ -1,6 +1,6 @@
 """MFLILearner: the online-learning API the Kafka learner process and the evaluation both drive.
 
-One ``learn`` call is one micro-batch step (DESIGN §3): every event is scored against its user's query
+One ``learn`` call is one micro-batch step (docs/design.md §Model): every event is scored against its user's query
 *before* the event (recency-weighted pool of the last H items' embeddings, the server's computation),
 then a sampled softmax per facet and objective on the continuous embedding and on its RQ
 reconstruction, a commitment term, and sparse row-wise Adagrad on just the rows the batch touched.
@@ -10,7 +10,7 @@ reconstruction, a commitment term, and sparse row-wise Adagrad on just the rows 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -24,23 +24,9 @@ from mfli.learner.encoder import QueryTower
 from mfli.learner.history import UserHistories
 from mfli.learner.quantizer import ResidualQuantizer
 from mfli.learner.replay import ReplayBuffer
+from mfli.learner.state import StepStats
 from mfli.learner.stepper import Stepper
 from mfli.retrieval.snapshot import ItemSnapshot
-
-PHASES = ("bookkeeping", "pooling", "forward", "quantisation", "backward", "optimiser")
-
-
-@dataclass
-class StepStats:
-    """What one ``learn`` call did."""
-
-    events: int = 0
-    trained: int = 0  # events whose user had a history (the others only start one)
-    new_items: int = 0
-    new_users: int = 0
-    loss: float = 0.0
-    losses: dict[str, float] = field(default_factory=dict)  # "f{facet}/{objective}/{kind}" -> value
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 class MFLILearner:
@@ -107,7 +93,7 @@ class MFLILearner:
             self.items.set_tags(row, ev.tags, self.gen, content_start=not known)
             self.items.live[row] = True
             self.deleted.discard(row)
-            self._touch(np.asarray([row]), ev.created_ts)
+            self.touch(np.asarray([row]), ev.created_ts)
             n += 1
         return n
 
@@ -123,7 +109,8 @@ class MFLILearner:
                 n += 1
         return n
 
-    def _touch(self, rows: np.ndarray, ts: int) -> None:
+    def touch(self, rows: np.ndarray, ts: int) -> None:
+        """Mark ``rows`` changed (versioned by the next step) with ``ts`` as their newest event time."""
         if len(self.row_version) < len(self.items):
             grown = np.zeros(max(len(self.items), 2 * len(self.row_version)), dtype=np.int64)
             grown[: len(self.row_version)] = self.row_version
@@ -132,6 +119,21 @@ class MFLILearner:
         for r in rows.tolist():
             if self.changed.get(r, -1) < ts:
                 self.changed[r] = ts
+
+    def mark_changed(self, rows: Iterable[int], event_ts: int = -1) -> None:
+        """Have the next :meth:`drain_changed` include ``rows`` (live ones) even if no step touched them.
+        ``event_ts`` -1 marks a change no event caused (a prior refresh: freshness ignores it)."""
+        for r in rows:
+            self.changed[r] = max(self.changed.get(r, -1), event_ts)
+
+    def requeue(self, deltas: Iterable[ItemDelta]) -> None:
+        """Deltas that were drained but never delivered: the next drain returns those rows again, in
+        their newest state (a deletion stays a deletion)."""
+        for d in deltas:
+            if d.deleted:
+                self.deleted.add(d.row)
+            else:
+                self.mark_changed([d.row], d.event_ts or -1)
 
     def drain_changed(self) -> list[ItemDelta]:
         """Deltas for every row changed (or deleted) since the last drain, one per row, newest state."""

@@ -1,4 +1,4 @@
-"""Sampled softmax with in-batch negatives and log-Q correction (DESIGN §3).
+"""Sampled softmax with in-batch negatives and log-Q correction (docs/design.md §Model).
 
 Negatives are the positives of other events in the same micro-batch, so an item appears as a negative
 in proportion to its frequency in the stream; subtracting ``log Q`` (its estimated sampling

@@ -1,4 +1,4 @@
-"""Residual-quantisation codebooks per facet, with the defences against collapse of DESIGN §3.
+"""Residual-quantisation codebooks per facet, with the defences against collapse (docs/design.md §Model).
 
 * **Delayed start**: no codes until the learner has seen ``warmup_events``; then level 0 is initialised
   by k-means on the warmed-up item embeddings, and each finer level later (coarse before fine) by
@@ -202,4 +202,5 @@ class ResidualQuantizer:
 
     def load_state(self, state: dict) -> None:
         for k, v in state.items():
-            setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else np.copy(v) if isinstance(v, np.ndarray) else v)
+            copy = v.clone() if isinstance(v, torch.Tensor) else np.copy(v) if isinstance(v, np.ndarray) else v
+            setattr(self, k, copy)

@@ -8,7 +8,6 @@ before fine ones, usage statistics and dead-code resets are scheduled here, betw
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,22 +15,18 @@ import torch.nn.functional as F
 
 from mfli import metrics
 from mfli.learner.loss import full_softmax, item_item_softmax, mixture_softmax, negative_bias, seen_pairs
+from mfli.learner.state import LearnerState, StepStats
 from mfli.retrieval.query_model import gap_buckets
-
-if TYPE_CHECKING:
-    from mfli.learner.learner import MFLILearner, StepStats
 
 _EPS = 1e-10
 _MASKED_BIAS = -1.0e4  # as learner/loss.py masks self-negatives
 
 
 class Stepper:
-    def __init__(self, learner: "MFLILearner") -> None:
+    def __init__(self, learner: LearnerState) -> None:
         self.lr = learner
 
-    def step(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, ts: np.ndarray) -> "StepStats":
-        from mfli.learner.learner import StepStats
-
+    def step(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, ts: np.ndarray) -> StepStats:
         L, s, cat, rq = self.lr, self.lr.settings, self.lr.items, self.lr.rq
         stats = StepStats(events=len(items))
         sec = stats.seconds
@@ -181,7 +176,7 @@ class Stepper:
                     rq.codebooks -= s.codebook_learning_rate * cb.grad / (rq.adagrad.sqrt() + _EPS)
                 drift = (new - sub.detach()).view(-1, s.facets, s.dim).norm(dim=2).mean(0)
             L.tower.step()
-            L._touch(uniq, int(ts.max()))
+            L.touch(uniq, int(ts.max()))
             sec["optimiser"] += time.perf_counter() - t
             for f in range(s.facets):
                 metrics.EMBEDDING_DRIFT.labels(facet=str(f)).set(float(drift[f]))
@@ -216,7 +211,7 @@ class Stepper:
                     if rq.resets[f, lv] > before[f, lv]:
                         metrics.CODEBOOK_RESETS.labels(**lab).inc(float(rq.resets[f, lv] - before[f, lv]))
 
-    def _export(self, stats: "StepStats") -> None:
+    def _export(self, stats: StepStats) -> None:
         for phase, seconds in stats.seconds.items():
             metrics.LEARNER_STEP_SECONDS.labels(phase=phase).observe(seconds)
         metrics.LEARNER_EVENTS.inc(stats.events)

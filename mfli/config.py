@@ -2,7 +2,7 @@
 
 Every value can be set from the environment with the prefix ``MFLI_`` and ``__`` between levels, e.g.
 ``MFLI_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``MFLI_MODEL__FACETS=1``. Kafka option names mirror
-Kafka's own (``session_timeout_ms``) so users can carry their knowledge over. Defaults are DESIGN.md's;
+Kafka's own (``session_timeout_ms``) so users can carry their knowledge over. Defaults follow docs/design.md;
 where a default was changed after a measurement, the field's description says so.
 """
 
@@ -29,7 +29,8 @@ class KafkaSettings(BaseModel):
     learner_group: str = "mfli-learner"
     indexer_group: str = "mfli-indexer"
     client_id: str = "mfli"
-    # Tansu holds a JoinGroup for half the session timeout; small values keep tests fast (KAFKA.md).
+    # Tansu holds a JoinGroup for half the session timeout; small values keep tests fast
+    # (docs/design.md §Kafka and the embedded broker).
     session_timeout_ms: int = Field(10_000, ge=1000)
     heartbeat_interval_ms: int = Field(1_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1000)
@@ -50,7 +51,7 @@ class KafkaSettings(BaseModel):
     producer_batch_size: int = Field(262_144, ge=1024, description="producer batch bytes per partition")
 
     @model_validator(mode="after")
-    def _heartbeat_below_session(self) -> "KafkaSettings":
+    def _heartbeat_below_session(self) -> KafkaSettings:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError(
                 f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
@@ -75,7 +76,7 @@ class IngestSettings(BaseModel):
 
 
 class ModelSettings(BaseModel):
-    """The MFLI model (DESIGN §3)."""
+    """The MFLI model (docs/design.md §Model)."""
 
     facets: int = Field(
         1, ge=1, description="F. 1 after a measurement (issue 11): with the sequence encoder and a full "
@@ -111,7 +112,8 @@ class ModelSettings(BaseModel):
     negatives: int = Field(128, ge=0, description="in-batch negatives per event (random subset of the batch's items)")
     codebook_learning_rate: float = Field(0.01, gt=0, description="Adagrad step of the RQ codewords")
     level_interval_events: int = Field(10_000, ge=0, description="events between activating successive RQ levels")
-    usage_interval_steps: int = Field(10, ge=1, description="steps between codebook usage counts (and dead-code checks)")
+    usage_interval_steps: int = Field(
+        10, ge=1, description="steps between codebook usage counts (and dead-code checks)")
     logq_half_life_events: float = Field(200_000, gt=0, description="decay of the log-Q item-frequency estimate")
     # --- query tower (issue 11) ---
     query_model: Literal["encoder", "mean"] = Field(
@@ -145,7 +147,7 @@ class ModelSettings(BaseModel):
     replay_capacity: int = Field(100_000, ge=0, description="newest training examples the replay buffer holds")
 
     @model_validator(mode="after")
-    def _weights_shape(self) -> "ModelSettings":
+    def _weights_shape(self) -> ModelSettings:
         if len(self.objective_weights) < self.facets:
             raise ValueError(
                 f"objective_weights has {len(self.objective_weights)} rows; need one per facet ({self.facets})"
@@ -180,7 +182,7 @@ class LearnerSettings(BaseModel):
 
 
 class IndexSettings(BaseModel):
-    """The indexer process and the LMDB index it alone writes (DESIGN §4)."""
+    """The indexer process and the LMDB index it alone writes (docs/design.md §Index)."""
 
     path: Path = Path("var/index.lmdb")
     map_size: int = Field(8 << 30, ge=1 << 20, description="LMDB map size in bytes (sparse file)")
@@ -209,7 +211,7 @@ class IndexSettings(BaseModel):
 
 
 class ServeSettings(BaseModel):
-    """Retrieval and the HTTP server (DESIGN §5)."""
+    """Retrieval and the HTTP server (docs/design.md §Serving)."""
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0)

@@ -1,4 +1,4 @@
-"""What the learner tells the indexer (topic ``mfli.item-updates``), DESIGN §1 and §4.
+"""What the learner tells the indexer (topic ``mfli.item-updates``; docs/design.md §Wire formats).
 
 The learner publishes, per flush interval, the item rows it changed (coalesced: one delta per item,
 the newest), a codebook snapshot whenever the codebooks changed, and every few seconds the query
@@ -9,9 +9,13 @@ The wire encoding lives next to these classes so producer and consumer cannot di
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
+
+from mfli.retrieval.query_model import QueryModel
 
 
 @dataclass
@@ -51,20 +55,14 @@ class CodebookSnapshot:
 #              | f32 parameters, in that order (the query encoder, mfli.retrieval.query_model)
 # All integers and floats little-endian.
 
-import struct as _struct  # noqa: E402
-
-import orjson as _orjson  # noqa: E402
-
-from mfli.retrieval.query_model import QueryModel  # noqa: E402
-
 WIRE_MAGIC = b"MFLI"
 WIRE_FORMAT = 1
 MSG_DELTAS = 1
 MSG_CODEBOOK = 2
 MSG_MODEL = 3
-_HEADER = _struct.Struct("<4sBBH")
-_DELTA_HEAD = _struct.Struct("<IHHHH")
-_CB_HEAD = _struct.Struct("<qIIII")
+_HEADER = struct.Struct("<4sBBH")
+_DELTA_HEAD = struct.Struct("<IHHHH")
+_CB_HEAD = struct.Struct("<qIIII")
 
 
 @dataclass
@@ -85,7 +83,7 @@ class DeltaBatch:
         return len(self.item_ids)
 
     @classmethod
-    def from_deltas(cls, deltas: list[ItemDelta]) -> "DeltaBatch":
+    def from_deltas(cls, deltas: list[ItemDelta]) -> DeltaBatch:
         if not deltas:
             raise ValueError("DeltaBatch.from_deltas needs at least one delta (shapes come from it)")
         return cls(
@@ -101,7 +99,7 @@ class DeltaBatch:
         )
 
     @classmethod
-    def concat(cls, batches: list["DeltaBatch"]) -> "DeltaBatch":
+    def concat(cls, batches: list[DeltaBatch]) -> DeltaBatch:
         """One batch from many, in order (the indexer applies a whole poll in one transaction)."""
         if len(batches) == 1:
             return batches[0]
@@ -136,7 +134,7 @@ def encode_deltas(deltas: list[ItemDelta] | DeltaBatch) -> bytes:
     _, f, d = batch.vectors.shape
     levels = batch.codes.shape[2]
     ids = [i.encode() for i in batch.item_ids]
-    tags = _orjson.dumps(batch.tags or [[] for _ in range(n)])
+    tags = orjson.dumps(batch.tags or [[] for _ in range(n)])
     return b"".join([
         _HEADER.pack(WIRE_MAGIC, WIRE_FORMAT, MSG_DELTAS, 0),
         _DELTA_HEAD.pack(n, f, d, levels, 0),
@@ -144,7 +142,7 @@ def encode_deltas(deltas: list[ItemDelta] | DeltaBatch) -> bytes:
         batch.event_ts.astype("<i8").tobytes(), batch.prior.astype("<f4").tobytes(),
         batch.deleted.astype("u1").tobytes(), batch.vectors.astype("<f4").tobytes(),
         batch.codes.astype("<i4").tobytes(), np.array([len(i) for i in ids], dtype="<u4").tobytes(),
-        *ids, _struct.pack("<I", len(tags)), tags,
+        *ids, struct.pack("<I", len(tags)), tags,
     ])
 
 
@@ -160,16 +158,16 @@ def encode_codebook(snapshot: CodebookSnapshot) -> bytes:
 def encode_model(model: QueryModel) -> bytes:
     """One wire message holding a version of the query encoder (what the server runs)."""
     names = sorted(model.weights)
-    head = _orjson.dumps({"version": model.version, "facets": model.facets, "dim": model.dim, "heads": model.heads,
+    head = orjson.dumps({"version": model.version, "facets": model.facets, "dim": model.dim, "heads": model.heads,
                           "tau": model.tau, "params": [[n, list(model.weights[n].shape)] for n in names]})
-    return b"".join([_HEADER.pack(WIRE_MAGIC, WIRE_FORMAT, MSG_MODEL, 0), _struct.pack("<I", len(head)), head,
+    return b"".join([_HEADER.pack(WIRE_MAGIC, WIRE_FORMAT, MSG_MODEL, 0), struct.pack("<I", len(head)), head,
                      *(np.ascontiguousarray(model.weights[n], dtype="<f4").tobytes() for n in names)])
 
 
 def decode_model(payload: bytes, pos: int = _HEADER.size) -> QueryModel:
-    (length,) = _struct.unpack_from("<I", payload, pos)
+    (length,) = struct.unpack_from("<I", payload, pos)
     pos += 4
-    head = _orjson.loads(payload[pos:pos + length])
+    head = orjson.loads(payload[pos:pos + length])
     pos += length
     weights = {}
     for name, shape in head["params"]:
@@ -217,7 +215,7 @@ def decode_message(payload: bytes) -> DeltaBatch | CodebookSnapshot | QueryModel
     for length in lengths.tolist():
         ids.append(payload[pos : pos + length].decode())
         pos += length
-    (tags_len,) = _struct.unpack_from("<I", payload, pos)
+    (tags_len,) = struct.unpack_from("<I", payload, pos)
     pos += 4
-    tags = _orjson.loads(payload[pos : pos + tags_len])
+    tags = orjson.loads(payload[pos : pos + tags_len])
     return DeltaBatch(ids, rows, versions, event_ts, vectors, codes, prior, deleted, tags)

@@ -1,4 +1,4 @@
-"""Wire schemas shared by every process (DESIGN §2).
+"""Wire schemas shared by every process (docs/design.md §Wire formats).
 
 JSON on the wire. External ids are strings; the learner maps them to dense rows. These models are the
 contract between producers, the consumers' validation step and the learner: change them here only.

@@ -1,4 +1,4 @@
-"""Every Prometheus metric mfli exports, defined in one place (DESIGN §6).
+"""Every Prometheus metric mfli exports, defined in one place (docs/design.md §Observability).
 
 Rules this module enforces by construction: base units (seconds, bytes), ``_total`` on counters
 (prometheus_client appends it), and no per-user or per-item labels — labels are bounded sets only

@@ -37,12 +37,21 @@ from pydantic import BaseModel, ValidationError
 
 from mfli.config import Settings
 from mfli.metrics import READY, REQUEST_SECONDS, REQUESTS, UP
-from mfli.retrieval.kernels import warm_up
+from mfli.retrieval.warmup import warm_up
 
 from .monitor import Monitor
 from .schemas import (
-    BadRequest, HttpError, MethodNotAllowed, NoParams, NotFound, PayloadTooLarge, RecommendBody,
-    RecommendParams, SimilarParams, Unavailable, describe,
+    BadRequest,
+    HttpError,
+    MethodNotAllowed,
+    NoParams,
+    NotFound,
+    PayloadTooLarge,
+    RecommendBody,
+    RecommendParams,
+    SimilarParams,
+    Unavailable,
+    describe,
 )
 from .service import RecommendService
 from .state import StateSource

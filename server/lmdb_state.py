@@ -22,8 +22,7 @@ import lmdb
 import numpy as np
 
 from mfli.config import Settings
-from mfli.storage import layout as L
-from mfli.storage.index_lmdb import LmdbIndex, LmdbIndexView
+from mfli.storage.index.reader import LmdbIndex, LmdbIndexView
 from mfli.storage.users_lmdb import UsersStore
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,7 @@ class _LmdbRead:
         self.view = view
         self._users = users
         self.index_version = view.version
-        # LmdbIndexView has no public accessor for it yet; the meta key is part of the documented layout.
-        self.codebook_version = L.unpack_i64(view._get("meta", b"cb_in_use"), default=-1)
+        self.codebook_version = view.codebook_version()
 
     def rows_of(self, item_ids: list[str]) -> tuple[np.ndarray, list[str]]:
         # An id LMDB cannot hold as a key (empty, or > 511 bytes) is unknown by definition; asking the
@@ -57,7 +55,7 @@ class _LmdbRead:
             idx = np.flatnonzero(known)
             alive = self.view.clusters_of(rows[idx])[:, 0] >= 0  # deleted items have no cluster
             known[idx[~alive]] = False
-        return rows[known], [i for i, ok in zip(item_ids, known.tolist()) if not ok]
+        return rows[known], [i for i, ok in zip(item_ids, known.tolist(), strict=True) if not ok]
 
     def ids_of(self, rows: np.ndarray) -> list[str]:
         return self.view.item_ids(rows) if rows.size else []
@@ -128,7 +126,8 @@ class LmdbState:
                 view.codebooks()
                 if view.n_live() <= 0:
                     return False, "index holds no live items"
-        except (lmdb.Error, RuntimeError, KeyError, ValueError) as exc:  # not ready, with the reason; never a crash loop
+        except (lmdb.Error, RuntimeError, KeyError, ValueError) as exc:
+            # not ready, with the reason; never a crash loop
             return False, f"{type(exc).__name__}: {exc}"
         self._ready_until = time.monotonic() + 1.0
         return True, ""

@@ -1,4 +1,4 @@
-"""Live quality gauges: sampled index recall vs exact, and prequential recall (DESIGN §6).
+"""Live quality gauges: sampled index recall vs exact, and prequential recall (docs/design.md §Observability).
 
 How the server learns of new events cheaply: it does not consume Kafka. It remembers the users it served
 recently (a bounded LRU filled by the request path at the cost of one dict write), and a background thread

@@ -17,10 +17,12 @@ import argparse
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 from mfli.config import Settings, load_settings
+from mfli.lifecycle import set_parent_death_signal
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ def _metrics_body():
 
 def app_factory():
     """Build the ASGI app inside a worker (uvicorn ``factory=True``)."""
+    if os.environ.get(_MULTIPROC_ENV):
+        # A spawned worker of a multi-worker server: it must not outlive its master (which the demo's
+        # supervisor kills with the kernel's help if the supervisor itself is killed).
+        set_parent_death_signal(signal.SIGTERM)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     settings = load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

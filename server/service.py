@@ -176,7 +176,7 @@ class RecommendService:
         items = [
             {"item_id": i, "score": s, "facet": None if f < 0 else f, "cluster": None if c < 0 else c, "source": src}
             for i, s, f, c, src in zip(ids, answer.scores.tolist(), answer.facets.tolist(),
-                                       answer.clusters.tolist(), answer.sources)
+                                       answer.clusters.tolist(), answer.sources, strict=True)
         ]
         return {"items": items, "mode": mode, "candidates": answer.candidates, "index_version": state.index_version}
 

@@ -58,7 +58,7 @@ class StateSource(Protocol):
     def ready(self) -> tuple[bool, str]:
         """(True, "") when an index with a codebook is open, else (False, why)."""
 
-    def read(self) -> "contextmanager[ReadState]":  # type: ignore[valid-type]
+    def read(self) -> contextmanager[ReadState]:  # type: ignore[valid-type]
         """Context manager yielding a :class:`ReadState`."""
 
     def users_version(self) -> int:
@@ -66,7 +66,7 @@ class StateSource(Protocol):
 
 
 class _MemoryRead:
-    def __init__(self, owner: "MemoryState") -> None:
+    def __init__(self, owner: MemoryState) -> None:
         self._o = owner
         self.view = owner.view
         self.index_version = owner.snapshot.version
@@ -112,7 +112,8 @@ class _MemoryRead:
 class MemoryState:
     """An in-memory :class:`StateSource`: one snapshot, a dict of user histories.
 
-    Rows are assigned on first sight (DESIGN §2), so the highest live rows are the freshest items.
+    Rows are assigned on first sight (docs/design.md §Wire formats, ids and rows), so the highest live
+    rows are the freshest items.
     """
 
     def __init__(self, snapshot: ItemSnapshot, view: IndexView, users: dict[str, list[tuple[str, int]]] | None = None,

@@ -1,12 +1,13 @@
 """Shared fixtures: one real Kafka-protocol broker per test session, isolated by unique names per test.
 
-* ``broker`` (session): an :class:`~mfli.broker.EmbeddedBroker` (Tansu). Set ``MFLI_TEST_BOOTSTRAP`` to run
+* ``broker`` (session): an :class:`~mfli.kafka.broker.EmbeddedBroker` (Tansu). Set ``MFLI_TEST_BOOTSTRAP`` to run
   the same tests against an external broker (e.g. Apache Kafka) instead.
 * ``unique_name("events")``: a topic/group name no other test uses.
 * ``kafka_settings``: :class:`~mfli.config.Settings` pointing at the broker, with this test's own topic
   and group names (events, items, DLQ, item updates; topics created with 2 partitions) and the small
-  group timeouts that keep joins at about 1.5 s on Tansu (KAFKA.md).
-* ``kafka_env(settings)`` (fixture returning a function): the same settings as ``MFLI_*`` environment variables, for subprocesses.
+  group timeouts that keep joins at about 1.5 s on Tansu (docs/design.md §Kafka and the embedded broker).
+* ``kafka_env(settings)`` (fixture returning a function): the same settings as ``MFLI_*`` environment
+  variables, for subprocesses.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from mfli.broker import EmbeddedBroker, ensure_topics
 from mfli.config import Settings, load_settings
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import ensure_topics
 
 TEST_PARTITIONS = 2
 FAST_GROUP_TIMEOUTS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 500}

@@ -130,7 +130,7 @@ class PrometheusHarness:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
 
-    def start(self, attempts: int = 3) -> "PrometheusHarness":
+    def start(self, attempts: int = 3) -> PrometheusHarness:
         """Start the server and wait until ``/-/ready``; retry on another port if the port was taken."""
         if self.binary is None:
             raise PrometheusError(f"prometheus binary not found; {INSTALL_HINT}")
@@ -201,7 +201,7 @@ class PrometheusHarness:
         except FileNotFoundError:
             return "(no log)"
 
-    def __enter__(self) -> "PrometheusHarness":
+    def __enter__(self) -> PrometheusHarness:
         return self.start()
 
     def __exit__(

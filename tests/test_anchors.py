@@ -36,7 +36,7 @@ def test_markov_one_call_equals_event_by_event() -> None:
     users, items = rng.integers(0, 5, 200), rng.integers(0, 20, 200)
     bulk, single = OnlineMarkov(window=30), OnlineMarkov(window=30)
     bulk.observe(users, items)
-    for u, i in zip(users, items):
+    for u, i in zip(users, items, strict=True):
         single.observe(np.array([u]), np.array([i]))
     q = np.arange(6)
     np.testing.assert_array_equal(bulk.scores(q, 20, np.float64), single.scores(q, 20, np.float64))
@@ -136,7 +136,7 @@ def test_score_stream_markov_protocol() -> None:
     results = []
     for batch in (1, 64):
         m = OnlineMarkov(window=4)
-        results.append(score_stream(lambda u, h: m.scores(u, 3), users, items, 6, 3, observe=m.observe,
+        results.append(score_stream(lambda u, h, m=m: m.scores(u, 3), users, items, 6, 3, observe=m.observe,
                                     batch=batch))
     r = results[0]
     np.testing.assert_array_equal(r.positions, [6, 7, 9, 10])  # user 2's first event is not scored

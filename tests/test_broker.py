@@ -7,8 +7,9 @@ import socket
 import pytest
 from kafka import KafkaConsumer
 
-from mfli.broker import EmbeddedBroker, ensure_topics
 from mfli.config import load_settings
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import ensure_topics
 
 
 def test_broker_lifecycle_and_topics():

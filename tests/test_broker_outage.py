@@ -14,11 +14,11 @@ import time
 import httpx
 import pytest
 
-from mfli.broker import EmbeddedBroker, ensure_topics
-from mfli.consumers.clients import make_producer
-from mfli.sources.produce import produce_records
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import ensure_topics, make_producer
+from mfli.lifecycle import free_port
+from mfli.orchestration.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
-from mfli.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -48,10 +48,11 @@ def test_processes_wait_for_the_broker_then_work(tmp_path):
     env = {**os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{kafka_port}",
            "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
            "MFLI_KAFKA__RECONNECT_BACKOFF_MAX_MS": "1000",
-           "MFLI_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"), "MFLI_LEARNER__USERS_PATH": str(tmp_path / "users"),
+           "MFLI_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"),
+           "MFLI_LEARNER__USERS_PATH": str(tmp_path / "users"),
            "MFLI_LEARNER__CHECKPOINT_INTERVAL_S": "1", "MFLI_INDEX__PATH": str(tmp_path / "index"),
            "MFLI_LEARNER__METRICS_PORT": str(learner_metrics), "MFLI_INDEX__METRICS_PORT": str(indexer_metrics)}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.cli", name], env=env,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", name], env=env,
                                     stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
              for name in ("learn", "index")}
     broker = None
@@ -69,9 +70,11 @@ def test_processes_wait_for_the_broker_then_work(tmp_path):
                                         "session_timeout_ms": 3000, "heartbeat_interval_ms": 500})
         k = settings.kafka
         ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-        assert _wait(lambda: _ready(learner_metrics, "learner") == 1.0, 60), (tmp_path / "learn.log").read_text()[-2000:]
+        assert _wait(lambda: _ready(learner_metrics, "learner") == 1.0, 60), \
+            (tmp_path / "learn.log").read_text()[-2000:]
         producer = make_producer(k)
-        produced = produce_records(producer, settings, SyntheticStream(n_users=50, n_items=200, n_topics=5).records(2000),
+        stream = SyntheticStream(n_users=50, n_items=200, n_topics=5)
+        produced = produce_records(producer, settings, stream.records(2000),
                                    progress=False)
         producer.close()
         assert _wait(lambda: _applied(tmp_path / "users") == produced["events"], 90), _applied(tmp_path / "users")
@@ -107,7 +110,7 @@ def _applied(users_path) -> int:
 
 
 def _indexed(index_path) -> int:
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
 
     try:
         index = LmdbIndex(index_path)
@@ -129,7 +132,8 @@ def test_broker_hang_mid_run_then_recovery_loses_nothing(tmp_path):
     env = {**os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap,
            "MFLI_KAFKA__SESSION_TIMEOUT_MS": "3000", "MFLI_KAFKA__HEARTBEAT_INTERVAL_MS": "500",
            "MFLI_KAFKA__RECONNECT_BACKOFF_MAX_MS": "1000", "MFLI_KAFKA__REQUEST_TIMEOUT_MS": "5000",
-           "MFLI_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"), "MFLI_LEARNER__USERS_PATH": str(tmp_path / "users"),
+           "MFLI_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"),
+           "MFLI_LEARNER__USERS_PATH": str(tmp_path / "users"),
            "MFLI_LEARNER__CHECKPOINT_INTERVAL_S": "1", "MFLI_INDEX__PATH": str(tmp_path / "index"),
            "MFLI_LEARNER__METRICS_PORT": str(learner_metrics), "MFLI_INDEX__METRICS_PORT": str(indexer_metrics)}
     from mfli.config import load_settings
@@ -138,13 +142,14 @@ def test_broker_hang_mid_run_then_recovery_loses_nothing(tmp_path):
                                     "session_timeout_ms": 3000, "heartbeat_interval_ms": 500})
     k = settings.kafka
     ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.cli", name], env=env,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", name], env=env,
                                     stdout=open(tmp_path / f"{name}.log", "wb"), stderr=subprocess.STDOUT)
              for name in ("learn", "index")}
     stream = SyntheticStream(n_users=60, n_items=300, n_topics=5)
     records = list(stream.records(4000))
     try:
-        assert _wait(lambda: _ready(learner_metrics, "learner") == 1.0, 60), (tmp_path / "learn.log").read_text()[-2000:]
+        assert _wait(lambda: _ready(learner_metrics, "learner") == 1.0, 60), \
+            (tmp_path / "learn.log").read_text()[-2000:]
         producer = make_producer(k)
         first = produce_records(producer, settings, records[:2000], progress=False)
         assert _wait(lambda: _applied(tmp_path / "users") == first["events"], 90), _applied(tmp_path / "users")

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 def test_chaos_run_loses_nothing(tmp_path):
     out = tmp_path / "chaos.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "mfli.cli", "--log-level", "WARNING", "chaos", "--events", "15000", "--kills", "2",
+        [sys.executable, "-m", "mfli.orchestration.cli", "--log-level", "WARNING", "chaos", "--events", "15000",
+         "--kills", "2",
          "--users", "300", "--items", "1000", "--state-dir", str(tmp_path / "state"), "--json", str(out)],
         capture_output=True, text=True, timeout=900,
     )

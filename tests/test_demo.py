@@ -2,7 +2,8 @@
 
 Within 2 minutes ``GET /v1/recommend`` for a user with events answers 200 from the index (not the
 popularity fallback) and the status line shows freshness and recall values (not nan); Ctrl-C (SIGINT)
-stops everything with exit status 0 and leaves an HTML report with real plots behind.
+stops everything with exit status 0 and leaves an HTML report with real plots behind. At the default
+log level the terminal shows the banner and status lines only: log records go to the log files.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ STATUS = re.compile(
     r"clusters\s+(?P<clusters>\S+)"
 )
 BUDGET_S = 120.0
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")  # the CLI's logging format
 
 
 def test_demo_serves_shows_freshness_and_recall_and_stops_cleanly(tmp_path: Path) -> None:
@@ -41,7 +43,7 @@ def test_demo_serves_shows_freshness_and_recall_and_stops_cleanly(tmp_path: Path
     for key in [k for k in env if k.startswith("MFLI_KAFKA__")]:
         del env[key]  # the demo must work with no configuration: embedded broker
     report = tmp_path / "demo-report.html"
-    cmd = [sys.executable, "-m", "mfli.cli", "--log-level", "WARNING", "demo", "--duration", "300",
+    cmd = [sys.executable, "-m", "mfli.orchestration.cli", "demo", "--duration", "300",
            "--state-dir", str(tmp_path / "state"), "--port", str(port), "--status-interval", "1",
            "--report", str(report)]
     started = time.monotonic()
@@ -97,6 +99,10 @@ def test_demo_serves_shows_freshness_and_recall_and_stops_cleanly(tmp_path: Path
     print("".join(lines[-8:]))
     assert rc == 0, f"demo exit status {rc}:\n{output()}"
     assert "stopping" in "".join(lines) and "!!" not in "".join(lines), output()
+    logged = [line for line in lines if LOG_RECORD.match(line)]
+    assert logged == [], f"log records on the demo's terminal:\n{''.join(logged[:10])}"
+    demo_log = (tmp_path / "state" / "logs" / "demo.log").read_text()
+    assert "INFO httpx" in demo_log and "tansu broker ready" in demo_log  # they went to the file instead
     with pytest.raises(httpx.HTTPError):  # the server child is gone too
         httpx.get(f"http://127.0.0.1:{port}/livez", timeout=1)
     check_report(report)

@@ -12,12 +12,12 @@ import math
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mfli.demo import merge, status_line, status_values
 from mfli.metrics import _FRESHNESS_BUCKETS
+from mfli.orchestration.demo import merge, status_line, status_values
 
 
 def _process(items: float, freshness: list[float], recall: float | None = None) -> dict[str, float]:
-    """A scrape dict (as mfli.supervisor.scrape builds it) of one process's exposition text."""
+    """A scrape dict (as mfli.orchestration.supervisor.scrape builds it) of one process's exposition text."""
     reg = CollectorRegistry()
     Gauge("mfli_index_items", "", registry=reg).set(items)
     h = Histogram("mfli_index_freshness_seconds", "", buckets=_FRESHNESS_BUCKETS, registry=reg)

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel
 
 from mfli.config import Settings
+
 from prometheus_harness import require_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +235,10 @@ def test_dockerfile_builds_every_package_as_non_root_with_cpu_torch() -> None:
     assert missing == [], f"Dockerfile does not COPY package folders {missing}: `pip install .` would fail"
     for source in copied | {"pyproject.toml", "README.md"}:
         assert (ROOT / source).exists(), f"COPY source {source} does not exist"
+    # setuptools refuses to build when a file named in `license-files` is missing from the context
+    license_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("license-files", [])
+    for name in license_files:
+        assert re.search(rf"^COPY .*\b{re.escape(name)}\b.* \./$", text, re.M), f"Dockerfile does not COPY {name}"
     assert "ARG PYTHON_IMAGE=python:3.11-slim" in text
     assert re.search(r"--index-url \"\$\{TORCH_INDEX_URL\}\"", text) and "whl/cpu" in text
     users = re.findall(r"^USER (\S+)", text, re.M)
@@ -242,6 +247,8 @@ def test_dockerfile_builds_every_package_as_non_root_with_cpu_torch() -> None:
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     for source in set(package_dirs.values()):
         assert f"!{source}/**" in ignore, f"Dockerfile.dockerignore excludes {source}/"
+    for name in license_files:
+        assert f"!{name}" in ignore, f"Dockerfile.dockerignore excludes {name}"
 
 
 # --- Kubernetes -------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ import httpx
 import pytest
 
 from mfli.config import ModelSettings
+from mfli.orchestration.supervisor import Supervisor, wait_http
 
 from conftest import settings_env
-from mfli.supervisor import Supervisor, wait_http
 from prometheus_harness import PrometheusHarness, free_port, require_prometheus
 
 pytestmark = pytest.mark.slow
@@ -61,8 +61,8 @@ def _dashboard_exprs() -> list[str]:
 
 
 def _produce(settings, stream, n: int, counts: Counter) -> None:
-    from mfli.consumers.clients import make_producer
-    from mfli.sources.produce import produce_records
+    from mfli.kafka.clients import make_producer
+    from mfli.orchestration.produce import produce_records
 
     producer = make_producer(settings.kafka)
     try:
@@ -163,7 +163,8 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
             # item-update topic (what the "index not advancing" alert keys on); each process only its own
             by_job = {(s["metric"]["job"], s["metric"]["topic"]) for s in lag_series}
             assert {job for job, _ in by_job} == {"mfli-learner", "mfli-indexer"}, by_job
-            assert {topic for job, topic in by_job if job == "mfli-indexer"} == {kafka_settings.kafka.item_updates_topic}
+            indexer_topics = {topic for job, topic in by_job if job == "mfli-indexer"}
+            assert indexer_topics == {kafka_settings.kafka.item_updates_topic}
             index_items = prom.query("mfli_index_items")
             assert {s["metric"]["job"] for s in index_items} == {"mfli-indexer"}, "only the indexer exports it"
 
@@ -242,4 +243,5 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
     for name, child in sup.children.items():
         # uvicorn >= 0.29 re-raises the SIGTERM it handled after a graceful shutdown: -15 is its clean exit
         clean = (0, -15) if name == "server" else (0,)
-        assert child.proc is not None and child.proc.returncode in clean, f"{name}: {child.proc.returncode}\n{child.log_tail()}"
+        assert child.proc is not None and child.proc.returncode in clean, \
+            f"{name}: {child.proc.returncode}\n{child.log_tail()}"

@@ -1,10 +1,10 @@
-"""DESIGN §7 protocol pieces on a tiny hand-made log whose answer is known."""
+"""Static protocol pieces (docs/design.md §Evaluation protocol) on a tiny hand-made log whose answer is known."""
 
 import numpy as np
 import pytest
 
+from mfli.evaluation.protocol import build_test_set, rank_excluding, recall_at, temporal_cut
 from mfli.learner.counts import DecayedCounts, decayed_counts
-from mfli.learner.protocol import build_test_set, rank_excluding, recall_at, temporal_cut
 
 # (user, item) in time order: 9 training events, 1 cut, test events after
 TRAIN = [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u1", "c"), ("u2", "d"), ("u3", "b"), ("u3", "c"),
@@ -20,7 +20,7 @@ def test_temporal_cut_is_ninety_percent_and_validates():
 
 
 def test_test_users_need_training_history_and_an_unseen_test_item():
-    ts = build_test_set(*zip(*TRAIN), *zip(*TEST))
+    ts = build_test_set(*zip(*TRAIN, strict=True), *zip(*TEST, strict=True))
     # u2's only test item was seen in training; u4 has no training event
     assert ts.users == ["u1", "u3"]
     assert ts.truth == {"u1": {"d"}, "u3": {"f", "a"}}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mfli.cli import build_parser
+from mfli.orchestration.cli import parse_args
 from mfli.sources import load_interactions, parse_columns, spec_from_args
 from mfli.sources.eventlog import BadRow, ColumnMap, EventLogError, EventLogSpec, read_event_log
 
@@ -264,25 +264,25 @@ def test_produce_parses_event_log_flags(tmp_path):
     argv = ["produce", "--events", "ev.csv.gz", "--columns", "user=uid,item=iid,time=timestamp,value=",
             "--time-unit", "s", "--delimiter", r"\t", "--catalogue", "items.csv", "--tags-column", "genres",
             "--tags-sep", ";", "--max-bad-fraction", "0.2", "--limit", "3"]
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     assert spec_from_args(args) == EventLogSpec(
         path=Path("ev.csv.gz"), columns=ColumnMap(user="uid", item="iid", time="timestamp", value=None),
         time_unit="s", delimiter="\t", catalogue=Path("items.csv"), tags_column="genres", tags_sep=";",
         max_bad_fraction=0.2)
-    assert spec_from_args(build_parser().parse_args(["produce", "--synthetic", "10"])) is None
+    assert spec_from_args(parse_args(["produce", "--synthetic", "10"])) is None
     for bad in (["--events", "a.csv", "--movielens", "ml"], ["--events", "a.csv", "--columns", "user"]):
         with pytest.raises(SystemExit):
-            build_parser().parse_args(["produce", *bad])
+            parse_args(["produce", *bad])
     with pytest.raises(ValueError, match=r"--columns only apply to an event log: pass --events FILE"):
-        spec_from_args(build_parser().parse_args(["produce", "--movielens", "ml", "--columns", "time=t"]))
+        spec_from_args(parse_args(["produce", "--movielens", "ml", "--columns", "time=t"]))
 
 
 def test_produce_events_stops_on_a_bad_file_before_touching_the_broker(tmp_path, caplog):
     from mfli.config import load_settings
-    from mfli.sources import produce
+    from mfli.orchestration import produce
 
     path = _write(tmp_path / "ev.csv", "uid,iid,t\nu,i,1\n")
-    args = build_parser().parse_args(["produce", "--events", str(path), "--bootstrap", "127.0.0.1:9"])
+    args = parse_args(["produce", "--events", str(path), "--bootstrap", "127.0.0.1:9"])
     with caplog.at_level(logging.ERROR):
         assert produce.run(args, load_settings()) == 2
     assert "no column 'user_id', 'item_id', 'ts'; the file has: iid, t, uid" in caplog.text
@@ -290,13 +290,12 @@ def test_produce_events_stops_on_a_bad_file_before_touching_the_broker(tmp_path,
 
 def test_produce_events_replays_a_csv_through_the_broker(kafka_settings, tmp_path):
     from mfli.consumers import EventStream
-
-    from mfli.sources import produce
+    from mfli.orchestration import produce
 
     events = _write(tmp_path / "shop.csv", "who;what;when;kind\nb;p2;2023-11-14T22:13:21Z;purchase\n"
                     "a;p1;1700000000;view\n;p3;1700000002;view\na;p2;1700000003;click\n")
     items = _write(tmp_path / "items.csv", "what,tags\np1,red|big\np2,blue\n")
-    args = build_parser().parse_args([
+    args = parse_args([
         "produce", "--events", str(events), "--columns", "user=who,item=what,time=when,event_type=kind",
         "--catalogue", str(items), "--max-bad-fraction", "0.5", "--no-progress"])
     assert produce.run(args, kafka_settings) == 0

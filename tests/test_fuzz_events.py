@@ -26,14 +26,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
 
 from mfli.config import load_settings
 from mfli.consumers import EventStream
-from mfli.consumers.clients import make_producer
 from mfli.consumers.dlq import _parse
 from mfli.consumers.validation import MAX_ID_BYTES, REASONS
+from mfli.kafka.clients import make_producer
 
 from conftest import make_kafka_settings
 
@@ -89,12 +90,14 @@ _json_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allo
                          st.text(max_size=10))
 _WRONG = {  # per field, JSON values of the wrong type under strict validation
     "event_id": st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.none(),
-                          st.lists(st.text(max_size=3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
+                          st.lists(st.text(max_size=3), max_size=3),
+                          st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
     "ts": st.one_of(st.text(max_size=10), st.booleans(), st.none(), st.lists(st.integers(), max_size=3),
                     st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not float(x).is_integer())),
     "value": st.one_of(st.text(max_size=10), st.booleans(), st.lists(st.integers(), max_size=3),
                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
-    "event_type": st.one_of(st.integers(), st.booleans(), st.none(), st.lists(st.sampled_from(EVENT_TYPES), max_size=2)),
+    "event_type": st.one_of(st.integers(), st.booleans(), st.none(),
+                            st.lists(st.sampled_from(EVENT_TYPES), max_size=2)),
 }
 _WRONG["user_id"] = _WRONG["item_id"] = _WRONG["event_id"]
 

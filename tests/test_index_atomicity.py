@@ -9,7 +9,8 @@ import time
 import numpy as np
 
 from mfli.deltas import CodebookSnapshot
-from mfli.indexer.writer import IndexWriter
+from mfli.storage.index.writer import IndexWriter
+
 from test_index_writer import SETTINGS, _batch, _catalogue
 
 F = 3
@@ -54,7 +55,7 @@ READER = textwrap.dedent("""
     from pathlib import Path
     from mfli.config import IndexSettings
     from mfli.indexer.check import check_index
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
     path, done = Path(sys.argv[1]), Path(sys.argv[2])
     index = LmdbIndex(path, 1 << 28)
     checks, bad, versions = 0, [], set()
@@ -99,7 +100,7 @@ def test_concurrent_reader_process_never_sees_a_half_applied_pass(tmp_path):
 
 def test_deltas_applied_while_a_pass_computes_are_reconciled(tmp_path):
     from mfli.indexer.check import check_index
-    from mfli.indexer.full_pass import commit_full_pass, compute_full_pass, encode
+    from mfli.storage.index.full_pass import encode
 
     cb, v, codes, prior = _catalogue(700, seed=8)
     writer = IndexWriter(tmp_path / "ix", SETTINGS)
@@ -107,12 +108,12 @@ def test_deltas_applied_while_a_pass_computes_are_reconciled(tmp_path):
         writer.apply(_batch(range(600), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
         cb2 = np.roll(cb, 2, axis=2)
         writer.apply(None, {}, [CodebookSnapshot(2, cb2)])
-        prep = compute_full_pass(writer)  # the snapshot: 600 items, codebook 2
+        prep = writer.prepare_full_pass()  # the snapshot: 600 items, codebook 2
         moved = np.arange(20)
         writer.apply(_batch(moved, v[::-1], codes[::-1], prior, version=2), {})  # far moves
         writer.apply(_batch(range(20, 30), v, codes, prior, version=2, deleted=np.ones(10, bool)), {})
         writer.apply(_batch(range(600, 620), v, codes, prior), {})  # new items
-        report = commit_full_pass(writer, prep)
+        report = writer.commit_full_pass(prep)
         assert report.reconciled == 40
         index = writer.reader()
         assert check_index(index, SETTINGS).ok

@@ -4,7 +4,7 @@ import numpy as np
 
 from mfli.config import IndexSettings
 from mfli.deltas import CodebookSnapshot, ItemDelta
-from mfli.indexer.writer import IndexWriter
+from mfli.storage.index.writer import IndexWriter
 
 
 def test_new_active_level_requests_a_full_pass(tmp_path):

@@ -1,4 +1,4 @@
-"""The server's dense mirror of the index follows deltas and full passes exactly (DESIGN §4 readers)."""
+"""The server's dense mirror of the index follows deltas and full passes exactly (docs/design.md §Index, readers)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 
 from mfli.config import IndexSettings
 from mfli.deltas import ItemDelta
-from mfli.indexer.writer import IndexWriter
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.index.writer import IndexWriter
 
 F, D, L, M = 2, 8, 2, 4
 
@@ -157,7 +157,7 @@ def test_mirror_serves_posting_lists_and_paths_exactly_as_lmdb(tmp_path):
             np.testing.assert_array_equal(counts_a, counts_b)
             np.testing.assert_array_equal(a.dense().codes[slots_a],
                                           quantize_rows(b.vectors(rows_b).reshape(rows_b.size, -1))[0])
-            for got, want in zip(a.paths_clusters(every_path), b.paths_clusters(every_path)):
+            for got, want in zip(a.paths_clusters(every_path), b.paths_clusters(every_path), strict=True):
                 np.testing.assert_array_equal(got, want)
 
     from mfli.retrieval.base import quantize_rows

@@ -13,9 +13,10 @@ from kafka import KafkaProducer
 from mfli.config import IndexSettings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message, encode_codebook, encode_deltas
 from mfli.indexer.check import check_index
-from mfli.indexer.full_pass import encode
-from mfli.indexer.writer import IndexWriter
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.storage.index.full_pass import encode
+from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.index.writer import IndexWriter
+
 from test_index_writer import _dump
 
 F, D, LV, M = 3, 16, 2, 8
@@ -64,7 +65,7 @@ def _start(kafka_env, settings, path) -> subprocess.Popen:
                 "MFLI_INDEX__FULL_PASS_INTERVAL_S": "0.3", "MFLI_INDEX__MAP_SIZE": str(1 << 28),
                 "MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "MFLI_KAFKA__MAX_POLL_RECORDS": "3",
                 "MFLI_LOG_LEVEL": "WARNING"})
-    return subprocess.Popen([sys.executable, "-m", "mfli.cli", "index"], env=env, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "index"], env=env, start_new_session=True)
 
 
 def _applied(path, topic) -> int:

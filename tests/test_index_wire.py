@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from mfli.deltas import (CodebookSnapshot, DeltaBatch, ItemDelta, decode_message, encode_codebook,
-                         encode_deltas)
+from mfli.deltas import CodebookSnapshot, DeltaBatch, ItemDelta, decode_message, encode_codebook, encode_deltas
 
 
 def _delta(i: int, deleted: bool = False) -> ItemDelta:
@@ -22,7 +21,7 @@ def test_delta_batch_round_trip_is_exact():
     out = decode_message(encode_deltas(deltas))
     assert isinstance(out, DeltaBatch)
     back = out.to_deltas()
-    for a, b in zip(deltas, back):
+    for a, b in zip(deltas, back, strict=True):
         assert (a.item_id, a.row, a.version, a.event_ts, a.deleted, a.tags) == (
             b.item_id, b.row, b.version, b.event_ts, b.deleted, b.tags)
         assert np.array_equal(a.vectors, b.vectors) and np.array_equal(a.codes, b.codes)

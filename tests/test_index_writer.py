@@ -8,13 +8,13 @@ from mfli import metrics
 from mfli.config import IndexSettings
 from mfli.deltas import CodebookSnapshot, DeltaBatch
 from mfli.indexer.check import check_index
-from mfli.indexer.full_pass import encode
-from mfli.indexer.writer import IndexWriter
 from mfli.retrieval.base import Query
 from mfli.retrieval.learned import LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
 from mfli.retrieval.snapshot import ItemSnapshot
-from mfli.storage import layout as L
+from mfli.storage.index import layout as L
+from mfli.storage.index.full_pass import encode
+from mfli.storage.index.writer import IndexWriter
 
 F, D, LV, M = 3, 16, 2, 8
 SETTINGS = IndexSettings(map_size=1 << 28, target_cluster_size=16)
@@ -172,7 +172,7 @@ def test_writer_reopens_from_lmdb(tmp_path):
     w2 = IndexWriter(tmp_path / "ix", SETTINGS)
     try:
         assert w2.offsets == {"t:0": 4} and w2.n_live == 200
-        assert all(np.array_equal(a, fc.sizes) for a, fc in zip(sizes, w2.clusters))
+        assert all(np.array_equal(a, fc.sizes) for a, fc in zip(sizes, w2.clusters, strict=True))
         assert w2.apply(_batch(range(200), v, codes, prior), {}).skipped == 200
     finally:
         w2.close()
@@ -188,7 +188,7 @@ def test_check_cli_exit_status(tmp_path):
     w = IndexWriter(tmp_path / "ix", SETTINGS)
     w.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
     w.close()
-    cmd = [sys.executable, "-m", "mfli.cli", "index", "check", "--path", str(tmp_path / "ix"),
+    cmd = [sys.executable, "-m", "mfli.orchestration.cli", "index", "check", "--path", str(tmp_path / "ix"),
            "--min-in-bounds", "0"]
     env = {"MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "PATH": "/usr/bin:/bin"}
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -276,7 +276,7 @@ def test_index_rows_follow_item_ids_when_the_learner_renumbers(tmp_path):
     after = [delta("a3", 4, 2), delta("b0", 3, 2), delta("b1", 4, 2), delta("a4", 3, 2)]
     writer.apply(after, {"u:0": 2})
     writer.close()
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
 
     index = LmdbIndex(tmp_path / "index")
     with index.view() as view:
@@ -290,7 +290,7 @@ def test_index_rows_follow_item_ids_when_the_learner_renumbers(tmp_path):
 
 
 def test_assign_rows_keeps_known_ids_and_never_shares_a_row():
-    from mfli.indexer.rows import assign_rows
+    from mfli.storage.index.rows import assign_rows
 
     exists = np.zeros(16, bool)
     exists[:5] = True  # rows 0..4 hold a0..a4
@@ -307,7 +307,7 @@ def test_assign_rows_keeps_known_ids_and_never_shares_a_row():
 def test_readers_get_the_codebook_in_use_while_a_bigger_one_waits_for_its_full_pass(writer):
     """The learner grows M; until the full pass adopts the new codebook, readers must keep using the old
     one, with its own shape (the server once failed to start in that window)."""
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
 
     cb, v, codes, prior = _catalogue(300, seed=9)
     writer.apply(_batch(range(300), v, codes, prior), {}, [CodebookSnapshot(1, cb)])
@@ -319,3 +319,38 @@ def test_readers_get_the_codebook_in_use_while_a_bigger_one_waits_for_its_full_p
     writer.full_pass()
     with LmdbIndex(writer.path, env=writer.env).view() as view:
         np.testing.assert_array_equal(view.codebooks(), bigger)
+
+
+def test_public_read_api_and_the_report_see_what_the_writer_wrote(tmp_path):
+    """The reader API the checker and the reports use (records, posting lists, path map, versions)
+    returns exactly the writer's state, and the demo report's index statistics are derived from it."""
+    from mfli.orchestration.report import lmdb_index_stats
+    from mfli.retrieval.clusters import path_keys
+
+    cb, v, codes, prior = _catalogue(600, seed=3)
+    writer = IndexWriter(tmp_path / "index", SETTINGS)
+    writer.apply(_batch(range(600), v, codes, prior), {}, [CodebookSnapshot(4, cb)])  # bootstraps clusters
+    gone = np.arange(0, 600, 60)
+    writer.apply(_batch(gone, v, codes, prior, version=2, deleted=np.ones(gone.size, bool)), {})
+    live = np.setdiff1d(np.arange(600), gone)
+    with writer.reader().view() as view:
+        assert view.codebook_version() == 4 and view.clusters_version() == 1
+        rows, rec = view.scan_records()
+        assert rows.tolist() == list(range(600))
+        assert np.flatnonzero(rec["deleted"]).tolist() == gone.tolist()
+        assert np.allclose(rec["prior"][live], prior[live])
+        clusters = view.clusters_of(live)
+        lists = list(view.postings())
+        for f in range(F):
+            members = {int(r): c for ff, c, rs in lists if ff == f for r in rs.tolist()}
+            assert sorted(members) == live.tolist()  # every live row in exactly one list, no deleted row
+            assert [members[r] for r in live.tolist()] == clusters[:, f].tolist()
+            keys, ids = view.path_map(f)
+            pairs = set(zip(keys.tolist(), ids.tolist(), strict=True))
+            assert set(zip(path_keys(codes[live, f]).tolist(), clusters[:, f].tolist(), strict=True)) <= pairs
+    writer.close()
+    sizes, counts = lmdb_index_stats(tmp_path / "index", SETTINGS.map_size)
+    assert sorted(sizes) == list(range(F)) and all(int(sizes[f].sum()) == live.size for f in range(F))
+    for f in range(F):
+        for lv in range(LV):
+            assert counts[(f, lv)].tolist() == np.bincount(codes[live, f, lv], minlength=M).tolist()

@@ -12,7 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from mfli.consumers.clients import make_producer
+from mfli.kafka.clients import make_producer
 
 N_EVENTS = 3_000
 WORKER = Path(__file__).with_name("ingest_worker.py")

@@ -10,8 +10,8 @@ import orjson
 from prometheus_client import REGISTRY
 
 from mfli.consumers import EventStream, read_dead_letters
-from mfli.consumers.clients import make_producer
 from mfli.events import InteractionEvent
+from mfli.kafka.clients import make_producer
 
 N_RECORDS = 10_000
 N_INVALID = 500  # 5 %
@@ -55,7 +55,7 @@ def test_valid_exactly_once_and_every_invalid_in_dlq(kafka_settings):
     n_unique = N_RECORDS - N_INVALID - N_DUPLICATES
     records: list[tuple[bytes, bytes, str | None]] = [
         (f"u{i % 97}".encode(), orjson.dumps(_valid(i)), None) for i in range(n_unique)]
-    for j in range(N_DUPLICATES):  # copies of valid events, at later offsets
+    for _ in range(N_DUPLICATES):  # copies of valid events, at later offsets
         i = rng.randrange(n_unique)
         records.insert(rng.randrange(i + 1, len(records) + 1), (f"u{i % 97}".encode(), orjson.dumps(_valid(i)), None))
     for j in range(N_INVALID):

@@ -7,9 +7,9 @@ import pytest
 
 from mfli.config import load_settings
 from mfli.consumers.dedupe import DedupeWindow
-from mfli.consumers.stream import lag_of
 from mfli.consumers.validation import Rejection, Validator
 from mfli.events import InteractionEvent, ItemEvent
+from mfli.kafka.offsets import lag_of, offset_key, offsets_from_json, offsets_to_json, parse_offset_key
 
 SETTINGS = load_settings()
 VALIDATE = Validator.for_events(SETTINGS.ingest.max_event_bytes, SETTINGS.ingest.event_types)
@@ -92,3 +92,13 @@ def test_lag_is_highwater_minus_position_and_never_negative():
     assert lag_of(100, 40) == 60
     assert lag_of(100, 100) == 0
     assert lag_of(90, 100) == 0  # position can briefly run ahead of a stale high watermark
+
+
+def test_offset_keys_round_trip() -> None:
+    from kafka import TopicPartition
+
+    assert offset_key("mfli.events", 3) == "mfli.events:3"
+    assert parse_offset_key("mfli.events:3") == TopicPartition("mfli.events", 3)
+    offsets = {TopicPartition("a.b-c", 0): 5, TopicPartition("a.b-c", 11): 7}
+    assert offsets_to_json(offsets) == {"a.b-c:0": 5, "a.b-c:11": 7}
+    assert offsets_from_json(offsets_to_json(offsets)) == offsets

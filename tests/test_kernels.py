@@ -12,8 +12,8 @@ import pytest
 
 from mfli.retrieval.base import DenseColumns, Query, pool_query, quantize_rows
 from mfli.retrieval.kernels import (
-    beam_paths,
     FACET_SHIFT,
+    beam_paths,
     gather_members,
     lookup_paths,
     pool_rows,
@@ -22,6 +22,7 @@ from mfli.retrieval.kernels import (
 )
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever, finish, finish_numpy
 from mfli.retrieval.memory import MemoryIndexView
+
 from test_retrievers import toy_snapshot
 
 

@@ -184,7 +184,7 @@ def test_seen_pairs_finds_every_history_item_among_repeated_negatives():
     window = np.array([[-1, 3, 5, 7], [2, 2, 9, 1]])
     ev, col = seen_pairs(window, np.array([7, 4]), np.array([1, 3, 5, 7, 9, 3]))
     # event 0: 3 (columns 1 and 5) and 5 (column 2), never its own item 7; event 1: 9 and 1
-    assert sorted(zip(ev.tolist(), col.tolist())) == [(0, 1), (0, 2), (0, 5), (1, 0), (1, 4)]
+    assert sorted(zip(ev.tolist(), col.tolist(), strict=True)) == [(0, 1), (0, 2), (0, 5), (1, 0), (1, 4)]
 
 
 @pytest.mark.parametrize("facets", [1, 3])

@@ -7,10 +7,11 @@ import time
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from mfli.consumers.clients import make_producer
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
-from mfli.learner.process import LearnerProcess, offsets_to_json
-from mfli.sources.produce import produce_records
+from mfli.kafka.clients import make_producer
+from mfli.kafka.offsets import offsets_to_json
+from mfli.learner.process import LearnerProcess
+from mfli.orchestration.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
 
 pytestmark = pytest.mark.slow
@@ -127,9 +128,9 @@ def test_duplicate_straddling_a_restart_is_learned_once(kafka_settings, tmp_path
 def test_rows_held_by_the_drift_gate_survive_a_crash(kafka_settings, tmp_path, monkeypatch):
     """Rows that drifted too little to publish yet are in the checkpoint's vectors but not in the index:
     a crash right after that checkpoint must not forget that they still owe the index an update."""
-    import mfli.learner.process as learner_process
+    import mfli.learner.publisher as publisher
 
-    monkeypatch.setattr(learner_process, "HELD_PER_FLUSH", 0)  # no trickle: held rows stay held
+    monkeypatch.setattr(publisher, "HELD_PER_FLUSH", 0)  # no trickle: held rows stay held
     settings = _settings(kafka_settings, tmp_path)
     settings.learner.publish_min_drift = 0.5  # hold back most moved rows
     n = _produce(settings, 3_000, seed=3)
@@ -137,7 +138,7 @@ def test_rows_held_by_the_drift_gate_survive_a_crash(kafka_settings, tmp_path, m
     try:
         _run_until(proc, n)
         proc.checkpoint()
-        held = set(proc._held)
+        held = set(proc.publisher.held_rows)
     finally:  # a crash: no final checkpoint (which would publish everything)
         proc.stream.close()
         proc.producer.close()
@@ -146,7 +147,7 @@ def test_rows_held_by_the_drift_gate_survive_a_crash(kafka_settings, tmp_path, m
     before = len(_updates(settings))
     restarted = LearnerProcess(settings)
     try:
-        assert restarted._held == held
+        assert set(restarted.publisher.held_rows) == held
     finally:
         restarted.close()  # the clean stop publishes them
     after = _updates(settings)[before:]

@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 import mfli.metrics
+
 from prometheus_harness import require_prometheus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def registry() -> dict[str, Metric]:
         for obj in vars(mfli.metrics).values()
         if isinstance(obj, MetricWrapperBase)
     ]
-    assert len(found) > 30, "mfli.metrics should define every DESIGN §6 metric"
+    assert len(found) > 30, "mfli.metrics should define every metric of docs/metrics.md"
     return {m.primary: m for m in found}
 
 
@@ -84,7 +85,7 @@ def doc_rows(text: str) -> list[DocRow]:
             continue
         name = re.match(r"`(mfli_[a-z0-9_]+)`", cells[0])
         assert name, f"bad name cell: {cells[0]!r}"
-        labels = () if cells[2] in {"—", "-", ""} else tuple(l.strip() for l in cells[2].split(","))
+        labels = () if cells[2] in {"—", "-", ""} else tuple(label.strip() for label in cells[2].split(","))
         rows.append(DocRow(name.group(1), cells[1], labels, cells[3], cells[4], cells[5]))
     return rows
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from mfli.consumers import EventStream, read_dead_letters
-from mfli.consumers.clients import make_producer
-from mfli.sources.produce import produce_records
+from mfli.kafka.clients import make_producer
+from mfli.orchestration.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
 
 

@@ -9,13 +9,13 @@ import pytest
 
 from mfli.config import IndexSettings, ModelSettings
 from mfli.deltas import decode_message, encode_model
-from mfli.indexer.writer import IndexWriter
 from mfli.learner.learner import MFLILearner
 from mfli.retrieval.base import Query, resolve_query
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever, finish, finish_numpy
 from mfli.retrieval.memory import MemoryIndexView
 from mfli.retrieval.query_model import combine, gap_buckets
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.index.writer import IndexWriter
 
 
 def _trained(facets: int = 3, steps: int = 12) -> MFLILearner:

@@ -33,6 +33,6 @@ def test_samples_come_from_stored_examples_and_restore_is_exact():
     np.testing.assert_array_equal(positive, target % 2 == 0)
     again = ReplayBuffer(capacity=8, horizon=3)
     again.load_state(buf.state())
-    for a, b in zip(again.sample(50, np.random.default_rng(1)), buf.sample(50, np.random.default_rng(1))):
+    for a, b in zip(again.sample(50, np.random.default_rng(1)), buf.sample(50, np.random.default_rng(1)), strict=True):
         np.testing.assert_array_equal(a, b)
     assert ReplayBuffer(0, 3).sample(5, np.random.default_rng(0))[2].size == 0

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from mfli.config import load_settings
-from mfli.report import PNG_SIGNATURE, Curve, ReportData, render_html, usage_stats
+from mfli.orchestration.report import PNG_SIGNATURE, Curve, ReportData, render_html, usage_stats
 
 
 class _Doc(HTMLParser):

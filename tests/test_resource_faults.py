@@ -22,11 +22,12 @@ from prometheus_client import REGISTRY
 
 from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, write_lmdb
 from mfli.consumers import EventStream
-from mfli.consumers.clients import make_producer
 from mfli.deltas import DeltaBatch, encode_deltas
 from mfli.indexer.check import check_index
 from mfli.indexer.process import IndexerLoop
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.kafka.clients import make_producer
+from mfli.storage.index.reader import LmdbIndex
+
 from test_server_harness import serve_process
 
 pytestmark = pytest.mark.slow

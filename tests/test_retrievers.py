@@ -92,7 +92,8 @@ def test_index_reports_facet_and_cluster_of_origin(toy):
     rec = index.recommend(Query(history=history, k=10))
     from_clusters = rec.facets >= 0
     assert from_clusters.any()
-    for row, facet, cluster in zip(rec.rows[from_clusters], rec.facets[from_clusters], rec.clusters[from_clusters]):
+    picked = (rec.rows[from_clusters], rec.facets[from_clusters], rec.clusters[from_clusters])
+    for row, facet, cluster in zip(*picked, strict=True):
         assert view.clusters_of(np.array([row]))[0, facet] == cluster
 
 

@@ -22,6 +22,7 @@ from mfli.server.app import ServerApp
 from mfli.server.openapi import openapi_bytes
 from mfli.server.schemas import ItemResponse, RecommendResponse, SimilarResponse
 from mfli.server.state import MemoryState
+
 from test_server_harness import running
 
 N = 3000

@@ -11,14 +11,14 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import uvicorn
 
-from mfli.supervisor import free_port
+from mfli.lifecycle import free_port
 
 
 @contextmanager
@@ -71,7 +71,7 @@ def serve_process(index: Path, users: Path, map_size: int, wait_path: str = "/re
     env = {**os.environ, "MFLI_INDEX__PATH": str(index), "MFLI_INDEX__MAP_SIZE": str(map_size),
            "MFLI_LEARNER__USERS_PATH": str(users), "MFLI_SERVE__PORT": str(port), "MFLI_LOG_LEVEL": "WARNING",
            "MFLI_SERVE__RECALL_SAMPLE_INTERVAL_S": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "mfli.cli", "serve", "--workers", "1"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "serve", "--workers", "1"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:

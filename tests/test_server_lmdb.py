@@ -19,11 +19,12 @@ from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, writ
 from mfli.config import load_settings
 from mfli.deltas import CodebookSnapshot
 from mfli.events import InteractionEvent
-from mfli.indexer.writer import IndexWriter
 from mfli.server.lmdb_state import LmdbState
 from mfli.server.service import RecommendService
-from mfli.storage.index_lmdb import LmdbIndex
+from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.index.writer import IndexWriter
 from mfli.storage.users_lmdb import UsersStore
+
 from test_server_harness import serve_process
 
 N = 4000

@@ -202,7 +202,8 @@ def build() -> dict[str, Any]:
     return {
         "uid": "mfli-overview",
         "title": "mfli: streaming retrieval",
-        "description": "Throughput, lag, freshness, drift, codebook health, clusters, recall, latency (DESIGN §6).",
+        "description": "Throughput, lag, freshness, drift, codebook health, clusters, recall, latency "
+                       "(docs/design.md §Observability).",
         "tags": ["mfli"],
         "timezone": "browser",
         "schemaVersion": 38,

@@ -137,10 +137,10 @@ class IndexView(Protocol):
     def live_rows(self) -> np.ndarray:
         """int64 rows of every indexed (not deleted) item: the universe of exact search."""
 
-    def query_model(self) -> "QueryModel | None":
+    def query_model(self) -> QueryModel | None:
         """The published query encoder the index was built for (None before the learner published one)."""
 
-    def dense(self) -> "DenseColumns | None":
+    def dense(self) -> DenseColumns | None:
         """The columns the compiled rerank reads in place, if the view holds them in memory, else None."""
 
 
@@ -181,7 +181,7 @@ def uniform_gates(facets: int) -> np.ndarray:
     return np.full(facets, -np.log(facets), np.float32)
 
 
-def resolve_query(view: "IndexView", query: Query, model: "QueryModel | None", horizon: int, decay: float
+def resolve_query(view: IndexView, query: Query, model: QueryModel | None, horizon: int, decay: float
                   ) -> tuple[np.ndarray, np.ndarray, float]:
     """The request's (queries ``[F, d]``, log gates ``[F]``, tau): carried by the query, else the
     published encoder over the history's vectors, else mean pooling (no model published yet)."""

@@ -1,4 +1,5 @@
-"""The facet-cluster model shared by the in-memory index (evaluation) and the LMDB indexer (DESIGN §4).
+"""The facet-cluster model shared by the in-memory index (evaluation) and the LMDB indexer
+(docs/design.md §Index).
 
 Per facet, an item's residual-quantisation code path (tuple of L codeword ids) is its *base cluster*.
 Raw paths are badly balanced (a few paths hold thousands of items, most hold a handful), so a build
@@ -145,7 +146,7 @@ class FacetClusters:
     def from_pairs(
         cls, levels: int, codewords: int, centroids: np.ndarray, sizes: np.ndarray, keys: np.ndarray,
         clusters: np.ndarray,
-    ) -> "FacetClusters":
+    ) -> FacetClusters:
         """Build the path map from (path key, cluster) pairs (duplicates allowed)."""
         keys, clusters = keys.astype(np.int64), clusters.astype(np.int64)
         width = int(clusters.max(initial=0)) + 1

@@ -1,12 +1,13 @@
-"""Exact search: score every live item. The yardstick for index recall (DESIGN §5, §7)."""
+"""Exact search: score every live item. The yardstick for index recall (docs/design.md §Serving,
+§Evaluation protocol)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, resolve_query, top_k
-from mfli.retrieval.query_model import combine
 from mfli.retrieval.learned import empty_recommendation
+from mfli.retrieval.query_model import combine
 
 
 class ExactRetriever:

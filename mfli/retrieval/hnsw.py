@@ -18,8 +18,8 @@ import hnswlib
 import numpy as np
 
 from mfli.retrieval.base import TRENDING_FACET, IndexView, Query, Recommendation, resolve_query
-from mfli.retrieval.query_model import combine
 from mfli.retrieval.learned import empty_recommendation
+from mfli.retrieval.query_model import combine
 
 
 class HnswRetriever:
@@ -74,7 +74,8 @@ class HnswRetriever:
             self.index.set_ef(self.ef)
         found = labels[0]
         found_vecs = self._data[found][:, :-1].reshape(found.size, q.shape[0], -1)
-        scores = (combine(np.einsum("nfd,fd->nf", found_vecs, q), gates, tau) + self._data[found][:, -1]).astype(np.float32)
+        scores = combine(np.einsum("nfd,fd->nf", found_vecs, q), gates, tau) + self._data[found][:, -1]
+        scores = scores.astype(np.float32)
         order = np.argsort(-scores, kind="stable")
         rows, scores = self._rows[found[order]], scores[order]
         if exclude.size:

@@ -30,7 +30,6 @@ from numba.extending import intrinsic
 
 from mfli.retrieval.clusters import FACET_SHIFT
 
-
 #: candidates scored ahead of the one being scored have their int8 rows prefetched this far ahead
 PREFETCH_AHEAD = 8
 
@@ -94,7 +93,7 @@ def _insert(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v) -> int:
 
 
 @njit(cache=True, nogil=True, fastmath=True, inline="always")
-def _mixture(dots: np.ndarray, log_gates: np.ndarray, inv_tau: np.float32, tau: float) -> np.float32:
+def _mixture(dots: np.ndarray, log_gates: np.ndarray, inv_tau: np.float32, tau: np.float32) -> np.float32:
     """``tau * logsumexp_f(dots_f / tau + log_gates_f)`` (stable: the max is factored out)."""
     m = np.float32(-np.inf)
     for f in range(dots.shape[0]):
@@ -114,7 +113,7 @@ def rerank_top_k(
     bias: np.ndarray,  # float32[slots] the prior by slot (read next to the codes, not by random row)
     q: np.ndarray,  # float32[D] query, facets concatenated
     log_gates: np.ndarray,  # float32[F] the user's facet gates (query_model.combine)
-    tau: float,  # temperature of the facet mixture
+    tau: np.float32,  # temperature of the facet mixture (float32: the kernel is compiled for it)
     rows: np.ndarray,  # int64[n] candidate rows, in source order, may repeat
     slots: np.ndarray,  # int64[n] each candidate's slot in ``codes``
     exclude: np.ndarray,  # int64[e] rows never returned, sorted ascending
@@ -155,7 +154,7 @@ def rerank_top_k(
         if i + PREFETCH_AHEAD < n:
             ahead = slots[i + PREFETCH_AHEAD]
             for j in range(0, dim, 64):
-                _prefetch(codes, ahead, j)
+                _prefetch(codes, ahead, j)  # type: ignore[call-arg]  # numba supplies typingctx
         r, slot = rows[i], slots[i]
         c = codes[slot]
         if n_facets == 1:
@@ -207,7 +206,7 @@ def rerank_top_k(
 
 @njit(cache=True, nogil=True)
 def top_voted_clusters(assigned: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The trigger histogram (DESIGN §5): ``assigned`` is int64[h, F], each trigger's cluster per facet
+    """The trigger histogram (docs/design.md §Serving): ``assigned`` is int64[h, F], each trigger's cluster per facet
     (-1: not indexed). Returns (facets, clusters) of the ``k`` (facet, cluster) pairs with the most
     votes, most votes first, ties by ascending ``cluster * F + facet`` (as ``np.lexsort`` would)."""
     h, n_facets = assigned.shape
@@ -325,9 +324,9 @@ def lookup_paths(sorted_keys: np.ndarray, ptr: np.ndarray, ids: np.ndarray, path
     clusters = np.empty(total, np.int64)
     at = 0
     for i in range(m):
-        for j in range(counts[i]):
+        for t in range(counts[i]):
             facets[at] = which[i]
-            clusters[at] = ids[starts[i] + j]
+            clusters[at] = ids[starts[i] + t]
             at += 1
     return facets, clusters
 
@@ -395,41 +394,3 @@ def assemble_members(ivf_rows: np.ndarray, firsts: np.ndarray, sizes: np.ndarray
                 slots[at + j] = first + j
         at += n
     return rows, slots
-
-
-def warm_up() -> float:
-    """Compile (or load from the on-disk cache) every kernel with the argument types the hot path uses,
-    on a tiny synthetic index; returns the seconds it took. The server calls it before it says ready,
-    so no request pays a compile (~10 s cold, ~0.3 s from the cache)."""
-    import time
-
-    from mfli.retrieval.base import Query
-    from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
-    from mfli.retrieval.memory import MemoryIndexView
-    from mfli.retrieval.snapshot import ItemSnapshot
-
-    started = time.perf_counter()
-    rng = np.random.default_rng(0)
-    n, facets, levels, m, dim = 64, 2, 2, 4, 8
-    vectors = rng.normal(size=(n, facets, dim)).astype(np.float32)
-    snap = ItemSnapshot(
-        item_ids=np.array([f"w{i}" for i in range(n)], dtype=object), vectors=vectors,
-        codes=rng.integers(0, m, size=(n, facets, levels)).astype(np.int32),
-        codebooks=rng.normal(size=(facets, levels, m, dim)).astype(np.float32),
-        prior=rng.uniform(0, 0.1, n).astype(np.float32), live=np.ones(n, bool),
-    )
-    view = MemoryIndexView(snap, target=8, b_low=2, b_upp=16)
-    history = np.arange(10, dtype=np.int64)
-    LearnedIndexRetriever(view, LearnedIndexParams(clusters_per_request=4, trending=4)).recommend(
-        Query(history=history, k=5, exclude=history))
-    # and with a published query encoder (its compiled forward, mfli.retrieval.encoder_kernel)
-    from dataclasses import replace
-
-    from mfli.retrieval.query_model import QueryModel
-
-    view = MemoryIndexView(replace(snap, query_model=QueryModel.random(facets, dim, 16)), target=8, b_low=2, b_upp=16)
-    LearnedIndexRetriever(view, LearnedIndexParams(clusters_per_request=4, trending=4)).recommend(
-        Query(history=history, k=5, exclude=history, history_ts=np.arange(10, dtype=np.int64) * 1000))
-    assemble_members(history, np.array([0, -1], np.int64), np.array([4, 6], np.int64), np.array([False, True]),
-                     history, 0)  # the LMDB view's path
-    return time.perf_counter() - started

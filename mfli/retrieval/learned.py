@@ -1,4 +1,4 @@
-"""The learned-index retrieval path (DESIGN §5): cluster lookup and exact rerank, no ANN search.
+"""The learned-index retrieval path (docs/design.md §Serving): cluster lookup and exact rerank, no ANN search.
 
 For a request with trigger items (the user's recent history):
 
@@ -8,7 +8,8 @@ For a request with trigger items (the user's recent history):
    few code paths are descended by beam search; their clusters join. This reaches clusters none of the
    triggers sit in, which matters once a user's trigger clusters are exhausted by seen items.
 3. **Trending source**: the items with the highest popularity prior, so recently popular items are
-   reachable even when no trigger points at them (DESIGN §3's prior is where much of the recall is).
+   reachable even when no trigger points at them (the popularity prior, docs/design.md §Model, is where
+   much of the recall is).
 4. Gather up to N_k members per chosen cluster, drop excluded rows, rerank the union by the exact score
    (the facet mixture of :func:`~mfli.retrieval.base.score` plus the prior) and return the top k with the
    facet/cluster each came from.
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mfli.retrieval.kernels import beam_paths, pool_rows, rerank_top_k, top_voted_clusters, unique_pairs
 from mfli.retrieval.base import (
     TRENDING_FACET,
     IndexView,
@@ -36,6 +36,7 @@ from mfli.retrieval.base import (
     score,
     uniform_gates,
 )
+from mfli.retrieval.kernels import beam_paths, pool_rows, rerank_top_k, top_voted_clusters, unique_pairs
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class LearnedIndexParams:
     recency_decay: float = 0.97
 
     @classmethod
-    def from_settings(cls, serve, model) -> "LearnedIndexParams":
+    def from_settings(cls, serve, model) -> LearnedIndexParams:
         return cls(
             clusters_per_request=serve.clusters_per_request,
             members_per_cluster=serve.members_per_cluster,
@@ -172,7 +173,7 @@ class LearnedIndexRetriever:
             slots = None
         if p.trending:
             hot = view.trending(p.trending)
-            if slots is not None:
+            if slots is not None and dense is not None:
                 slots = np.concatenate([slots, hot + dense.row_slot])
             rows = np.concatenate([rows, hot])
             facets = np.append(facets, TRENDING_FACET)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from mfli.retrieval.base import DenseColumns, quantize_rows
-from mfli.retrieval.kernels import gather_members, lookup_paths
 from mfli.retrieval.clusters import FACET_SHIFT, PATH_BITS, FacetClusters, build_facet_clusters
+from mfli.retrieval.kernels import gather_members, lookup_paths
 from mfli.retrieval.snapshot import ItemSnapshot
 
 
@@ -59,15 +59,18 @@ class MemoryIndexView:
         self._all_rows = np.concatenate(self._sorted_rows) if self._sorted_rows else np.empty(0, np.int64)
         row_base = np.cumsum([0] + [r.size for r in self._sorted_rows])
         self._cluster_base = np.cumsum([0] + [o.size - 1 for o in self._offsets]).astype(np.int64)
-        self._gstart = np.concatenate([o[:-1] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
-        self._gend = np.concatenate([o[1:] + b for o, b in zip(self._offsets, row_base)]).astype(np.int64)
+        # row_base has one entry more than there are facets (its total): zip stops at the facets
+        self._gstart = np.concatenate(
+            [o[:-1] + b for o, b in zip(self._offsets, row_base, strict=False)]).astype(np.int64)
+        self._gend = np.concatenate([o[1:] + b for o, b in zip(self._offsets, row_base, strict=False)]).astype(np.int64)
         # One path map over all facets (key = facet << FACET_SHIFT | path key): one lookup per request.
         if self.facets > 7 or self.levels * PATH_BITS > FACET_SHIFT:
             raise ValueError("the in-memory index supports at most 7 facets and 4 levels")
         self._path_key = np.concatenate(
-            [(np.int64(f) << FACET_SHIFT) | fc.path_key for f, fc in enumerate(self.clusters)] or [np.empty(0, np.int64)])
+            [(np.int64(f) << FACET_SHIFT) | fc.path_key for f, fc in enumerate(self.clusters)]
+            or [np.empty(0, np.int64)])
         self._path_ptr = np.concatenate([[0]] + [fc.path_ptr[1:] + base for fc, base in zip(
-            self.clusters, np.cumsum([0] + [fc.path_ids.size for fc in self.clusters]))]).astype(np.int64)
+            self.clusters, np.cumsum([0] + [fc.path_ids.size for fc in self.clusters]), strict=False)]).astype(np.int64)
         self._path_ids = np.concatenate([fc.path_ids for fc in self.clusters] or [np.empty(0, np.int64)])
         # int8 codes laid out posting list by posting list (every member of a cluster is read in one
         # sequential run, the IVF layout), then once more by row for candidates outside posting lists
@@ -80,7 +83,7 @@ class MemoryIndexView:
         )
 
     @classmethod
-    def from_settings(cls, snapshot: ItemSnapshot, index_settings, seed: int = 0) -> "MemoryIndexView":
+    def from_settings(cls, snapshot: ItemSnapshot, index_settings, seed: int = 0) -> MemoryIndexView:
         return cls(
             snapshot, target=index_settings.target_cluster_size, b_low=index_settings.b_low,
             b_upp=index_settings.b_upp, split_merge=index_settings.split_merge, seed=seed,

@@ -1,4 +1,4 @@
-"""Popularity retrieval: the baseline to respect on temporal splits (DESIGN §7)."""
+"""Popularity retrieval: the baseline to respect on temporal splits (docs/design.md §Evaluation protocol)."""
 
 from __future__ import annotations
 

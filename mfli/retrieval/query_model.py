@@ -53,7 +53,7 @@ class QueryModel:
 
     @classmethod
     def random(cls, facets: int, dim: int, horizon: int, heads: int = 2, tau: float = 0.05, seed: int = 0
-               ) -> "QueryModel":
+               ) -> QueryModel:
         """An encoder of this shape with random weights (warm-up and cost benchmarks: no torch needed)."""
         rng = np.random.default_rng(seed)
         shapes = {"inp": (dim, facets * dim), "wq": (dim, dim), "wk": (dim, dim), "wv": (dim, dim), "wo": (dim, dim),
@@ -82,7 +82,8 @@ class QueryModel:
             "inp": t["inp"], "inp_b": w["inp.bias"], "kv": np.ascontiguousarray(np.concatenate([t["wk"], t["wv"]], 1)),
             "kv_b": np.concatenate([w["wk.bias"], w["wv.bias"]]), "wq": t["wq"], "wq_b": w["wq.bias"],
             "wo": t["wo"], "wo_b": w["wo.bias"], "ff1": t["ff1"], "ff1_b": w["ff1.bias"], "ff2": t["ff2"],
-            "ff2_b": w["ff2.bias"], "out": t["out"], "out_b": w["out.bias"], "gate": t["gate"], "gate_b": w["gate.bias"],
+            "ff2_b": w["ff2.bias"], "out": t["out"], "out_b": w["out.bias"],
+            "gate": t["gate"], "gate_b": w["gate.bias"],
             # by window slot: slot H - 1 is the newest item (distance 0)
             "pos_k": np.ascontiguousarray(w["pos_k"][::-1]), "pos_v": np.ascontiguousarray(w["pos_v"][::-1]),
         }

@@ -28,7 +28,7 @@ class ItemSnapshot:
     * ``vectors``  float32[N, F, d], L2-normalised per facet (the continuous embeddings e_f)
     * ``codes``    int32[N, F, L], greedy residual-quantisation code path per facet
     * ``codebooks`` float32[F, L, M, d]
-    * ``prior``    float32[N], popularity prior ``beta * log1p(decayed count)`` (DESIGN §3)
+    * ``prior``    float32[N], popularity prior ``beta * log1p(decayed count)`` (docs/design.md §Model)
     * ``live``     bool[N], False for deleted rows and rows never seen in an event or upsert
     """
 
@@ -40,7 +40,7 @@ class ItemSnapshot:
     live: np.ndarray
     version: int = 0  # learner step the snapshot was taken at
     tags: list[list[str]] | None = None
-    query_model: "QueryModel | None" = None  # the query encoder at this step
+    query_model: QueryModel | None = None  # the query encoder at this step
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)

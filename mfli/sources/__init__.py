@@ -2,8 +2,8 @@
 
 ``load_interactions`` takes a MovieLens directory or an event-log file (docs/eventlog.md), so every
 command that reads a dataset accepts the same things; ``add_source_arguments`` and ``spec_from_args`` give
-those commands the same flags. The readers are imported when called: ``mfli`` builds every subcommand's
-parser at start-up and should not pay for them.
+those commands the same flags. The readers (pyarrow for Parquet, the event-log parser) are imported when
+called: building a command's parser should not pay for them.
 """
 
 from __future__ import annotations

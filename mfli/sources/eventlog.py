@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +21,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mfli.sources.movielens import Interactions
-from mfli.sources.tables import EventLogError, Format, check_columns, detect_format, open_table
+from mfli.sources.tables import (
+    BadRow,
+    EventLogError,
+    EventLogReport,
+    Format,
+    check_columns,
+    detect_format,
+    open_table,
+)
 
 __all__ = ["BadRow", "ColumnMap", "EventLogError", "EventLogReport", "EventLogSpec", "detect_format",
            "load_event_log", "read_event_log"]
@@ -77,34 +83,6 @@ class EventLogSpec(BaseModel):
     tags_sep: str = Field("|", min_length=1)
     title_column: str | None = None
     name: str | None = Field(None, description="dataset name in event ids; default: the file's stem")
-
-
-@dataclass(frozen=True)
-class BadRow:
-    line: int  # 1-based; CSV counts the header, Parquet and JSON arrays count records
-    reason: str  # short and stable, e.g. "missing user", "unparsable time"
-    raw: str = ""  # the offending cell (truncated), for the log
-
-
-@dataclass
-class EventLogReport:
-    """What reading skipped: the caller can show it, test it, or decide the file is unusable."""
-
-    path: Path
-    rows: int = 0
-    kept: int = 0
-    bad: list[BadRow] = field(default_factory=list)
-    catalogue_bad: list[BadRow] = field(default_factory=list)
-
-    @property
-    def bad_fraction(self) -> float:
-        return len(self.bad) / self.rows if self.rows else 0.0
-
-    def summary(self, first: int = 5) -> str:
-        reasons = ", ".join(f"{r}: {n}" for r, n in Counter(b.reason for b in self.bad).most_common())
-        lines = ", ".join(f"{b.line} ({b.reason})" for b in self.bad[:first])
-        return (f"{self.path}: skipped {len(self.bad)} of {self.rows} rows ({reasons}); "
-                f"first: line {lines}{', ...' if len(self.bad) > first else ''}")
 
 
 class _Skip(Exception):
@@ -236,7 +214,7 @@ def read_event_log(spec: EventLogSpec) -> tuple[Interactions, EventLogReport]:
             try:
                 if cells is None:
                     raise _Skip(error)
-                row = dict(zip(mapping, cells))
+                row = dict(zip(mapping, cells, strict=False))
                 user, item = _text(row["user"], "user", _ID_MAX), _text(row["item"], "item", _ID_MAX)
                 ms = _ms(row["time"], spec.time_unit)
                 value = _value(row["value"]) if has_value else spec.default_value
@@ -244,7 +222,11 @@ def read_event_log(spec: EventLogSpec) -> tuple[Interactions, EventLogReport]:
             except _Skip as skip:
                 report.bad.append(BadRow(line, skip.reason, skip.raw))
                 continue
-            users.append(user), items.append(item), times.append(ms), values.append(value), types.append(kind)
+            users.append(user)
+            items.append(item)
+            times.append(ms)
+            values.append(value)
+            types.append(kind)
         if table.seen:  # nothing seen: every row was unusable, which the bad-row error below says better
             check_columns(spec.path, list(mapping.values()), table)
     report.kept = len(times)

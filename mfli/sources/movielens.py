@@ -61,14 +61,16 @@ class Interactions:
     def item_events(self) -> Iterator[ItemEvent]:
         """The catalogue as upserts, created at the item's first interaction (or 0 if never rated)."""
         first: dict[str, int] = {}
-        for item, t in zip(self.items.tolist(), self.ts.tolist()):
+        for item, t in zip(self.items.tolist(), self.ts.tolist(), strict=True):
             first.setdefault(item, t)
         for item, tags in self.item_tags.items():
             yield ItemEvent(item_id=item, op="upsert", created_ts=first.get(item, 0), tags=tags,
                             text=self.item_titles.get(item))
 
 
-def _sorted(name: str, users: list, items: list, values: list, ts_seconds: list, tags: dict, titles: dict) -> Interactions:
+def _sorted(
+    name: str, users: list, items: list, values: list, ts_seconds: list, tags: dict, titles: dict
+) -> Interactions:
     ts = np.asarray(ts_seconds, dtype=np.int64) * 1000
     # Stable sort keeps the file's order among equal timestamps, so runs are reproducible.
     order = np.argsort(ts, kind="stable")
@@ -92,7 +94,10 @@ def _read_ml1m(root: Path) -> Interactions:
     with opener(ratings, "rt", encoding="ascii") as fh:
         for line in fh:
             u, i, r, t = line.rstrip("\n").split("::")
-            users.append(u), items.append(i), values.append(float(r)), ts.append(int(t))
+            users.append(u)
+            items.append(i)
+            values.append(float(r))
+            ts.append(int(t))
     tags: dict[str, list[str]] = {}
     titles: dict[str, str] = {}
     movies = root / "movies.dat"
@@ -110,7 +115,10 @@ def _read_ml100k(root: Path) -> Interactions:
     with open(root / "u.data", encoding="ascii") as fh:
         for line in fh:
             u, i, r, t = line.split("\t")
-            users.append(u), items.append(i), values.append(float(r)), ts.append(int(t))
+            users.append(u)
+            items.append(i)
+            values.append(float(r))
+            ts.append(int(t))
     tags: dict[str, list[str]] = {}
     titles: dict[str, str] = {}
     item_file = root / "u.item"
@@ -119,7 +127,7 @@ def _read_ml100k(root: Path) -> Interactions:
             for line in fh:
                 parts = line.rstrip("\n").split("|")
                 flags = parts[5:24]
-                tags[parts[0]] = [g for g, f in zip(_ML100K_GENRES, flags) if f == "1"]
+                tags[parts[0]] = [g for g, f in zip(_ML100K_GENRES, flags, strict=False) if f == "1"]
                 titles[parts[0]] = parts[1]
     return _sorted("ml-100k", users, items, values, ts, tags, titles)
 
@@ -130,7 +138,10 @@ def _read_latest(root: Path) -> Interactions:
         reader = csv.reader(fh)
         next(reader)
         for u, i, r, t in reader:
-            users.append(u), items.append(i), values.append(float(r)), ts.append(int(t))
+            users.append(u)
+            items.append(i)
+            values.append(float(r))
+            ts.append(int(t))
     tags: dict[str, list[str]] = {}
     titles: dict[str, str] = {}
     movies = root / "movies.csv"

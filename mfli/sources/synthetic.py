@@ -208,7 +208,7 @@ class SyntheticStream:
         values = np.where(hit, rng.integers(4, 6, n), rng.integers(1, 4, n)).astype(float)
         base = self._emitted
         # resolve ids now: a consumer pausing mid-chunk must not see later catalogue changes here
-        item_ids = [self._ranked[t][r] for t, r in zip(topics.tolist(), item_rank.tolist())]
+        item_ids = [self._ranked[t][r] for t, r in zip(topics.tolist(), item_rank.tolist(), strict=True)]
         self._emitted = base + n
         user_ids, type_names, values = self._user_ids[users], _EVENT_TYPES[types], values.tolist()
         for j in range(n):

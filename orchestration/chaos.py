@@ -26,15 +26,29 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import numpy as np
 import orjson
+from kafka import KafkaConsumer, TopicPartition
 
 from mfli.config import Settings
+from mfli.consumers.dlq import read_dead_letters
 from mfli.events import InteractionEvent
-from mfli.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
+from mfli.indexer.check import check_index
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import ensure_topics, make_producer
+from mfli.kafka.offsets import offset_key, parse_offset_key
+from mfli.learner.checkpoint import read_checkpoint
+from mfli.learner.process import CHECKPOINT_NAME
+from mfli.lifecycle import free_port
+from mfli.orchestration.produce import produce_records
+from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
+from mfli.sources.synthetic import SyntheticStream
+from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.users_lmdb import UsersStore
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +105,6 @@ class Prober(threading.Thread):
 
 
 def _highwaters(settings: Settings, topics: list[str]) -> dict[str, int]:
-    from kafka import KafkaConsumer, TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False)
     out = {}
     try:
@@ -100,40 +112,33 @@ def _highwaters(settings: Settings, topics: list[str]) -> dict[str, int]:
             parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
             consumer.assign(parts)
             consumer.seek_to_beginning(*parts)
-            # ListOffsets(LATEST) is wrong on Tansu (KAFKA.md); the fetch response's high watermark is not.
+            # ListOffsets(LATEST) is wrong on Tansu (docs/design.md §Kafka and the embedded broker); the
+            # fetch response's high watermark is not.
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(consumer.highwater(tp) is None for tp in parts):
                 consumer.poll(timeout_ms=200, max_records=1)
                 for tp in parts:
                     consumer.seek_to_beginning(tp)
             for tp in parts:
-                out[f"{topic}:{tp.partition}"] = int(consumer.highwater(tp) or 0)
+                out[offset_key(topic, tp.partition)] = int(consumer.highwater(tp) or 0)
     finally:
         consumer.close()
     return out
 
 
 def _committed(settings: Settings, group: str, keys: list[str]) -> dict[str, int]:
-    from kafka import KafkaConsumer, TopicPartition
-
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group,
                              enable_auto_commit=False)
     try:
         out = {}
         for key in keys:
-            topic, _, part = key.rpartition(":")
-            out[key] = consumer.committed(TopicPartition(topic, int(part))) or 0
+            out[key] = consumer.committed(parse_offset_key(key)) or 0
         return out
     finally:
         consumer.close()
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from mfli.broker import EmbeddedBroker, ensure_topics
-    from mfli.consumers.clients import make_producer
-    from mfli.sources.produce import produce_records
-    from mfli.sources.synthetic import SyntheticStream
-
     exit_on_sigterm()
     logging.getLogger("httpx").setLevel(logging.WARNING)
     state = Path(args.state_dir).resolve()
@@ -142,18 +147,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     rng = random.Random(args.seed)
     started = time.monotonic()
     summary: dict = {"events_requested": args.events, "kills": {}, "checks": {}}
-    with EmbeddedBroker(log_path=state / "logs" / "broker.log") as broker:
+    with EmbeddedBroker(log_path=state / "logs" / "broker.log") as broker, ExitStack() as cleanup:
         settings = settings.model_copy(deep=True)
         settings.kafka.bootstrap_servers = broker.bootstrap
+        # Free ports, not the configured ones: a chaos run must not collide with a demo (or another
+        # chaos run) on the same machine, and nothing here needs a well-known port.
+        settings.serve.port = free_port()
         settings.kafka.session_timeout_ms, settings.kafka.heartbeat_interval_ms = 3000, 500
         k = settings.kafka
         ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
         env = pipeline_env(state, broker.bootstrap, MFLI_LEARNER__CHECKPOINT_INTERVAL_S="3",
-                           MFLI_INDEX__FULL_PASS_INTERVAL_S="20", MFLI_SERVE__PORT=str(settings.serve.port))
+                           MFLI_INDEX__FULL_PASS_INTERVAL_S="20", MFLI_SERVE__PORT=str(settings.serve.port),
+                           MFLI_LEARNER__METRICS_PORT=str(free_port()), MFLI_INDEX__METRICS_PORT=str(free_port()))
         settings.learner.checkpoint_dir = state / "learner"
         settings.learner.users_path = state / "users.lmdb"
         settings.index.path = state / "index.lmdb"
         sup = Supervisor(state / "logs", env)
+        cleanup.callback(sup.stop_all)  # also when a check below raises: no child outlives the run
         for name in PROCESSES:
             sup.add(name, {"learner": ["learn"], "indexer": ["index"], "server": ["serve", "--no-monitor"]}[name])
         sup.start_all()
@@ -202,8 +212,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                                "duplicates_injected": counts["duplicates_injected"], "items": counts["items"]}
 
         # --- drain: wait for the users store to reflect every event offset, then stop cleanly --------
-        from mfli.storage.users_lmdb import UsersStore
-
         events_hw = _highwaters(settings, [k.events_topic])
         deadline = started + args.timeout
         while time.monotonic() < deadline:
@@ -222,8 +230,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         sup.children["learner"].stop(grace_s=60)  # SIGTERM: final flush + checkpoint + commit
         updates_hw = _highwaters(settings, [k.item_updates_topic])
         index_deadline = time.monotonic() + 120
-        from mfli.storage.index_lmdb import LmdbIndex
-
         while time.monotonic() < index_deadline:
             index = LmdbIndex(settings.index.path, settings.index.map_size)
             with index.view() as view:
@@ -269,13 +275,6 @@ def _expected_windows(produced: list[InteractionEvent], history: int) -> dict[st
 def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict[str, int],
            updates_hw: dict[str, int], counts: Counter) -> dict[str, dict]:
     """Every check of the module docstring, each ``{"ok": bool, ...numbers}``."""
-    from mfli.consumers.dlq import read_dead_letters
-    from mfli.indexer.check import check_index
-    from mfli.learner.checkpoint import read_checkpoint
-    from mfli.learner.process import CHECKPOINT_NAME
-    from mfli.storage.index_lmdb import LmdbIndex
-    from mfli.storage.users_lmdb import UsersStore
-
     checks: dict[str, dict] = {}
     distinct = len({ev.event_id for ev in produced})
     store = UsersStore(settings.learner.users_path, history=settings.model.history, readonly=True)
@@ -318,7 +317,8 @@ def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict
             applied_offsets.get(key, 0) == hw for key, hw in updates_hw.items() if hw),
         "invariants_ok": report.ok, "violations": report.violations[:5], "live_items_learner": len(ids),
         "live_items_index": indexed, "missing_from_index": missing, "max_vector_diff": max_diff,
-        "applied_offsets_equal_highwater": all(applied_offsets.get(key, 0) == hw for key, hw in updates_hw.items() if hw),
+        "applied_offsets_equal_highwater": all(
+            applied_offsets.get(key, 0) == hw for key, hw in updates_hw.items() if hw),
     }
     letters = list(read_dead_letters(settings.kafka, expected=None, timeout_s=30))
     # The DLQ is at-least-once like every hop: a replayed invalid record is dead-lettered again.

@@ -1,9 +1,10 @@
-"""The index writer's in-memory mirror of per-item columns (see :mod:`mfli.indexer.writer`).
+"""The index writer's in-memory per-item columns (see :mod:`mfli.storage.index.writer`).
 
 Why: drift detection, replay filtering and the trending list need the stored version, prior, cluster
 per facet and liveness of every item in a batch; dense numpy columns indexed by row make those numpy
-operations instead of LMDB reads. LMDB stays the truth: the mirror is rebuilt from it at start and
-updated only after a commit succeeds.
+operations instead of LMDB reads. LMDB stays the truth: the columns are rebuilt from it at start and
+updated only after a commit succeeds. (Not to be confused with the *readers'* dense copy of the index,
+:mod:`mfli.storage.index.mirror`, which the server keeps current from the change log.)
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 
-class ItemMirror:
+class ItemColumns:
     """Dense per-row columns of the stored items (row -> state), grown by doubling."""
 
     def __init__(self, facets: int) -> None:

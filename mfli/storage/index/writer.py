@@ -5,10 +5,11 @@ directly. Each :meth:`IndexWriter.apply` is ONE write transaction holding the it
 source offsets they came from, so after a crash the stored offsets say exactly where to resume, and a
 replayed delta (version not newer than the stored one) is a no-op.
 
-The writer keeps a small in-memory mirror of per-item columns (version, prior, cluster per facet,
-liveness) loaded from LMDB at start: drift detection, replay filtering and the trending list then cost
-numpy operations instead of LMDB reads. LMDB stays the truth; the mirror is updated only after a
-commit succeeds.
+The writer keeps small in-memory per-item columns (version, prior, cluster per facet, liveness;
+:mod:`.columns`) loaded from LMDB at start: drift detection, replay filtering and the trending list then
+cost numpy operations instead of LMDB reads. LMDB stays the truth; the columns are updated only after a
+commit succeeds. The full pass (:mod:`.full_pass`) is handed the environment, the columns and the index
+version explicitly and returns what it changed.
 
 Durability: ``sync=True, metasync=False`` (default, ``index.sync_commits``) — one fsync per commit;
 an OS crash may undo the last committed transaction but never breaks consistency (LMDB's documented
@@ -23,6 +24,7 @@ clusters bounded by B_upp <= N_k a request reads every member anyway.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,12 +36,21 @@ import orjson
 from mfli import metrics
 from mfli.config import IndexSettings, Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, ItemDelta, encode_model
-from mfli.retrieval.query_model import QueryModel
 from mfli.retrieval.clusters import FacetClusters, path_keys
-from mfli.indexer.mirror import ItemMirror
-from mfli.indexer.postings import edit_postings
-from mfli.indexer.rows import assign_rows
-from mfli.storage import layout as L
+from mfli.retrieval.query_model import QueryModel
+from mfli.storage.index import layout as L
+from mfli.storage.index.columns import ItemColumns
+from mfli.storage.index.full_pass import (
+    FullPassReport,
+    IndexFiles,
+    PreparedPass,
+    commit_full_pass,
+    compute_full_pass,
+    export_cluster_sizes,
+)
+from mfli.storage.index.postings import edit_postings
+from mfli.storage.index.reader import LmdbIndex
+from mfli.storage.index.rows import assign_rows
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +98,11 @@ class IndexWriter:
         self.shape: dict[str, int] | None = None
         self.vec_dtype = np.dtype("<f2") if self.settings.store_float16 else np.dtype("<f4")
         self.clusters: list[FacetClusters] | None = None
-        self.mirror: ItemMirror | None = None
+        self.columns: ItemColumns | None = None
         self.index_version = 0
         self.offsets: dict[str, int] = {}
         self._pending_clusters: dict[int, FacetClusters] = {}  # path maps grown in an open transaction
+        self._active_levels: int | None = None  # codebook levels in use (a new one asks for a full pass)
         self._load()
 
     # --- start-up -------------------------------------------------------------------------------------
@@ -107,13 +119,13 @@ class IndexWriter:
             if raw is None:
                 return
             self.shape = orjson.loads(bytes(raw))
-            self.mirror = ItemMirror(self.shape["facets"])
+            self.columns = ItemColumns(self.shape["facets"])
             with txn.cursor(db=self.db["rec"]) as cur:
                 pairs = list(cur.iternext(keys=True, values=True))
             if pairs:
                 rows = L.key_rows(b"".join(k for k, _ in pairs))
                 rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype())
-                m = self.mirror
+                m = self.columns
                 m.ensure(int(rows.max()) + 1)
                 m.version[rows], m.prior[rows] = rec["version"], rec["prior"]
                 m.clusters[rows] = rec["clusters"]
@@ -124,7 +136,9 @@ class IndexWriter:
                  self.n_live, "loaded" if self.clusters else "not built yet")
 
     def _load_clusters(self, txn) -> list[FacetClusters]:
-        facets, levels, m = self.shape["facets"], self.shape["levels"], self.shape["codewords"]
+        shape, columns = self.shape, self.columns
+        assert shape is not None and columns is not None, "_load reads the shape and the columns first"
+        facets, levels, m = shape["facets"], shape["levels"], shape["codewords"]
         keys: list[list[int]] = [[] for _ in range(facets)]
         ids: list[list[np.ndarray]] = [[] for _ in range(facets)]
         with txn.cursor(db=self.db["paths"]) as cur:
@@ -135,10 +149,10 @@ class IndexWriter:
                 ids[facet].append(clusters)
         out = []
         for f in range(facets):
-            cent = np.frombuffer(txn.get(L.facet_key(f), db=self.db["cent"]), dtype="<f4")
-            cent = cent.reshape(-1, self.shape["dim"]).copy()
-            rows = np.flatnonzero(self.mirror.live)
-            sizes = np.bincount(self.mirror.clusters[rows, f][self.mirror.clusters[rows, f] >= 0],
+            cent = np.frombuffer(L.required(txn.get(L.facet_key(f), db=self.db["cent"]), "centroids"), dtype="<f4")
+            cent = cent.reshape(-1, shape["dim"]).copy()
+            rows = np.flatnonzero(columns.live)
+            sizes = np.bincount(columns.clusters[rows, f][columns.clusters[rows, f] >= 0],
                                 minlength=cent.shape[0])
             cl = np.concatenate(ids[f]) if ids[f] else np.empty(0, np.int64)
             out.append(FacetClusters.from_pairs(levels, m, cent, sizes, np.array(keys[f], np.int64), cl))
@@ -150,13 +164,13 @@ class IndexWriter:
 
     @property
     def n_live(self) -> int:
-        return 0 if self.mirror is None else int(self.mirror.live.sum())
+        return 0 if self.columns is None else int(self.columns.live.sum())
 
     # --- shape and codebooks ------------------------------------------------------------------------------
     def _ensure_shape(self, txn, facets: int, dim: int, levels: int, codewords: int = 0) -> None:
         if self.shape is None:
             self.shape = {"facets": facets, "dim": dim, "levels": levels, "codewords": codewords}
-            self.mirror = ItemMirror(facets)
+            self.columns = ItemColumns(facets)
             txn.put(b"vec_dtype", self.vec_dtype.str.encode(), db=self.db["meta"])
         elif (self.shape["facets"], self.shape["dim"], self.shape["levels"]) != (facets, dim, levels):
             raise ValueError(
@@ -185,7 +199,7 @@ class IndexWriter:
         # The learner activates levels one by one (coarse before fine) and starts a level from all-zero
         # codewords; until a full pass the clusters ignore a newly active level, so ask for one now.
         active = int((np.abs(cb).reshape(f, levels, -1).max(axis=2) > 0).any(axis=0).sum())
-        if active != getattr(self, "_active_levels", active):
+        if self._active_levels is not None and active != self._active_levels:
             log.info("codebook has %d active levels (was %d): full pass requested", active, self._active_levels)
             self.full_pass_wanted = True
         self._active_levels = active
@@ -209,8 +223,8 @@ class IndexWriter:
             version = L.unpack_i64(txn.get(b"cb_latest", db=self.db["meta"]), default=-1)
             if version < 0:
                 return None
-            shape = orjson.loads(txn.get(b"cb_shape", db=self.db["meta"]))
-            raw = txn.get(L.row_key(version), db=self.db["cb"])
+            shape = orjson.loads(L.required(txn.get(b"cb_shape", db=self.db["meta"]), "codebook shape"))
+            raw = L.required(txn.get(L.row_key(version), db=self.db["cb"]), "codebook")
             return version, np.frombuffer(raw, dtype="<f4").reshape(shape).copy()
 
     # --- deltas -----------------------------------------------------------------------------------------
@@ -245,7 +259,7 @@ class IndexWriter:
                 txn.put(b"offsets", orjson.dumps(new_offsets), db=self.db["meta"])
                 txn.put(b"index_version", L.pack_i64(self.index_version + 1), db=self.db["meta"])
                 changed = pending["rows"] if pending is not None else np.empty(0, np.int64)
-                self.log_change(txn, self.index_version + 1, changed)
+                L.log_change(txn, self.db["chg"], self.index_version + 1, changed)
                 if pending is not None:
                     txn.put(b"live", L.pack_i64(int(pending["live_count"])), db=self.db["meta"])
                     txn.put(b"trending", pending["trending"].astype("<i8").tobytes(), db=self.db["meta"])
@@ -257,7 +271,8 @@ class IndexWriter:
         self.index_version += 1
         self.offsets = new_offsets
         if pending is not None:
-            self._commit_mirror(pending, batch)
+            assert batch is not None, "pending edits come from a batch"
+            self._commit_columns(pending, batch)
         self._export(result, batch, int(time.time() * 1000))
         codebook_known = bool(self.shape and self.shape["codewords"])
         if self.auto_bootstrap and self.clusters is None and self.n_live and codebook_known:
@@ -285,26 +300,36 @@ class IndexWriter:
             self.auto_bootstrap = bootstrap
         self.full_pass()
 
-    def full_pass(self, seed: int = 0):
-        """Re-encode, rebuild split/merged clusters and swap atomically (see :mod:`.full_pass`)."""
-        from mfli.indexer.full_pass import run_full_pass
+    def full_pass(self, seed: int = 0) -> FullPassReport | None:
+        """Re-encode, rebuild split/merged clusters and swap atomically, in this thread (see
+        :mod:`.full_pass`); None if there is nothing to index yet."""
+        self.full_pass_wanted = False
+        prep = self.prepare_full_pass(seed)
+        return None if prep is None else self.commit_full_pass(prep)
 
-        return run_full_pass(self, seed=seed)
+    def prepare_full_pass(self, seed: int = 0, cancel: threading.Event | None = None) -> PreparedPass | None:
+        """The expensive half of a full pass (read a snapshot, re-encode, build clusters): safe in a
+        background thread while this writer keeps applying deltas; commit it with :meth:`commit_full_pass`."""
+        files = self._files()
+        return None if files is None else compute_full_pass(files, self.settings, seed, cancel)
 
-    def log_change(self, txn, version: int, rows: np.ndarray) -> None:
-        """Record the rows a commit changed under its index version and prune the oldest entries."""
-        db = self.db["chg"]
-        txn.put(L.row_key(version), np.asarray(rows, dtype="<i8").tobytes(), db=db)
-        horizon = version - L.CHANGE_LOG_KEEP
-        if horizon <= 0:
-            return
-        with txn.cursor(db=db) as cur:
-            while cur.first() and L.key_rows(bytes(cur.key()))[0] <= horizon:
-                cur.delete()
+    def commit_full_pass(self, prep: PreparedPass) -> FullPassReport:
+        """Swap a prepared pass in (writer thread only), reconciling what changed since its snapshot."""
+        files = self._files()
+        assert files is not None and self.columns is not None, "a prepared pass implies a shaped index"
+        report, self.clusters = commit_full_pass(files, self.columns, prep, self.index_version)
+        self.index_version = report.index_version
+        return report
+
+    def _files(self) -> IndexFiles | None:
+        shape = self.shape
+        if shape is None:
+            return None
+        return IndexFiles(self.env, self.db, shape["facets"], shape["dim"], shape["levels"], self.vec_dtype)
 
     def _reload_after_abort(self) -> None:
         """The transaction aborted: drop in-memory state that may be ahead of LMDB, re-read the truth."""
-        self.shape, self.clusters, self.mirror = None, None, None
+        self.shape, self.clusters, self.columns = None, None, None
         self._pending_clusters = {}
         self._load()
 
@@ -312,7 +337,7 @@ class IndexWriter:
         n, facets, dim = batch.vectors.shape
         levels = batch.codes.shape[2]
         self._ensure_shape(txn, facets, dim, levels)
-        m = self.mirror
+        m = self.columns
         assert m is not None
         batch_rows = self._index_rows(txn, batch, m)
         # coalesce: newest version per row wins (ties: the later delta in the batch)
@@ -363,28 +388,28 @@ class IndexWriter:
         rec = np.zeros(idx.size, dtype=self._rec_dtype())
         rec["version"], rec["event_ts"], rec["update_ts"] = batch.versions[idx], batch.event_ts[idx], now_ms
         rec["prior"], rec["deleted"], rec["clusters"], rec["codes"] = batch.prior[idx], deleted, new_c, codes
-        keys = L.row_keys(rows)
+        row_keys_ = L.row_keys(rows)
         size = rec.dtype.itemsize
         buf = rec.tobytes()
         with txn.cursor(db=self.db["rec"]) as cur:
-            cur.putmulti([(k, buf[i * size : (i + 1) * size]) for i, k in enumerate(keys)])
+            cur.putmulti([(k, buf[i * size : (i + 1) * size]) for i, k in enumerate(row_keys_)])
         up = np.flatnonzero(live)
         if up.size:
             vbuf = vectors[up].astype(self.vec_dtype).tobytes()
             vsize = facets * dim * self.vec_dtype.itemsize
             with txn.cursor(db=self.db["vec"]) as cur:
-                cur.putmulti([(keys[j], vbuf[i * vsize : (i + 1) * vsize])
+                cur.putmulti([(row_keys_[j], vbuf[i * vsize : (i + 1) * vsize])
                               for i, j in enumerate(up.tolist())])
         gone = np.flatnonzero(deleted)
         if gone.size:  # a deleted item keeps its record (version, for replays) but not its vectors
             for j in gone.tolist():
-                txn.delete(keys[j], db=self.db["vec"])
+                txn.delete(row_keys_[j], db=self.db["vec"])
         fresh = np.flatnonzero(~m.exists[rows])
         if fresh.size:
             with txn.cursor(db=self.db["row2id"]) as cur:
-                cur.putmulti([(keys[j], batch.item_ids[idx[j]].encode()) for j in fresh.tolist()])
+                cur.putmulti([(row_keys_[j], batch.item_ids[idx[j]].encode()) for j in fresh.tolist()])
             with txn.cursor(db=self.db["id2row"]) as cur:
-                cur.putmulti([(batch.item_ids[idx[j]].encode(), keys[j]) for j in fresh.tolist()])
+                cur.putmulti([(batch.item_ids[idx[j]].encode(), row_keys_[j]) for j in fresh.tolist()])
         prior = m.prior.copy()
         is_live = m.live.copy()
         prior[rows], is_live[rows] = batch.prior[idx], live
@@ -392,7 +417,7 @@ class IndexWriter:
                 "trending": self._trending(prior, is_live)}
 
     def _index_rows(self, txn, batch: DeltaBatch, m) -> np.ndarray:
-        """The index's row for every delta, by item id (:func:`mfli.indexer.rows.assign_rows`)."""
+        """The index's row for every delta, by item id (:func:`mfli.storage.index.rows.assign_rows`)."""
         uniq = list(dict.fromkeys(i.encode() for i in batch.item_ids))
         with txn.cursor(db=self.db["id2row"]) as cur:
             known = {bytes(k).decode(): int(L.key_rows(bytes(v))[0]) for k, v in cur.getmulti(uniq)}
@@ -407,6 +432,7 @@ class IndexWriter:
 
     def _add_paths(self, txn, facet: int, keys: np.ndarray, clusters: np.ndarray) -> None:
         """New code paths seen in deltas join the path map (so path lookups find their items)."""
+        assert self.clusters is not None, "paths are added only once clusters exist"
         fc = self.clusters[facet]
         per_path = np.repeat(fc.path_key, np.diff(fc.path_ptr))
         merged = FacetClusters.from_pairs(
@@ -419,11 +445,13 @@ class IndexWriter:
             txn.put(L.path_key_bytes(facet, key), ids.astype("<i8").tobytes(), db=self.db["paths"])
         self._pending_clusters[facet] = merged
 
-    def _commit_mirror(self, pending: dict, batch: DeltaBatch) -> None:
-        """After a successful commit: bring the mirror, path maps and cluster sizes up to date."""
-        m = self.mirror
+    def _commit_columns(self, pending: dict, batch: DeltaBatch) -> None:
+        """After a successful commit: bring the item columns, path maps and cluster sizes up to date."""
+        m = self.columns
+        assert m is not None, "a committed batch implies a shaped index"
         rows, idx, new_c = pending["rows"], pending["idx"], pending["new_c"]
         for f, merged in self._pending_clusters.items():
+            assert self.clusters is not None
             self.clusters[f] = merged
         self._pending_clusters = {}
         if idx.size:
@@ -446,8 +474,6 @@ class IndexWriter:
         for key, value in self.offsets.items():
             metrics.INDEX_APPLIED_OFFSET.labels(partition=key).set(value)
         if self.clusters is not None and (any(result.moved) or result.deleted):
-            from mfli.indexer.full_pass import export_cluster_sizes
-
             export_cluster_sizes(self.clusters)
         if batch is not None and result.applied:
             # event_ts <= 0 marks a prior refresh no event caused (learner.process): not freshness
@@ -456,10 +482,8 @@ class IndexWriter:
             for lag in ((now_ms - ts) / 1000.0).tolist():
                 metrics.FRESHNESS_SECONDS.observe(max(lag, 0.0))
 
-    def reader(self):
-        """An :class:`~mfli.storage.index_lmdb.LmdbIndex` sharing this process's environment."""
-        from mfli.storage.index_lmdb import LmdbIndex
-
+    def reader(self) -> LmdbIndex:
+        """An :class:`~mfli.storage.index.reader.LmdbIndex` sharing this process's environment."""
         return LmdbIndex(self.path, self.settings.map_size, env=self.env)
 
     def maybe_sync(self, every_s: float = 1.0) -> None:

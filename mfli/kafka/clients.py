@@ -1,4 +1,5 @@
-"""kafka-python client factories built from ``settings.kafka``, so every process dials Kafka alike.
+"""kafka-python clients built from ``settings.kafka``, so every process dials Kafka alike: consumer and
+producer factories, topic creation, and the probes that tell a live broker from a hung one.
 
 Every option tests or operators may need to change comes from :class:`mfli.config.KafkaSettings`
 (names mirror Kafka's own). Producers are idempotent with ``acks='all'``: a retried send can then
@@ -12,11 +13,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer
-
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
 from mfli import metrics
 from mfli.config import KafkaSettings
 
@@ -121,7 +123,7 @@ class BrokerHealth:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker-health", daemon=True)
 
-    def start(self) -> "BrokerHealth":
+    def start(self) -> BrokerHealth:
         self._thread.start()
         return self
 
@@ -159,3 +161,26 @@ def wait_for_broker(kafka: KafkaSettings, process: str, stopping: Callable[[], b
     if logged:
         log.info("Kafka at %s is reachable again", bootstrap)
     return True
+
+
+def ensure_topics(bootstrap: str, kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None) -> None:
+    """Create ``topics`` with ``kafka.partitions`` (or ``partitions``) partitions; existing ones are fine.
+
+    Idempotent so every process can call it at start-up without coordinating who creates what.
+    Tansu cannot add partitions later (no ``create_partitions``), so get the count right first.
+    """
+    count = partitions or kafka.partitions
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id=f"{kafka.client_id}-admin",
+                             request_timeout_ms=kafka.request_timeout_ms)
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        for topic in missing:
+            try:
+                admin.create_topics([NewTopic(name=topic, num_partitions=count, replication_factor=1)])
+            except TopicAlreadyExistsError:
+                pass  # another process won the race: fine
+        if missing:
+            log.info("created topics %s with %d partitions", missing, count)
+    finally:
+        admin.close()

@@ -1,4 +1,5 @@
-"""DESIGN §7 evaluation protocol, as small pure functions (the parts a hand-made log can check).
+"""The static evaluation protocol (docs/design.md §Evaluation protocol) as small pure functions: the parts
+a hand-made log can check.
 
 Temporal split: the first 90 % of events (by time) train, the last 10 % test. Test users have at least
 one training event and at least one test item they had not seen in training; truth = those items.
@@ -36,10 +37,10 @@ class TestSet:
 def build_test_set(train_users: Sequence[str], train_items: Sequence[str], test_users: Sequence[str],
                    test_items: Sequence[str]) -> TestSet:
     seen: dict[str, set[str]] = defaultdict(set)
-    for u, i in zip(train_users, train_items):
+    for u, i in zip(train_users, train_items, strict=True):
         seen[u].add(i)
     truth: dict[str, set[str]] = defaultdict(set)
-    for u, i in zip(test_users, test_items):
+    for u, i in zip(test_users, test_items, strict=True):
         if u in seen and i not in seen[u]:
             truth[u].add(i)
     users = sorted(truth)
@@ -53,7 +54,7 @@ def recall_at(ranked: Sequence[Sequence[str]], truth: Sequence[set[str]], ks: Se
         raise ValueError(f"{len(ranked)} rankings for {len(truth)} truth sets")
     out: dict[str, float] = {}
     for k in ks:
-        vals = [len(set(r[:k]) & t) / len(t) for r, t in zip(ranked, truth) if t]
+        vals = [len(set(r[:k]) & t) / len(t) for r, t in zip(ranked, truth, strict=True) if t]
         out[f"recall@{k}"] = float(np.mean(vals)) if vals else 0.0
     return out
 

@@ -12,6 +12,10 @@ would break freshness). :func:`commit_full_pass` then reconciles in the writer's
 version changed since the snapshot, new items and deletions are placed with the new clusters from
 their *current* state inside the same swap transaction.
 
+The writer (:class:`~mfli.storage.index.writer.IndexWriter`) calls these functions and hands them
+what they need explicitly (its environment as :class:`IndexFiles`, its item columns, its index
+version); they return what changed, and the writer adopts it. This module never imports the writer.
+
 Cluster construction uses ``seed + facet`` and orders posting lists by (cluster, descending prior,
 ascending row), exactly like :class:`mfli.retrieval.memory.MemoryIndexView`, so the LMDB index and the
 in-memory index agree on the same state.
@@ -22,22 +26,40 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
+import lmdb
 import numpy as np
 import orjson
 
 from mfli import metrics
+from mfli.config import IndexSettings
 from mfli.retrieval.clusters import FacetClusters, build_facet_clusters, path_keys
-from mfli.storage import layout as L
-
-if TYPE_CHECKING:
-    from mfli.indexer.writer import IndexWriter
+from mfli.storage.index import layout as L
+from mfli.storage.index.columns import ItemColumns
 
 log = logging.getLogger(__name__)
 
 _READ_CHUNK = 65_536
+
+
+@dataclass(frozen=True)
+class IndexFiles:
+    """The writer's open environment as a full pass needs it: sub-databases by name (``layout.DB_NAMES``)
+    and the stored items' shape and vector dtype."""
+
+    env: lmdb.Environment
+    db: Mapping[str, Any]
+    facets: int
+    dim: int
+    levels: int
+    vec_dtype: np.dtype
+
+    @property
+    def rec_dtype(self) -> np.dtype:
+        return L.record_dtype(self.facets, self.levels)
 
 
 @dataclass
@@ -80,19 +102,18 @@ class PreparedPass:
     started: float
 
 
-def _read_snapshot(writer: "IndexWriter"):
+def _read_snapshot(files: IndexFiles):
     """(codebook, live rows, records, float32 vectors) from ONE read transaction of this thread."""
-    facets, dim = writer.shape["facets"], writer.shape["dim"]
-    rec_dtype = L.record_dtype(facets, writer.shape["levels"])
-    with writer.env.begin() as txn:  # bytes, not memoryviews: >10x faster for scans of 10^6 keys
-        meta = writer.db["meta"]
+    facets, dim, rec_dtype = files.facets, files.dim, files.rec_dtype
+    with files.env.begin() as txn:  # bytes, not memoryviews: >10x faster for scans of 10^6 keys
+        meta = files.db["meta"]
         version = L.unpack_i64(txn.get(b"cb_latest", db=meta), default=-1)
         if version < 0:
             return None
-        shape = orjson.loads(bytes(txn.get(b"cb_shape", db=meta)))
-        codebooks = np.frombuffer(bytes(txn.get(L.row_key(version), db=writer.db["cb"])), dtype="<f4")
+        shape = orjson.loads(L.required(txn.get(b"cb_shape", db=meta), "codebook shape"))
+        codebooks = np.frombuffer(L.required(txn.get(L.row_key(version), db=files.db["cb"]), "codebook"), dtype="<f4")
         codebooks = codebooks.reshape(shape).copy()
-        with txn.cursor(db=writer.db["rec"]) as cur:
+        with txn.cursor(db=files.db["rec"]) as cur:
             pairs = list(cur.iternext(keys=True, values=True))
         if not pairs:
             return None
@@ -102,31 +123,29 @@ def _read_snapshot(writer: "IndexWriter"):
         rows, rec = rows[live], rec[live].copy()
         vecs = []
         for start in range(0, rows.size, _READ_CHUNK):
-            with txn.cursor(db=writer.db["vec"]) as cur:
+            with txn.cursor(db=files.db["vec"]) as cur:
                 keys = L.row_keys(rows[start : start + _READ_CHUNK])
                 vecs.append(b"".join(v for _, v in cur.getmulti(keys)))
-    vectors = np.frombuffer(b"".join(vecs), dtype=writer.vec_dtype).reshape(rows.size, facets, dim)
+    vectors = np.frombuffer(b"".join(vecs), dtype=files.vec_dtype).reshape(rows.size, facets, dim)
     return version, codebooks, rows, rec, vectors.astype(np.float32)
 
 
 def compute_full_pass(
-    writer: "IndexWriter", seed: int = 0, cancel: threading.Event | None = None
+    files: IndexFiles, settings: IndexSettings, seed: int = 0, cancel: threading.Event | None = None
 ) -> PreparedPass | None:
     """Read a snapshot and build new clusters; safe to run in a background thread (it only reads LMDB,
     through its own transaction, and never touches the writer's in-memory state). ``cancel`` is checked
     between phases so a stopping process waits at most one phase before closing the environment."""
     started = time.perf_counter()
-    if writer.shape is None:
-        return None
     mark = time.perf_counter()
-    snap = _read_snapshot(writer)
+    snap = _read_snapshot(files)
     if snap is None or snap[2].size == 0:
         log.info("full pass skipped: no codebook or no live items yet")
         return None
     cb_version, codebooks, rows, rec, vectors = snap
     if cancel is not None and cancel.is_set():
         return None
-    s = writer.settings
+    s = settings
     phases = {"read": time.perf_counter() - mark}
     mark = time.perf_counter()
     report = FullPassReport(items=int(rows.size), codebook_version=cb_version)
@@ -150,20 +169,24 @@ def compute_full_pass(
     return PreparedPass(rows, rec, built, cb_version, codebooks, report, started)
 
 
-def commit_full_pass(writer: "IndexWriter", prep: PreparedPass) -> FullPassReport:
-    """Swap a prepared pass in, in the writer's thread. Items changed since the snapshot (newer version,
-    new or deleted) are reconciled first: their current state is re-encoded and placed with the new
-    clusters, so deltas applied while the pass was computing are never lost."""
+def commit_full_pass(
+    files: IndexFiles, columns: ItemColumns, prep: PreparedPass, index_version: int
+) -> tuple[FullPassReport, list[FacetClusters]]:
+    """Swap a prepared pass in, in the writer's thread, as index version ``index_version + 1``; returns
+    the report and the new clusters (the writer adopts both). Items changed since the snapshot (newer
+    version, new or deleted, per the writer's ``columns``) are reconciled first: their current state is
+    re-encoded and placed with the new clusters, so deltas applied while the pass was computing are
+    never lost. ``columns`` get the new cluster of every row."""
     mark = time.perf_counter()
-    m = writer.mirror
+    m = columns
     rows, rec, built = prep.rows, prep.rec, prep.built
     m.ensure(int(rows.max()) + 1)
     same = m.live[rows] & (m.version[rows] == rec["version"])
     rows, rec = rows[same], rec[same]
     changed = np.setdiff1d(np.flatnonzero(m.live), rows).astype(np.int64)
-    with writer.env.begin(write=True) as txn:
+    with files.env.begin(write=True) as txn:
         if changed.size:
-            rec_c, vec_c = _read_rows(writer, txn, changed)
+            rec_c, vec_c = _read_rows(files, txn, changed)
             for f, fc in enumerate(built):
                 codes = encode(vec_c[:, f], prep.codebooks[f])
                 rec_c["codes"][:, f] = codes
@@ -179,41 +202,34 @@ def commit_full_pass(writer: "IndexWriter", prep: PreparedPass) -> FullPassRepor
                                                              path_keys(rec["codes"][:, f])]),
                                              np.concatenate([fc.path_ids, assign]))
             built[f] = pairs
-        _swap(writer, txn, rows, rec, built, prep.cb_version)
-    writer.index_version += 1
-    writer.clusters = built
+        _swap(files, txn, rows, rec, built, prep.cb_version, index_version + 1)
     m.clusters[rows] = rec["clusters"]
     report = prep.report
     report.reconciled = int(changed.size)
     report.phases["swap"] = time.perf_counter() - mark
     report.phases = {k: round(v, 3) for k, v in report.phases.items()}
     report.seconds = time.perf_counter() - prep.started
-    report.index_version = writer.index_version
+    report.index_version = index_version + 1
     _export(built, report)
     log.info("full pass: %d items (%d reconciled), clusters per facet %s, %.2f s (%s)", rows.size,
              changed.size, report.clusters, report.seconds, report.phases)
-    return report
+    return report, built
 
 
-def _read_rows(writer: "IndexWriter", txn, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _read_rows(files: IndexFiles, txn, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     keys = L.row_keys(rows)
-    with txn.cursor(db=writer.db["rec"]) as cur:
-        rec = np.frombuffer(b"".join(v for _, v in cur.getmulti(keys)), dtype=writer._rec_dtype()).copy()
-    with txn.cursor(db=writer.db["vec"]) as cur:
-        vec = np.frombuffer(b"".join(v for _, v in cur.getmulti(keys)), dtype=writer.vec_dtype)
-    return rec, vec.reshape(rows.size, writer.shape["facets"], writer.shape["dim"]).astype(np.float32)
+    with txn.cursor(db=files.db["rec"]) as cur:
+        rec = np.frombuffer(b"".join(v for _, v in cur.getmulti(keys)), dtype=files.rec_dtype).copy()
+    with txn.cursor(db=files.db["vec"]) as cur:
+        vec = np.frombuffer(b"".join(v for _, v in cur.getmulti(keys)), dtype=files.vec_dtype)
+    return rec, vec.reshape(rows.size, files.facets, files.dim).astype(np.float32)
 
 
-def run_full_pass(writer: "IndexWriter", seed: int = 0) -> FullPassReport | None:
-    """Synchronous full pass (compute + commit in this thread); None if there is nothing to index."""
-    writer.full_pass_wanted = False
-    prep = compute_full_pass(writer, seed)
-    return None if prep is None else commit_full_pass(writer, prep)
-
-
-def _swap(writer: "IndexWriter", txn, rows: np.ndarray, rec: np.ndarray, built, cb_version: int) -> None:
-    """Replace postings, path map and centroids and rewrite the records, inside the caller's txn."""
-    db, meta = writer.db, writer.db["meta"]
+def _swap(files: IndexFiles, txn, rows: np.ndarray, rec: np.ndarray, built, cb_version: int,
+          index_version: int) -> None:
+    """Replace postings, path map and centroids and rewrite the records, inside the caller's txn, as
+    index version ``index_version``."""
+    db, meta = files.db, files.db["meta"]
     prior = rec["prior"]
     for name in ("post", "paths", "cent"):
         txn.drop(db[name], delete=False)
@@ -240,8 +256,8 @@ def _swap(writer: "IndexWriter", txn, rows: np.ndarray, rec: np.ndarray, built, 
     txn.put(b"clusters_version", L.pack_i64(clusters_version), db=meta)
     txn.put(b"cb_in_use", L.pack_i64(cb_version), db=meta)
     txn.put(b"full_pass_ts", L.pack_i64(int(time.time() * 1000)), db=meta)
-    txn.put(b"index_version", L.pack_i64(writer.index_version + 1), db=meta)
-    writer.log_change(txn, writer.index_version + 1, np.empty(0, np.int64))
+    txn.put(b"index_version", L.pack_i64(index_version), db=meta)
+    L.log_change(txn, db["chg"], index_version, np.empty(0, np.int64))
 
 
 def export_cluster_sizes(clusters: list[FacetClusters]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfli.storage import layout as L
+from mfli.storage.index import layout as L
 
 
 def edit_postings(txn, post_db, facets: int, removals, additions) -> None:

@@ -1,6 +1,6 @@
 """Read side of the index LMDB: :class:`LmdbIndex` (the environment) and :class:`LmdbIndexView`.
 
-The byte layout is documented in :mod:`mfli.storage.layout`. A view wraps ONE read transaction, so a
+The byte layout is documented in :mod:`mfli.storage.index.layout`. A view wraps ONE read transaction, so a
 request sees a consistent snapshot even while the indexer commits deltas or swaps in a full pass;
 LMDB readers never block the single writer. The environment is opened lazily and re-opened in a
 forked child (LMDB handles must not cross ``fork``), read-only, with ``readahead`` off (random access
@@ -17,17 +17,24 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import lmdb
 import numpy as np
 import orjson
 
+from mfli.deltas import decode_model
 from mfli.retrieval.base import DenseColumns
 from mfli.retrieval.clusters import FACET_SHIFT, PATH_BITS, path_keys
-from mfli.storage import layout as L
-from mfli.storage.mirror import IndexMirror
+from mfli.retrieval.query_model import QueryModel
+from mfli.storage.index import layout as L
+from mfli.storage.index.mirror import IndexMirror
+
+if TYPE_CHECKING:
+    from lmdb import _Database
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +63,17 @@ class LmdbIndex:
     ) -> None:
         """``env``: share an environment already open in this process (py-lmdb refuses to open one
         twice, so an in-process reader of the writer's index passes ``writer.env``).
-        ``mirror``: keep a dense numpy copy of vectors/priors/clusters (:mod:`mfli.storage.mirror`) so
+        ``mirror``: keep a dense numpy copy of vectors/priors/clusters (:mod:`mfli.storage.index.mirror`) so
         views gather candidates without per-key reads; the server turns it on."""
         self.path = Path(path)
         self.mirror: IndexMirror | None = IndexMirror() if mirror else None
         self.map_size = map_size
         self._env: lmdb.Environment | None = None
         self._pid = -1
+        self._dbs: dict[str, _Database] = {}
         if env is not None:
             self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
             self._env, self._pid = env, os.getpid()
-        self._dbs: dict[str, object] = getattr(self, "_dbs", {})
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[int, object]] = {}
 
@@ -87,11 +94,11 @@ class LmdbIndex:
         self._dbs = {name: env.open_db(name.encode(), create=False) for name in L.DB_NAMES}
         self._env, self._pid = env, os.getpid()
 
-    def db(self, name: str) -> object:
+    def db(self, name: str) -> _Database:
         self.env()
         return self._dbs[name]
 
-    def view(self, buffers: bool = True) -> "LmdbIndexView":
+    def view(self, buffers: bool = True) -> LmdbIndexView:
         """A view over a fresh read transaction; use as a context manager (or call ``close()``).
 
         ``buffers=True`` (requests) returns zero-copy memoryviews: fastest for random ``getmulti``.
@@ -120,7 +127,7 @@ class LmdbIndexView:
     def __init__(self, index: LmdbIndex, buffers: bool = True) -> None:
         self._index = index
         env = index.env()
-        self._txn = env.begin(buffers=buffers)
+        self._txn = env.begin(buffers=True) if buffers else env.begin()
         shape = self._meta_json(b"shape")
         if shape is None:
             self._txn.abort()
@@ -129,18 +136,21 @@ class LmdbIndexView:
         self.levels, self.codewords = int(shape["levels"]), int(shape["codewords"])
         self.version = L.unpack_i64(self._get("meta", b"index_version"))
         vec_dtype = self._get("meta", b"vec_dtype")
-        self._vec_dtype = np.dtype(bytes(vec_dtype).decode()) if vec_dtype is not None else np.dtype("<f4")
+        #: dtype of the stored vectors (little-endian float32, or float16 with ``index.store_float16``)
+        self.vec_dtype = np.dtype(bytes(vec_dtype).decode()) if vec_dtype is not None else np.dtype("<f4")
         self._rec_dtype = L.record_dtype(self.facets, self.levels)
         self._m = None  # mirror arrays at exactly this view's version, if the index keeps a mirror
         mirror = index.mirror
         if mirror is not None and mirror.sync(self) and mirror.version == self.version:
             self._m = mirror.arrays
+        #: the index's mirror when this view reads through it (it is at exactly this view's version)
+        self._mirror: IndexMirror | None = mirror if self._m is not None else None
         m = self._m  # built once per view: a request asks for it several times
         self._dense = None if m is None or m.vectors.dtype != np.float32 else DenseColumns(
             m.vectors.reshape(m.vectors.shape[0], -1), m.prior, m.codes, m.scale, m.bias, m.row_slot)
 
     # --- plumbing ---------------------------------------------------------------------------------------
-    def __enter__(self) -> "LmdbIndexView":
+    def __enter__(self) -> LmdbIndexView:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -167,7 +177,7 @@ class LmdbIndexView:
         return b"".join(v for _, v in found)
 
     def records(self, rows: np.ndarray) -> np.ndarray:
-        """Structured ``rec`` array (:func:`~mfli.storage.layout.record_dtype`) of the given rows."""
+        """Structured ``rec`` array (:func:`~mfli.storage.index.layout.record_dtype`) of the given rows."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return np.empty(0, dtype=self._rec_dtype)
@@ -185,13 +195,13 @@ class LmdbIndexView:
         with self._txn.cursor(db=self._index.db("vec")) as cur:
             found = cur.getmulti(keys)
         if len(found) == len(keys):
-            raw = np.frombuffer(b"".join(v for _, v in found), dtype=self._vec_dtype)
+            raw = np.frombuffer(b"".join(v for _, v in found), dtype=self.vec_dtype)
             return raw.reshape(rows.size, self.facets, self.dim).astype(np.float32, copy=False)
         out = np.zeros((rows.size, self.facets, self.dim), dtype=np.float32)
         values = {bytes(k): v for k, v in found}
         for i, k in enumerate(keys):
             if k in values:
-                out[i] = np.frombuffer(values[k], dtype=self._vec_dtype).reshape(self.facets, self.dim)
+                out[i] = np.frombuffer(values[k], dtype=self.vec_dtype).reshape(self.facets, self.dim)
         return out
 
     def prior(self, rows: np.ndarray) -> np.ndarray:
@@ -270,7 +280,8 @@ class LmdbIndexView:
             return lookup_paths(m.path_key, m.path_ptr, m.path_ids, np.ascontiguousarray(paths), PATH_BITS)
         valid = paths[:, :, 0] >= 0
         facet_of = np.broadcast_to(np.arange(paths.shape[0])[:, None], valid.shape)[valid]
-        keys = [L.path_key_bytes(f, k) for f, k in zip(facet_of.tolist(), path_keys(paths[valid]).tolist())]
+        keys = [L.path_key_bytes(f, k)
+                for f, k in zip(facet_of.tolist(), path_keys(paths[valid]).tolist(), strict=True)]
         with self._txn.cursor(db=self._index.db("paths")) as cur:
             found = cur.getmulti(keys)
         if not found:
@@ -279,8 +290,16 @@ class LmdbIndexView:
         facets = np.repeat([L.path_key_parts(bytes(k))[0] for k, _ in found], [len(v) // 8 for _, v in found])
         return facets.astype(np.int64), clusters
 
+    def codebook_version(self) -> int:
+        """Version of the codebook the clusters were built with (-1 before the first full pass)."""
+        return L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
+
+    def clusters_version(self) -> int:
+        """Bumped by every full pass (0 before the first): a reader caching clusters reloads when it moves."""
+        return L.unpack_i64(self._get("meta", b"clusters_version"))
+
     def codebooks(self) -> np.ndarray:
-        version = L.unpack_i64(self._get("meta", b"cb_in_use"), default=-1)
+        version = self.codebook_version()
         if version < 0:
             version = L.unpack_i64(self._get("meta", b"cb_latest"), default=-1)
         if version < 0:
@@ -295,10 +314,8 @@ class LmdbIndexView:
 
         return self._index.cached("codebooks", version, load)
 
-    def query_model(self):
+    def query_model(self) -> QueryModel | None:
         """The newest published query encoder (None before the learner published one)."""
-        from mfli.deltas import decode_model
-
         version = L.unpack_i64(self._get("meta", b"qm_version"), default=-1)
         if version < 0:
             return None
@@ -319,8 +336,8 @@ class LmdbIndexView:
         return live[np.argsort(-prior, kind="stable")[:n]]
 
     def live_rows(self) -> np.ndarray:
-        mirror = self._index.mirror
-        if self._m is not None and mirror.version == self.version:  # _m is only set when a mirror exists
+        mirror = self._mirror
+        if mirror is not None and mirror.version == self.version:
             return mirror.live_rows()
         return self._index.cached("live_rows", self.version, self._scan_live)
 
@@ -342,7 +359,8 @@ class LmdbIndexView:
     def rows_of(self, item_ids: list[str]) -> np.ndarray:
         """Rows of external ids, -1 for unknown ones (with a mirror, known ids are cached: an id never
         changes rows)."""
-        cache = self._index.mirror.id_rows if self._m is not None else None
+        mirror = self._mirror
+        cache = mirror.id_rows if mirror is not None else None
         if cache is not None:
             hit = [cache.get(i, -1) for i in item_ids]
             if -1 not in hit:
@@ -355,24 +373,25 @@ class LmdbIndexView:
             else:
                 rows = np.array([-1 if (v := cur.get(k)) is None else L.key_rows(bytes(v))[0] for k in keys],
                                 dtype=np.int64)
-        if cache is not None:
-            if len(cache) > self._index.mirror.cache_limit:
+        if mirror is not None and cache is not None:
+            if len(cache) > mirror.cache_limit:
                 cache.clear()
-            cache.update((i, r) for i, r in zip(item_ids, rows.tolist()) if r >= 0)
+            cache.update((i, r) for i, r in zip(item_ids, rows.tolist(), strict=True) if r >= 0)
         return rows
 
     def item_ids(self, rows: np.ndarray) -> list[str]:
-        cache = self._index.mirror.row_ids if self._m is not None else None
-        if cache is not None:
-            hit = [cache.get(r) for r in rows.tolist()]
+        mirror = self._mirror
+        row_cache = mirror.row_ids if mirror is not None else None
+        if row_cache is not None:
+            hit = [row_cache.get(r) for r in rows.tolist()]
             if None not in hit:
-                return hit
+                return cast(list[str], hit)
         with self._txn.cursor(db=self._index.db("row2id")) as cur:
             ids = [bytes(v).decode() for _, v in cur.getmulti(L.row_keys(rows))]
-        if cache is not None and len(ids) == rows.size:
-            if len(cache) > self._index.mirror.cache_limit:
-                cache.clear()
-            cache.update(zip(rows.tolist(), ids))
+        if mirror is not None and row_cache is not None and len(ids) == rows.size:
+            if len(row_cache) > mirror.cache_limit:
+                row_cache.clear()
+            row_cache.update(zip(rows.tolist(), ids, strict=True))
         return ids
 
     def item(self, item_id: str) -> ItemInfo | None:
@@ -404,24 +423,55 @@ class LmdbIndexView:
                     parts.append(np.frombuffer(value, dtype="<i8"))
         return np.unique(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, np.int64)
 
+    def scan_records(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows ascending, records) of every stored item, deleted ones included, in one cursor pass.
+        Records are the structured ``rec`` array (fields ``version``, ``event_ts``, ``update_ts``,
+        ``prior``, ``deleted``, ``clusters[F]``, ``codes[F, L]``; see the layout)."""
+        with self._txn.cursor(db=self._index.db("rec")) as cur:
+            pairs: list[tuple[bytes | memoryview, bytes | memoryview]] = list(cur.iternext())
+        if not pairs:
+            return np.empty(0, np.int64), np.empty(0, dtype=self._rec_dtype)
+        rows = L.key_rows(b"".join(k for k, _ in pairs))
+        return rows, np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+
     def scan_all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, records, float32 vectors; zeros for deleted rows) of every stored item, one cursor pass
         per sub-db: what a reader-side cache loads in full."""
-        with self._txn.cursor(db=self._index.db("rec")) as cur:
-            pairs = list(cur.iternext(keys=True, values=True))
-        if not pairs:
-            return (np.empty(0, np.int64), np.empty(0, dtype=self._rec_dtype),
-                    np.empty((0, self.facets, self.dim), np.float32))
-        rows = L.key_rows(b"".join(k for k, _ in pairs))
-        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+        rows, rec = self.scan_records()
+        if rows.size == 0:
+            return rows, rec, np.empty((0, self.facets, self.dim), np.float32)
         return rows, rec, self.vectors(rows)
+
+    def postings(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Every posting list as (facet, cluster, int64 rows), in (facet, cluster) order."""
+        with self._txn.cursor(db=self._index.db("post")) as cur:
+            for key, value in cur.iternext(keys=True, values=True):
+                facet, cluster = L.post_key_parts(bytes(key))
+                yield facet, cluster, np.frombuffer(value, dtype="<i8").astype(np.int64)
+
+    def path_map(self, facet: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``paths`` map of one facet as pairs: (path key, cluster) for every cluster each stored
+        code path maps to (path keys as :func:`mfli.retrieval.clusters.path_keys` computes them)."""
+        keys, ids = [], []
+        prefix = L.facet_key(facet)
+        with self._txn.cursor(db=self._index.db("paths")) as cur:
+            if cur.set_range(prefix):
+                for k, value in cur.iternext(keys=True, values=True):
+                    if bytes(k[:2]) != prefix:
+                        break
+                    clusters = np.frombuffer(value, dtype="<i8").astype(np.int64)
+                    keys.append(np.full(clusters.size, L.path_key_parts(bytes(k))[1], np.int64))
+                    ids.append(clusters)
+        if not keys:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(keys), np.concatenate(ids)
 
     def scan_paths(self) -> list[tuple[int, np.ndarray]]:
         """Every (``facet << FACET_SHIFT | path key``, clusters) of the path map: the mirror's full load."""
         with self._txn.cursor(db=self._index.db("paths")) as cur:
             pairs = list(cur.iternext(keys=True, values=True))
         return [((f << FACET_SHIFT) | k, np.frombuffer(bytes(v), dtype="<i8").astype(np.int64))
-                for (f, k), (_, v) in zip((L.path_key_parts(bytes(k)) for k, _ in pairs), pairs)]
+                for (f, k), (_, v) in zip((L.path_key_parts(bytes(k)) for k, _ in pairs), pairs, strict=True)]
 
     def paths_of(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(combined key, clusters) of the given ``facet << FACET_SHIFT | path key`` keys found."""
@@ -450,10 +500,5 @@ class LmdbIndexView:
         return self._index.cached("all_vectors", self.version, build)
 
     def _scan_live(self) -> np.ndarray:
-        with self._txn.cursor(db=self._index.db("rec")) as cur:
-            pairs = list(cur.iternext(keys=True, values=True))
-        if not pairs:
-            return np.empty(0, np.int64)
-        rows = L.key_rows(b"".join(k for k, _ in pairs))
-        rec = np.frombuffer(b"".join(v for _, v in pairs), dtype=self._rec_dtype)
+        rows, rec = self.scan_records()
         return rows[rec["deleted"] == 0]

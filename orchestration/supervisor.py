@@ -1,9 +1,13 @@
 """Run mfli processes as supervised children: the demo and the chaos run both use this.
 
-Each child is ``python -m mfli.cli <command> …`` in its own process group with its own log file, so
-a crash is *reported* (exit status and the log's tail) rather than hidden, and a stop reaches the
-child's own children too. The supervisor never restarts a child on its own: the demo reports a crash
-and the chaos run decides when to restart what it killed.
+Each child is ``python -m mfli.orchestration.cli <command> …`` in its own process group with its own
+log file, so a crash is *reported* (exit status and the log's tail) rather than hidden, and a stop
+reaches the child's own children too. The supervisor never restarts a child on its own: the demo
+reports a crash and the chaos run decides when to restart what it killed.
+
+Children die with the supervisor even when it is SIGKILLed and cannot stop them (the kernel sends
+them SIGKILL, :func:`mfli.lifecycle.die_with_parent`): every process is crash-safe by design, and a
+leftover learner or server would hold its ports and files against the next run.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from mfli.lifecycle import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +54,9 @@ class Child:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mfli.cli", *self.argv], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            [sys.executable, "-m", "mfli.orchestration.cli", *self.argv], env=self.env, stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),
         )
         out.close()
         self.starts += 1
@@ -90,7 +96,7 @@ def pipeline_env(state: Path, bootstrap: str, fast_groups: bool = True, **overri
     """Environment for learner/indexer/server children sharing one state directory and one broker.
 
     ``fast_groups`` sets the small group timeouts that keep joins near 1.5 s on the embedded broker
-    (KAFKA.md); ``overrides`` are further ``MFLI_*`` variables.
+    (docs/design.md §Kafka and the embedded broker); ``overrides`` are further ``MFLI_*`` variables.
     """
     env = {
         **os.environ, "MFLI_KAFKA__BOOTSTRAP_SERVERS": bootstrap, "MFLI_DATA_DIR": str(state),
@@ -119,7 +125,7 @@ class Supervisor:
     """Starts children, notices crashes, stops everything in reverse order."""
 
     #: supervisors with children that may be alive (stopped by :func:`exit_on_sigterm`'s handler)
-    running: list["Supervisor"] = []
+    running: list[Supervisor] = []
 
     def __init__(self, log_dir: Path, env: Mapping[str, str]) -> None:
         Supervisor.running.append(self)
@@ -164,13 +170,6 @@ def scrape(url: str, timeout_s: float = 1.0) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return out
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 free right now (the OS picks it; a race with other binders is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float, ok: Sequence[int] = (200,)) -> bool:

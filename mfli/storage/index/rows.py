@@ -23,7 +23,7 @@ def assign_rows(item_ids: list[str], learner_rows: np.ndarray, known: dict[str, 
         return np.fromiter((known[i] for i in item_ids), np.int64, len(item_ids))
     known = dict(known)
     first: dict[str, int] = {}
-    for item, row in zip(item_ids, learner_rows.tolist()):
+    for item, row in zip(item_ids, learner_rows.tolist(), strict=True):
         first.setdefault(item, row)
     taken = set(known.values())
     in_use = np.flatnonzero(exists)

@@ -3,9 +3,11 @@
 Why: a request reranks a few thousand candidates. Fetching their vectors and records from LMDB key by
 key costs about 1.5 µs per key in py-lmdb (B-tree walk plus Python objects), ~10 ms per request, far
 above the serving budget. The mirror holds ``vectors`` (``[rows, F, d]``, the stored dtype),
-``prior``, ``clusters`` and ``live`` as arrays indexed by row, so candidate gathering is numpy fancy
-indexing. LMDB stays the source of truth: posting lists, code paths, ids and the users store are
-still read per request, inside the request's read transaction.
+``prior``, ``clusters`` and ``live`` as arrays indexed by row, the rerank's int8 codes, a
+cluster-ordered copy of every posting list as of its last full load, and the ``paths`` map, so
+candidate gathering is numpy and compiled kernels, not LMDB reads. LMDB stays the source of truth: a
+posting list edited by a delta since the load is read from LMDB inside the request's transaction
+(``MirrorArrays.dirty``), ids are read there on a cache miss, and so is the users store.
 
 Keeping it current: the single writer records, for every committed index version, the rows it changed
 (sub-db ``chg``, key = index version, value = packed int64 rows) and bumps ``clusters_version`` on a
@@ -31,7 +33,7 @@ import numpy as np
 
 from mfli.retrieval.base import concat_ranges, quantize_rows
 from mfli.retrieval.clusters import FACET_SHIFT, path_keys
-from mfli.storage import layout as L
+from mfli.storage.index import layout as L
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class IndexMirror:
         self.full_loads = 0
         self.delta_syncs = 0
         # id <-> row lookups never change (the index owns its rows and an id keeps its row for good,
-        # :mod:`mfli.indexer.rows`), so they are cached (each saves an LMDB B-tree walk per key, ~1.5 µs;
+        # :mod:`mfli.storage.index.rows`), so they are cached (each saves an LMDB B-tree walk per key, ~1.5 µs;
         # a request resolves ~50 history ids and ~20 answer rows); emptied on a full load to be safe.
         self.id_rows: dict[str, int] = {}
         self.row_ids: dict[int, str] = {}
@@ -98,7 +100,7 @@ class IndexMirror:
                 return True
             if view.version < self.version:
                 return False
-            clusters_version = L.unpack_i64(view._get("meta", b"clusters_version"))
+            clusters_version = view.clusters_version()
             oldest = view.oldest_change()
             if (
                 self.arrays is None
@@ -193,7 +195,7 @@ class IndexMirror:
     def _empty(view, cap: int, ivf: int = 0) -> MirrorArrays:
         width = view.facets * view.dim
         return MirrorArrays(
-            vectors=np.zeros((cap, view.facets, view.dim), dtype=view._vec_dtype.newbyteorder("=")),
+            vectors=np.zeros((cap, view.facets, view.dim), dtype=view.vec_dtype.newbyteorder("=")),
             prior=np.zeros(cap, np.float32),
             clusters=np.full((cap, view.facets), -1, np.int64),
             live=np.zeros(cap, bool),
@@ -215,7 +217,8 @@ class IndexMirror:
         n, end = arrays.rows, arrays.row_slot + arrays.rows
         bigger.vectors[:n], bigger.prior[:n] = arrays.vectors[:n], arrays.prior[:n]
         bigger.clusters[:n], bigger.live[:n], bigger.rows = arrays.clusters[:n], arrays.live[:n], n
-        bigger.codes[:end], bigger.scale[:end], bigger.bias[:end] = arrays.codes[:end], arrays.scale[:end], arrays.bias[:end]
+        bigger.codes[:end], bigger.scale[:end] = arrays.codes[:end], arrays.scale[:end]
+        bigger.bias[:end] = arrays.bias[:end]
         bigger.ivf_of_row[:n] = arrays.ivf_of_row[:n]
         bigger.ivf_first, bigger.ivf_len, bigger.ivf_rows = arrays.ivf_first, arrays.ivf_len, arrays.ivf_rows
         bigger.dirty = arrays.dirty

@@ -3,7 +3,12 @@
 Starts the embedded broker (unless ``--bootstrap`` names a real Kafka), creates the topics, then runs
 producer, learner, indexer and server as supervised child processes, prints the URLs to try and a live
 status line built from the children's own ``/metrics``. A child that crashes is reported with the tail
-of its log; Ctrl-C (or ``--duration``) stops everything cleanly.
+of its log; Ctrl-C (or ``--duration``) stops everything cleanly, and a demo killed outright (SIGKILL)
+takes its children and the broker with it (:mod:`mfli.orchestration.supervisor`).
+
+The terminal shows only the banner, the status line and crash reports. Log records, the demo's own
+and its libraries' (one ``httpx`` line per scrape, kafka-python's connection chatter), go to
+``<state-dir>/logs/demo.log``, next to each child's log.
 
 With the embedded broker (in-memory, it forgets everything when it stops) the demo starts from an
 empty state directory each time, because stored Kafka offsets would point into a log that no longer
@@ -15,14 +20,20 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import random
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from mfli.config import Settings
-from mfli.supervisor import Supervisor, pipeline_env, scrape, wait_http
+from mfli.kafka.broker import EmbeddedBroker
+from mfli.kafka.clients import ensure_topics
+from mfli.lifecycle import stop_on_signals
+from mfli.orchestration.report import Curve, ReportData, lmdb_index_stats, write_report
+from mfli.orchestration.supervisor import Supervisor, pipeline_env, scrape, wait_http
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +122,35 @@ def status_line(now: dict[str, float], before: dict[str, float], dt: float, k: i
     )
 
 
+def log_to_file(path: Path) -> None:
+    """Send every log record of this process (mfli's, httpx's per request, kafka-python's per
+    connection) to ``path`` instead of the terminal, which keeps the banner, the status line and crash
+    reports. Each child already logs to its own file next to it."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     state = Path(args.state_dir).resolve()
     port = args.port or settings.serve.port
     bootstrap = args.bootstrap or settings.kafka.bootstrap_servers
     broker = None
+    if not bootstrap and state.exists():
+        shutil.rmtree(state)
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    log_to_file(state / "logs" / "demo.log")
     if not bootstrap:
-        from mfli.broker import EmbeddedBroker
-
-        if state.exists():
-            shutil.rmtree(state)
-        (state / "logs").mkdir(parents=True)
         broker = EmbeddedBroker(log_path=state / "logs" / "broker.log").start()
         bootstrap = broker.bootstrap
-    from mfli.broker import ensure_topics
-
     k = settings.kafka
     ensure_topics(bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
     env = pipeline_env(state, bootstrap, fast_groups=False, MFLI_SERVE__PORT=str(port))
-    if broker is not None:  # a local demo: quick group joins on the embedded broker (KAFKA.md)
+    if broker is not None:  # a local demo: quick group joins on the embedded broker
         env.setdefault("MFLI_KAFKA__SESSION_TIMEOUT_MS", "6000")
         env.setdefault("MFLI_KAFKA__HEARTBEAT_INTERVAL_MS", "1000")
         # The first full pass runs on the learner's pre-warm-up codebook (one cluster per facet); a
@@ -143,14 +164,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     sup.add("indexer", ["index"])
     sup.add("server", ["serve"])
     sup.add("producer", produce)
-    stopping = False
-
-    def _stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, _stop)
-    signal.signal(signal.SIGTERM, _stop)
+    stopping = stop_on_signals()
     base = f"http://{settings.serve.host}:{port}"
     metrics_urls = [
         f"http://127.0.0.1:{settings.learner.metrics_port}/metrics",
@@ -177,8 +191,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         before: dict[str, float] = {}
         last = time.monotonic()
         traffic = _Traffic(base, args.traffic, synthetic=not args.dataset)
-        while not stopping:
-            time.sleep(args.status_interval)
+        while not stopping.wait(args.status_interval):
             for child in sup.crashed():
                 if child.name == "producer" and child.proc and child.proc.returncode == 0:
                     sys.stdout.write("\nproducer finished its stream\n")
@@ -214,14 +227,10 @@ class _Traffic:
     MovieLens): the server's index-recall and prequential monitors only judge users it has served."""
 
     def __init__(self, base: str, per_tick: int, synthetic: bool, users: int = 200) -> None:
-        import random
-
         self.base, self.per_tick, self.synthetic, self.users = base, per_tick, synthetic, users
         self.rng = random.Random(0)
 
     def tick(self) -> None:
-        import httpx
-
         for _ in range(self.per_tick):
             n = self.rng.randrange(self.users)
             user = f"u{n}" if self.synthetic else str(n + 1)
@@ -232,8 +241,6 @@ class _Traffic:
 
 
 def _write_report(path: str, state: Path, settings: Settings, history: list[dict[str, float]]) -> None:
-    from mfli.report import Curve, ReportData, lmdb_index_stats, write_report
-
     data = ReportData(title="mfli demo", recall_xlabel="seconds since start", recall_ylabel="recall")
     t = [h["t"] for h in history]
 

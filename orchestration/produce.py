@@ -1,7 +1,7 @@
 """``mfli produce``: replay MovieLens files, an event log or the synthetic stream into Kafka, in time order.
 
 Items go to ``mfli.items`` keyed by item id and interactions to ``mfli.events`` keyed by user id, so a
-user's events stay ordered within one partition (the learner shards by user later, DESIGN §1). For
+user's events stay ordered within one partition (the learner shards by user later, docs/design.md §Delivery). For
 MovieLens the whole catalogue is sent first (each item's ``created_ts`` is its first rating); the
 synthetic stream interleaves catalogue changes where they happen. An event log (``--events``, see
 docs/eventlog.md) is replayed like MovieLens: its ``--catalogue`` first, then its interactions by time.
@@ -147,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser, group=source)
     parser.add_argument("--limit", type=int, default=None,
                         help="MovieLens or --events: send at most this many interactions")
-    parser.add_argument("--rate", type=float, default=None, help="interactions per second (default: as fast as possible)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="interactions per second (default: as fast as possible)")
     parser.add_argument("--invalid-fraction", type=float, default=0.0, help="share of interactions sent broken")
     parser.add_argument("--bootstrap", default=None, help="host:port, overrides MFLI_KAFKA__BOOTSTRAP_SERVERS")
     parser.add_argument("--seed", type=int, default=0)
@@ -171,8 +172,7 @@ def warn_unknown_event_types(data: Interactions, accepted: list[str]) -> int:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    from mfli.broker import ensure_topics
-    from mfli.consumers.clients import make_producer
+    from mfli.kafka.clients import ensure_topics, make_producer
     from mfli.sources.synthetic import SyntheticStream
 
     try:

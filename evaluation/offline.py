@@ -10,8 +10,8 @@ import logging
 
 import numpy as np
 
+from mfli.evaluation.protocol import KS, TestSet, build_test_set, recall_at
 from mfli.learner.learner import MFLILearner
-from mfli.learner.protocol import KS, TestSet, build_test_set, recall_at
 from mfli.retrieval.base import Query, Retriever
 from mfli.sources.movielens import Interactions
 
@@ -41,7 +41,7 @@ def evaluate_retriever(retriever: Retriever, hist, excl, truth, cold: list[set[i
     """Recall@20/50/100 of a retriever over the test users (and over their cold truth items).
     ``queries``: per user (vectors ``[n, F, d]``, log gates ``[n, F]``) from the learner's encoder."""
     ranked = []
-    for n, (h, e) in enumerate(zip(hist, excl)):
+    for n, (h, e) in enumerate(zip(hist, excl, strict=True)):
         vec = None if queries is None else queries[0][n]
         gates = None if queries is None else queries[1][n]
         rec = retriever.recommend(Query(history=h, k=max(KS), exclude=e, vector=vec, log_gates=gates)) \
