@@ -111,14 +111,19 @@ class MFLILearner:
 
     def touch(self, rows: np.ndarray, ts: int) -> None:
         """Mark ``rows`` changed (versioned by the next step) with ``ts`` as their newest event time."""
-        if len(self.row_version) < len(self.items):
-            grown = np.zeros(max(len(self.items), 2 * len(self.row_version)), dtype=np.int64)
-            grown[: len(self.row_version)] = self.row_version
-            self.row_version = grown
+        self._grow_versions()
         self.row_version[rows] = self.step + 1
         for r in rows.tolist():
             if self.changed.get(r, -1) < ts:
                 self.changed[r] = ts
+
+    def _grow_versions(self) -> None:
+        """``row_version`` covers every row: rows can be created without a step touching them (an event
+        whose user has no history yet), and the publisher's prior refresh may still mark them changed."""
+        if len(self.row_version) < len(self.items):
+            grown = np.zeros(max(len(self.items), 2 * len(self.row_version)), dtype=np.int64)
+            grown[: len(self.row_version)] = self.row_version
+            self.row_version = grown
 
     def mark_changed(self, rows: Iterable[int], event_ts: int = -1) -> None:
         """Have the next :meth:`drain_changed` include ``rows`` (live ones) even if no step touched them.
@@ -138,6 +143,7 @@ class MFLILearner:
     def drain_changed(self) -> list[ItemDelta]:
         """Deltas for every row changed (or deleted) since the last drain, one per row, newest state."""
         rows = np.asarray(sorted(r for r in self.changed if self.items.live[r]), dtype=np.int64)
+        self._grow_versions()
         out: list[ItemDelta] = []
         if len(rows):
             vec = self.items.vectors(rows).numpy().astype(np.float32)

@@ -205,3 +205,16 @@ def test_masked_history_negatives_do_not_move_the_loss(facets):
     assert torch.allclose(base[0], again[0])
     unmasked, _ = full_softmax(q, gates, moved, target, 0.1, None)
     assert unmasked[0] > base[0] + 0.1
+
+
+def test_a_row_no_step_touched_can_still_be_marked_and_drained():
+    """Found by the fuzz test on a loaded machine: an item created by an event whose user had no history
+    yet is never touched by a step, yet the publisher's prior refresh may mark it changed."""
+    lr = MFLILearner(ModelSettings(facets=1, dim=8, history=4, warmup_events=10_000))
+    for i in range(5):
+        lr.learn_columns([f"new-user-{i}"], [f"item-{i}"], np.ones(1, np.float32), np.asarray([i], np.int64))
+    assert lr.step == 5 and len(lr.items) == 5
+    lr.drain_changed()
+    lr.mark_changed([4], event_ts=-1)
+    (delta,) = lr.drain_changed()
+    assert delta.item_id == "item-4" and delta.version == 0
