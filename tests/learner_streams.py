@@ -1,9 +1,11 @@
-"""Seeded synthetic streams with a known answer, shared by the learner tests."""
+"""Seeded synthetic streams with a known answer, and what the learner published, shared by the learner tests."""
 
 from __future__ import annotations
 
 import numpy as np
+from kafka import KafkaConsumer, TopicPartition
 
+from mfli.deltas import decode_message
 from mfli.events import InteractionEvent, ItemEvent
 
 
@@ -34,3 +36,13 @@ def clustered_stream(n_clusters: int = 8, items_per_cluster: int = 40, n_users: 
 def as_events(users, items, values, ts, lo: int, hi: int) -> list[InteractionEvent]:
     return [InteractionEvent(event_id=f"e{n}", user_id=users[n], item_id=items[n], event_type="rating",
                              value=float(values[n]), ts=int(ts[n])) for n in range(lo, hi)]
+
+
+def published_updates(settings) -> list:
+    """Every message on the item-updates topic so far, decoded (read from the start, one partition)."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest",
+                             enable_auto_commit=False, consumer_timeout_ms=3000)
+    consumer.assign([TopicPartition(settings.kafka.item_updates_topic, 0)])
+    out = [decode_message(r.value) for r in consumer]
+    consumer.close()
+    return out

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 
-from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
+from mfli.deltas import CodebookSnapshot, DeltaBatch
 from mfli.kafka.clients import make_producer
 from mfli.kafka.offsets import offsets_to_json
 from mfli.learner.process import LearnerProcess
 from mfli.orchestration.produce import produce_records
 from mfli.sources.synthetic import SyntheticStream
+
+from learner_streams import published_updates
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +44,6 @@ def _run_until(proc: LearnerProcess, events: int, timeout_s: float = 60.0) -> No
     assert proc.learner.events_seen == events, f"learned {proc.learner.events_seen} of {events} events"
 
 
-def _updates(settings) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=3000)
-    consumer.assign([TopicPartition(settings.kafka.item_updates_topic, 0)])
-    out = [decode_message(r.value) for r in consumer]
-    consumer.close()
-    return out
 
 
 def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path):
@@ -68,7 +62,7 @@ def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path)
     assert users == 50
     assert applied == n, "every event reaches the users store exactly once"
     assert {f"{tp.topic}:{tp.partition}": off for tp, off in committed.items()} == stored
-    messages = _updates(settings)
+    messages = published_updates(settings)
     assert any(isinstance(m, CodebookSnapshot) for m in messages)
     deltas = [m for m in messages if isinstance(m, DeltaBatch)]
     published = {i for b in deltas for i in b.item_ids}
@@ -144,12 +138,12 @@ def test_rows_held_by_the_drift_gate_survive_a_crash(kafka_settings, tmp_path, m
         proc.producer.close()
         proc.users.close()
     assert held, "the drift gate held nothing back; the test would prove nothing"
-    before = len(_updates(settings))
+    before = len(published_updates(settings))
     restarted = LearnerProcess(settings)
     try:
         assert set(restarted.publisher.held_rows) == held
     finally:
         restarted.close()  # the clean stop publishes them
-    after = _updates(settings)[before:]
+    after = published_updates(settings)[before:]
     published = {r for m in after if isinstance(m, DeltaBatch) for r in m.rows.tolist()}
     assert held <= published, f"{len(held - published)} held rows never reached the index after the restart"

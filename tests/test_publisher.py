@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from mfli.config import ModelSettings
-from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
+from mfli.deltas import CodebookSnapshot, DeltaBatch
 from mfli.kafka.clients import make_producer
 from mfli.learner.learner import MFLILearner
 from mfli.learner.publisher import Publisher
 from mfli.retrieval.query_model import QueryModel
 
-from learner_streams import clustered_stream
+from learner_streams import clustered_stream, published_updates
 
 
 def _learner(events: int = 1_500, seed: int = 5) -> MFLILearner:
@@ -28,13 +27,6 @@ def _learner(events: int = 1_500, seed: int = 5) -> MFLILearner:
     return learner
 
 
-def _published(settings) -> list:
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=3000)
-    consumer.assign([TopicPartition(settings.kafka.item_updates_topic, 0)])
-    out = [decode_message(r.value) for r in consumer]
-    consumer.close()
-    return out
 
 
 def test_requeued_deltas_come_back_in_their_newest_state_and_deletions_stay_deletions():
@@ -81,7 +73,7 @@ def test_flush_sends_codebook_then_encoder_then_versioned_deltas_and_holds_small
         assert publisher.flush(everything=True) == 10 and publisher.held_rows == []
     finally:
         producer.close()
-    messages = _published(settings)
+    messages = published_updates(settings)
     kinds = [type(m).__name__ for m in messages]
     assert kinds[:2] == ["CodebookSnapshot", "QueryModel"] and set(kinds[2:]) == {"DeltaBatch"}
     batches = [m for m in messages if isinstance(m, DeltaBatch)]
@@ -104,12 +96,12 @@ def test_a_failed_flush_loses_nothing(kafka_settings):
     publisher = Publisher(kafka_settings, learner, broken)
     with pytest.raises(KafkaError):
         publisher.flush()
-    assert _published(kafka_settings) == []
+    assert published_updates(kafka_settings) == []
     publisher.producer = working = make_producer(kafka_settings.kafka)
     try:
         assert publisher.flush() == rows
     finally:
         working.close()
-    messages = _published(kafka_settings)
+    messages = published_updates(kafka_settings)
     assert sum(len(m) for m in messages if isinstance(m, DeltaBatch)) == rows
     assert any(isinstance(m, CodebookSnapshot) for m in messages) and any(isinstance(m, QueryModel) for m in messages)
