@@ -44,8 +44,6 @@ def _run_until(proc: LearnerProcess, events: int, timeout_s: float = 60.0) -> No
     assert proc.learner.events_seen == events, f"learned {proc.learner.events_seen} of {events} events"
 
 
-
-
 def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path):
     settings = _settings(kafka_settings, tmp_path)
     n = _produce(settings, 3_000)

@@ -27,8 +27,6 @@ def _learner(events: int = 1_500, seed: int = 5) -> MFLILearner:
     return learner
 
 
-
-
 def test_requeued_deltas_come_back_in_their_newest_state_and_deletions_stay_deletions():
     learner = _learner()
     deltas = learner.drain_changed()
