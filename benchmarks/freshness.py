@@ -8,6 +8,12 @@ the item live with a cluster in every facet (so the server would find it in a po
 
 Baseline in the same run: the Kafka hop alone (produce → a plain consumer receives it), the part of
 the budget the pipeline cannot go below. The ratio says what learning + publishing + indexing add.
+
+With ``--replicas N`` (issue 12), N ``mfli serve --replica`` processes run too, each with its own data
+directory fed from Kafka, and every probe is also timed until it is visible in each replica's own LMDB
+copy (same rule): event → visible on a replica, beside the primary's figure of the same probes. With
+``--bootstrap-items`` a new replica then copies a synthetic index of that size from the topic start
+(:mod:`mfli.benchmarks.replica_bootstrap`): bootstrap seconds per 100k items.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between probes")
     parser.add_argument("--warmup-events", type=int, default=20_000, help="events learned before probing")
     parser.add_argument("--state-dir", default="var/bench-freshness")
+    parser.add_argument("--replicas", type=int, default=2, help="server replicas timed beside the primary")
+    parser.add_argument("--bootstrap-items", type=int, default=100_000,
+                        help="items of the index a new replica copies from the topic start (0 = skip)")
 
 
 def _kafka_hop(settings: Settings, n: int = 50) -> list[float]:
@@ -157,10 +166,17 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         settings.kafka.bootstrap_servers = broker.bootstrap
         k = settings.kafka
         ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
-        env = pipeline_env(state, broker.bootstrap, MFLI_LEARNER__METRICS_PORT="0", MFLI_INDEX__METRICS_PORT="0")
+        env = pipeline_env(state, broker.bootstrap, MFLI_LEARNER__METRICS_PORT="0", MFLI_INDEX__METRICS_PORT="0",
+                           MFLI_REPLICATION__METRICS_PORT="0")
         sup = Supervisor(state / "logs", env)
         sup.add("learner", ["--log-level", "WARNING", "learn"])
         sup.add("indexer", ["--log-level", "WARNING", "index"])
+        from mfli.lifecycle import free_port
+
+        replica_dirs = [state / f"replica-{i + 1}" for i in range(args.replicas)]
+        for data in replica_dirs:
+            sup.add(data.name, ["--log-level", "WARNING", "serve", "--replica", "--data-dir", str(data),
+                                "--port", str(free_port()), "--no-monitor"])
         sup.start_all()
         hop = _kafka_hop(settings)
 
@@ -181,12 +197,14 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
         feeder = threading.Thread(target=background, daemon=True)
         feeder.start()
         index = LmdbIndex(state / "index.lmdb", map_size=settings.index.map_size)
+        copies = [LmdbIndex(d / "index.lmdb", map_size=settings.index.map_size) for d in replica_dirs]
         deadline = time.monotonic() + 600
-        while _live(index) < 1_000 and time.monotonic() < deadline:
-            time.sleep(0.2)  # wait until the warm-up catalogue is learned and indexed
+        while (_live(index) < 1_000 or any(_live(c) < 1_000 for c in copies)) and time.monotonic() < deadline:
+            time.sleep(0.2)  # wait until the warm-up catalogue is learned and indexed (and replicated)
         probe_producer = make_producer(k, linger_ms=0)
         latencies: list[float] = []
-        missed = 0
+        replica_latencies: list[float] = []
+        missed = replica_missed = 0
         for i in range(args.probes):
             item, user = f"fresh-{i}", f"u{i % 2000}"
             t0 = time.perf_counter()
@@ -198,34 +216,64 @@ def run(args: argparse.Namespace, settings: Settings) -> dict:
             ).model_dump_json().encode())
             probe_producer.flush()
             limit = time.perf_counter() + 30
-            while not _visible(index, item):
-                if time.perf_counter() > limit:
-                    missed += 1
-                    break
+            waiting = {"primary": index, **{f"replica-{j}": c for j, c in enumerate(copies)}}
+            while waiting and time.perf_counter() < limit:
+                for name, where in list(waiting.items()):
+                    if _visible(where, item):
+                        (latencies if name == "primary" else replica_latencies).append(time.perf_counter() - t0)
+                        del waiting[name]
                 time.sleep(0.005)
-            else:
-                latencies.append(time.perf_counter() - t0)
+            missed += "primary" in waiting
+            replica_missed += len(waiting) - ("primary" in waiting)
             time.sleep(args.interval)
         user_latencies, changed, user_missed = _user_probes(args, settings, k, probe_producer, index,
                                                             state / "users.lmdb")
         stop.set()
         probe_producer.close()
         crashed = [c.name for c in sup.crashed()]
+        for c in copies:
+            c.close()
+        bootstrap = None
+        if args.bootstrap_items:
+            from mfli.benchmarks.replica_bootstrap import measure
+
+            sup.children["learner"].stop()  # the phase needs the machine, not the live stream
+            bootstrap = measure(settings, state, args.bootstrap_items, sup, env, free_port())
         sup.stop_all()
     if not latencies:
         raise RuntimeError(f"no probe became visible (missed {missed}; crashed: {crashed})")
     base = Row.from_samples("kafka hop (produce -> consume)", hop, "s")
     fresh = Row.from_samples("new item visible in LMDB", latencies, "s").against(base)
     rows = [fresh, base]
+    user_p95 = None
     if user_latencies:
-        rows.insert(1, Row.from_samples("user event -> changed answer", user_latencies, "s").against(base))
-    user_p95 = rows[1].p95 if user_latencies else None
+        user_row = Row.from_samples("user event -> changed answer", user_latencies, "s").against(base)
+        rows.insert(1, user_row)
+        user_p95 = user_row.p95
+    replica_p95 = None
+    if replica_latencies:
+        replica_row = Row.from_samples(f"new item visible on a replica ({args.replicas}, own LMDB)", replica_latencies,
+                                       "s").against(base)
+        rows.insert(1, replica_row)
+        replica_p95 = replica_row.p95
+    notes_extra = []
+    targets_extra = {}
+    if args.replicas:
+        notes_extra.append(f"replica probes: {len(replica_latencies)} seen, {replica_missed} missed")
+        targets_extra["replica p95 <= 1.5 s"] = replica_p95 is not None and replica_p95 <= 1.5
+        targets_extra["no replica probe missed"] = replica_missed == 0
+    if bootstrap is not None:
+        notes_extra.append(f"replica bootstrap: {bootstrap}")
+        targets_extra["bootstrap copy identical"] = bool(bootstrap["identical"])
     return result(
         "freshness", rows,
         params={"probes": args.probes, "background_rate": args.rate, "interval_s": args.interval,
-                "flush_interval_ms": settings.learner.flush_interval_ms},
+                "flush_interval_ms": settings.learner.flush_interval_ms, "replicas": args.replicas,
+                "bootstrap_items": args.bootstrap_items},
         targets={"p95 <= 1 s": (fresh.p95 or 0) <= 1.0, "no probe missed": missed == 0,
-                 "user event -> changed answer p95 <= 1 s": user_p95 is not None and user_p95 <= 1.0},
+                 "user event -> changed answer p95 <= 1 s": user_p95 is not None and user_p95 <= 1.0,
+                 **targets_extra},
         notes=[f"missed probes (not visible within 30 s): {missed}", f"crashed children: {crashed or 'none'}",
-               f"user probes: {len(user_latencies)} seen, {user_missed} missed, answer changed in {changed}"],
+               f"user probes: {len(user_latencies)} seen, {user_missed} missed, answer changed in {changed}",
+               *notes_extra],
     )

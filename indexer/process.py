@@ -55,10 +55,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="check: required share of items in clusters within [B_low, B_upp] "
                         "(0 = report only)")
     parser.add_argument("--max-batches", type=int, default=0, help="run: stop after this many polls (tests)")
+    parser.add_argument("--against", metavar="PATH", default=None,
+                        help="check: compare with this index (a replica's copy) byte for byte at the same "
+                        "index version instead of checking invariants")
+    parser.add_argument("--wait", type=float, default=30.0,
+                        help="check --against: seconds to wait for both indexes to show the same version")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     path = Path(args.path or settings.index.path)
+    if args.action == "check" and args.against:
+        from mfli.storage.index.compare import compare_indexes
+
+        result = compare_indexes(path, args.against, settings.index.map_size, wait_s=args.wait)
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
+        return 0 if result.ok else 1
     if args.action == "check":
         report = check_index(path, settings.index, min_in_bounds=args.min_in_bounds or None)
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -178,6 +189,11 @@ class IndexerLoop:
         metrics.UP.labels(process="indexer").set(1)
         writer = IndexWriter(self.path, self.settings)
         consumer = self._consumer(writer)
+        publisher = None  # server replicas follow the index through Kafka (indexer/publish_changes.py)
+        if self.settings.replication.publish:
+            from mfli.indexer.publish_changes import attach
+
+            publisher = attach(writer, self.settings)
         metrics.READY.labels(process="indexer").set(1)
         # An idle poll looks the same whether the topic is quiet or the broker hung: probe it for real.
         health = BrokerHealth(bootstrap_of(self.settings.kafka)).start()
@@ -220,6 +236,8 @@ class IndexerLoop:
                     ready = health.ok and not map_full_backoff
                     metrics.READY.labels(process="indexer").set(1 if ready else 0)
                 writer.maybe_sync()
+                if publisher is not None:
+                    publisher.poll()
                 self._export_lag(consumer)
                 if pending is not None and pending.done():
                     prep = pending.result()
@@ -241,6 +259,8 @@ class IndexerLoop:
             metrics.READY.labels(process="indexer").set(0)
             metrics.UP.labels(process="indexer").set(0)
             consumer.close(autocommit=False)
+            if publisher is not None:
+                publisher.close()
             writer.close()
         return 0
 

@@ -82,6 +82,11 @@ class LearnerProcess:
         self.producer = make_producer(settings.kafka)
         # Rows held back by the drift gate are state: a restart must still publish them.
         self.publisher = Publisher(settings, self.learner, self.producer, held=held)
+        self.user_state = None  # server replicas read user state from Kafka (learner/publish_users.py)
+        if settings.replication.publish:
+            from mfli.learner.publish_users import UserStatePublisher
+
+            self.user_state = UserStatePublisher(settings, self.producer)
         self._last_flush = self._last_ckpt = time.monotonic()
         self._dirty = False
 
@@ -99,6 +104,8 @@ class LearnerProcess:
                 # the stepper exports events, step phases and losses itself (Stepper._export)
                 self.learner.learn(batch.events)
             self.users.apply(batch.events, offsets=offsets_to_json(batch.offsets))
+            if self.user_state is not None and batch.events:
+                self.user_state.publish(self.users, {ev.user_id for ev in batch.events}, int(now * 1000))
             metrics.LEARNER_STEP_SECONDS.labels(phase="total").observe(time.perf_counter() - t0)
         if batch.offsets:
             self.offsets.update(batch.offsets)
@@ -127,6 +134,8 @@ class LearnerProcess:
     def checkpoint(self, final: bool = False) -> None:
         """Deltas out, state on disk (with offsets), then — and only then — the Kafka commit."""
         self.flush(everything=final)
+        if self.user_state is not None:
+            self.user_state.ensure_delivered(self.users)
         save_checkpoint(self.learner, self.ckpt_path, offsets=offsets_to_json(self.offsets),
                         extra={"recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
                                "events_received": self.events_received,

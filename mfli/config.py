@@ -25,6 +25,12 @@ class KafkaSettings(BaseModel):
     items_topic: str = "mfli.items"
     dlq_topic: str = "mfli.events.dlq"
     item_updates_topic: str = "mfli.item-updates"
+    index_changes_topic: str = Field(
+        "mfli.index-changes", description="indexer -> server replicas: every committed index change (one "
+        "partition, log-compacted; mfli.indexer.publish_changes)")
+    user_state_topic: str = Field(
+        "mfli.user-state", description="learner -> server replicas: each user's stored history, keyed by "
+        "user (log-compacted)")
     partitions: int = Field(4, ge=1, description="partitions created for mfli topics that do not exist yet")
     learner_group: str = "mfli-learner"
     indexer_group: str = "mfli-indexer"
@@ -231,6 +237,32 @@ class ServeSettings(BaseModel):
     monitor_users: int = Field(1_000, ge=1, description="recently served users tracked by the monitors")
     monitor_users_per_tick: int = Field(200, ge=1, description="'would have served' sets recomputed per tick")
     exact_refresh_s: float = Field(30.0, ge=0, description="min age before exact mode rebuilds its item matrix")
+    replica: bool = Field(
+        False, description="serve as a replica: own copies of the index and users store in "
+        "replication.data_dir, fed from Kafka (mfli.server.replica), no files shared with the pipeline")
+
+
+class ReplicationSettings(BaseModel):
+    """Server replicas fed by Kafka (issue 12): what the indexer and learner publish, and how ``mfli serve
+    --replica`` applies it to its own LMDB copy (mfli.server.replica)."""
+
+    publish: bool = Field(
+        True, description="the indexer publishes its committed changes and the learner its user state, so "
+        "replicas can follow; off saves that work on a single-node deployment")
+    data_dir: Path = Field(Path("var/replica"), description="a replica's own index and users LMDB copies")
+    max_lag_s: float = Field(
+        5.0, gt=0, description="a replica is ready while its oldest unapplied change is younger than this "
+        "(seconds, both topics); messages alone would flap readiness on every full pass")
+    metrics_port: int = Field(9103, ge=0, description="the replica applier's /metrics (0 = off)")
+    status_interval_s: float = Field(0.5, gt=0, description="how often the applier writes its status file")
+    status_stale_s: float = Field(10.0, gt=0, description="an older status file means the applier is gone: not ready")
+    max_offline_s: float = Field(
+        72_000.0, gt=0, description="a replica stopped longer than this bootstraps again from the topic start: "
+        "compaction drops tombstones after delete.retention.ms (24 h in deploy/), so an older position "
+        "could miss deletions. Keep it below the topic's delete.retention.ms")
+    max_value_bytes: int = Field(
+        524_288, ge=1024, description="larger index values (centroids, codebooks) are published in parts of "
+        "this size (Kafka's default message limit is 1 MB)")
 
 
 class Settings(BaseSettings):
@@ -246,6 +278,7 @@ class Settings(BaseSettings):
     learner: LearnerSettings = Field(default_factory=LearnerSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    replication: ReplicationSettings = Field(default_factory=ReplicationSettings)
 
     @field_validator("log_level")
     @classmethod

@@ -40,6 +40,7 @@ LEARNER_ITEMS = Gauge("mfli_learner_items", "Item rows known to the learner")
 LEARNER_USERS = Gauge("mfli_learner_users", "User rows known to the learner")
 CHECKPOINT_SECONDS = Histogram("mfli_checkpoint_seconds", "Time to write a checkpoint")
 ITEM_UPDATES_PUBLISHED = Counter("mfli_item_updates_published", "Item deltas published to the indexer")
+USER_STATE_PUBLISHED = Counter("mfli_user_state_published", "User-state records sent to replicas (mfli.user-state)")
 
 # --- indexer ----------------------------------------------------------------------------------------
 INDEX_ITEMS = Gauge("mfli_index_items", "Items in the LMDB index")
@@ -55,6 +56,10 @@ FRESHNESS_SECONDS = Histogram(
 )
 INDEX_VERSION = Gauge("mfli_index_version", "Index version (bumps on every committed write)")
 INDEX_APPLIED_OFFSET = Gauge("mfli_index_applied_offset", "Source offset stored with the index", ["partition"])
+INDEX_CHANGES_PUBLISHED = Counter(
+    "mfli_index_changes_published", "Index-change records sent to replicas (mfli.index-changes)")
+INDEX_CHANGES_UNACKED = Gauge(
+    "mfli_index_changes_unacked", "Index commits queued or in flight to Kafka, not yet acknowledged")
 LMDB_ERRORS = Counter("mfli_lmdb_errors", "LMDB write failures (e.g. map full)", ["kind"])
 
 # --- server -----------------------------------------------------------------------------------------
@@ -67,6 +72,18 @@ PREQUENTIAL_RECALL = Gauge(
     "mfli_prequential_recall_ratio", "Share of next engaged items found in what we would have served", ["source"]
 )
 
+# --- server replica (its applier process) -----------------------------------------------------------------
+REPLICA_LAG_MESSAGES = Gauge("mfli_replica_lag_messages", "High watermark minus applied offset", ["topic"])
+REPLICA_LAG_SECONDS = Gauge(
+    "mfli_replica_lag_seconds", "Age of the oldest change received or waiting but not yet applied", ["topic"])
+REPLICA_FRESHNESS_SECONDS = Histogram(
+    "mfli_replica_freshness_seconds", "Event (ingest) time to change visible in the replica's LMDB", ["kind"],
+    buckets=_FRESHNESS_BUCKETS)
+REPLICA_INDEX_VERSION = Gauge("mfli_replica_index_version", "Index version of the replica's copy")
+REPLICA_RECORDS = Counter("mfli_replica_records_applied", "Records applied to the replica's copy", ["topic"])
+REPLICA_BAD_RECORDS = Counter("mfli_replica_bad_records", "Records the replica could not decode (skipped)", ["topic"])
+REPLICA_BOOTSTRAPS = Counter("mfli_replica_bootstraps", "Times the replica rebuilt its copy from the topic start")
+
 # --- any process --------------------------------------------------------------------------------------
 UP = Gauge("mfli_process_up", "1 while the process main loop runs", ["process"])
 READY = Gauge("mfli_process_ready", "1 when the process can do its work (broker, index reachable)", ["process"])
@@ -78,9 +95,11 @@ READY = Gauge("mfli_process_ready", "1 when the process can do its work (broker,
 PROCESS_PREFIXES: dict[str, tuple[str, ...]] = {
     "learner": ("mfli_events_", "mfli_consumer_lag", "mfli_ingest_", "mfli_learner_", "mfli_codebook_",
                 "mfli_embedding_", "mfli_user_", "mfli_checkpoint_", "mfli_item_updates_", "mfli_process_"),
+    "replica": ("mfli_replica_", "mfli_lmdb_", "mfli_process_"),
     "indexer": ("mfli_index_items", "mfli_index_clusters", "mfli_index_cluster_size", "mfli_index_reassignments",
                 "mfli_index_deltas", "mfli_index_splits", "mfli_index_merges", "mfli_index_full_pass",
-                "mfli_index_freshness", "mfli_index_version", "mfli_index_applied", "mfli_lmdb_",
+                "mfli_index_freshness", "mfli_index_version", "mfli_index_applied", "mfli_index_changes",
+                "mfli_lmdb_",
                 "mfli_consumer_lag", "mfli_process_"),
     "server": ("mfli_request", "mfli_candidates", "mfli_fallbacks", "mfli_index_recall", "mfli_prequential",
                "mfli_lmdb_", "mfli_process_"),

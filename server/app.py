@@ -188,7 +188,8 @@ class ServerApp:
         return 200, orjson.dumps(payload), JSON_HEADERS
 
     def _require_ready(self) -> None:
-        ok, reason = self.source.ready()
+        # a replica answers from its last applied state while it catches up (only /readyz says it lags)
+        ok, reason = getattr(self.source, "serving", self.source.ready)()
         if not ok:
             raise Unavailable(f"index not ready: {reason}")
 

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", default=None, help="index LMDB directory (index.path)")
     parser.add_argument("--users", default=None, help="users LMDB directory (learner.users_path)")
     parser.add_argument("--no-monitor", action="store_true", help="disable the recall/prequential sampler")
+    parser.add_argument("--replica", action="store_true", default=None,
+                        help="serve as a replica fed by Kafka, from copies in replication.data_dir (serve.replica)")
+    parser.add_argument("--data-dir", default=None, help="replica: its own data directory (replication.data_dir)")
     parser.add_argument("--write-openapi", metavar="PATH", default=None,
                         help="write the OpenAPI document to PATH and exit")
 
@@ -73,7 +76,12 @@ def app_factory():
     from .lmdb_state import LmdbState
     from .openapi import openapi_bytes
 
-    source = LmdbState(settings)
+    if settings.serve.replica:
+        from .replica import ReplicaState
+
+        source: LmdbState = ReplicaState(settings)
+    else:
+        source = LmdbState(settings)
     lock = os.environ.get(_LOCK_ENV)
     monitor = os.environ.get("MFLI_SERVE_NO_MONITOR") != "1"
     return ServerApp(settings, source, _metrics_body(), openapi_bytes(settings.serve), monitor=monitor,
@@ -91,7 +99,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     # CLI flags become environment overrides so spawned workers load the same settings.
     overrides = {"MFLI_SERVE__HOST": args.host, "MFLI_SERVE__PORT": args.port, "MFLI_SERVE__WORKERS": args.workers,
-                 "MFLI_INDEX__PATH": args.index, "MFLI_LEARNER__USERS_PATH": args.users}
+                 "MFLI_INDEX__PATH": args.index, "MFLI_LEARNER__USERS_PATH": args.users,
+                 "MFLI_SERVE__REPLICA": "true" if args.replica else None, "MFLI_REPLICATION__DATA_DIR": args.data_dir}
     for key, value in overrides.items():
         if value is not None:
             os.environ[key] = str(value)
@@ -101,18 +110,29 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     settings = load_settings()
     serve = settings.serve
+    applier = None
+    if serve.replica:  # before the multi-process metrics variable: the applier serves its own /metrics
+        from .replica import ApplierSupervisor
+
+        applier = ApplierSupervisor().start()
     scratch = None
     if serve.workers > 1:
         scratch = tempfile.mkdtemp(prefix="mfli-serve-")
         os.environ[_MULTIPROC_ENV] = scratch
         os.environ[_LOCK_ENV] = str(Path(scratch) / "monitor.lock")
-    log.info("serving on http://%s:%d with %d worker(s); index %s, users %s", serve.host, serve.port,
-             serve.workers, settings.index.path, settings.learner.users_path)
+    if serve.replica:
+        log.info("serving as a replica on http://%s:%d with %d worker(s); copies in %s", serve.host, serve.port,
+                 serve.workers, settings.replication.data_dir)
+    else:
+        log.info("serving on http://%s:%d with %d worker(s); index %s, users %s", serve.host, serve.port,
+                 serve.workers, settings.index.path, settings.learner.users_path)
     try:
         uvicorn.run("mfli.server.process:app_factory", factory=True, host=serve.host, port=serve.port,
                     workers=serve.workers, loop="uvloop", http="httptools", access_log=False,
                     log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=5)
     finally:
+        if applier is not None:
+            applier.stop()
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     return 0

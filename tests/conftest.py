@@ -63,6 +63,7 @@ def make_kafka_settings(bootstrap: str, name: Callable[[str], str], **kafka_over
         bootstrap_servers=bootstrap, partitions=TEST_PARTITIONS,
         events_topic=name("events"), items_topic=name("items"), dlq_topic=name("dlq"),
         item_updates_topic=name("item-updates"), learner_group=name("learner"), indexer_group=name("indexer"),
+        index_changes_topic=name("index-changes"), user_state_topic=name("user-state"),
         **FAST_GROUP_TIMEOUTS,
     )
     kafka.update(kafka_overrides)

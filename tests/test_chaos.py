@@ -25,13 +25,20 @@ def test_chaos_run_loses_nothing(tmp_path):
     )
     assert out.exists(), proc.stderr[-3000:]
     summary = json.loads(out.read_text())
-    assert summary["kills"] == {"learner": 2, "indexer": 2, "server": 2}
+    assert summary["kills"] == {"learner": 2, "indexer": 2, "server": 2, "replica-1": 2, "replica-2": 2}
     for name, check in summary["checks"].items():
         assert check["ok"], (name, check)
     users = summary["checks"]["users_store"]
     assert users["applied"] == users["distinct_valid_events"] > 14_000
     assert summary["checks"]["learner"]["checkpoint_offsets_equal_committed"]
     assert summary["checks"]["index"]["max_vector_diff"] < 1e-3
-    assert not [s for s in summary["prober"] if s.startswith("5") and s != "503"]
-    assert summary["prober"].get("200", 0) > 0, "the server answered while processes were being killed"
+    for name, statuses in summary["prober"].items():
+        assert not [s for s in statuses if s.startswith("5") and s != "503"], (name, statuses)
+        assert statuses.get("200", 0) > 0, f"{name} answered while processes were being killed"
+    kills = summary["checks"]["kills"]
+    assert kills["kills"] == 10 and not kills["not_mid_stream"]
+    for name in ("replica-1", "replica-2"):
+        replica = summary["checks"]["replicas"][name]
+        assert replica["index_equal"] and replica["users_with_other_event_ids"] == 0, replica
+        assert replica["items"] > 500 and replica["users"] == 300
     assert proc.returncode == 0

@@ -32,7 +32,8 @@ COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 PROM_DIR = DEPLOY / "prometheus"
 K8S = DEPLOY / "k8s"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "mfli.json"
-TOPICS = {"mfli.events", "mfli.items", "mfli.events.dlq", "mfli.item-updates"}
+TOPICS = {"mfli.events", "mfli.items", "mfli.events.dlq", "mfli.item-updates", "mfli.index-changes",
+          "mfli.user-state"}
 # The port each mfli command listens on, as a function of its settings.
 COMMAND_PORT = {
     "learn": lambda s: s.learner.metrics_port,
@@ -107,7 +108,8 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     )
     assert services["kafka"]["image"].startswith("apache/kafka:")
     commands = {name: s["command"][0] for name, s in mfli_services(compose).items()}
-    assert commands == {"learner": "learn", "indexer": "index", "server": "serve", "producer": "produce"}
+    assert commands == {"learner": "learn", "indexer": "index", "server": "serve", "replica": "serve",
+                        "producer": "produce"}
     assert services["producer"]["profiles"] == ["producer"]
     assert "--synthetic" in services["producer"]["command"]
 
@@ -138,12 +140,23 @@ def test_kafka_is_kraft_single_node_with_valid_cluster_id(compose: dict[str, Any
     assert f"PLAINTEXT://{bootstrap}" in env["KAFKA_ADVERTISED_LISTENERS"].split(",")
 
 
-def test_topic_init_creates_the_four_topics_matching_settings(compose: dict[str, Any]) -> None:
+def test_topic_init_creates_the_topics_matching_settings(compose: dict[str, Any]) -> None:
     script = compose["services"]["kafka-init"]["command"][0]
     created = dict(re.findall(r"--topic (\S+)\s+--partitions (\d+)", script))
     assert set(created) == TOPICS
     defaults = Settings().kafka
-    assert {defaults.events_topic, defaults.items_topic, defaults.dlq_topic, defaults.item_updates_topic} == TOPICS
+    assert {defaults.events_topic, defaults.items_topic, defaults.dlq_topic, defaults.item_updates_topic,
+            defaults.index_changes_topic, defaults.user_state_topic} == TOPICS
+    # Replication topics: compacted with the configs mfli uses when it creates them itself; the index
+    # changes need one partition (a commit is a contiguous run of records, markers keep the order).
+    from mfli.storage.index.changes import INDEX_CHANGES_TOPIC_CONFIGS
+    from mfli.storage.users_lmdb import USER_STATE_TOPIC_CONFIGS
+
+    assert created["mfli.index-changes"] == "1"
+    for topic, configs in (("mfli.index-changes", INDEX_CHANGES_TOPIC_CONFIGS),
+                           ("mfli.user-state", USER_STATE_TOPIC_CONFIGS)):
+        line = next(x for x in script.splitlines() if f"--topic {topic} " in x)
+        assert dict(re.findall(r"--config (\S+)=(\S+)", line)) == configs, topic
     # The events topic is keyed by user and sets the learner's scale-out ceiling; the settings'
     # partition count (used when mfli creates a topic itself) must agree with it.
     assert int(created["mfli.events"]) == int(compose["x-mfli-env"]["MFLI_KAFKA__PARTITIONS"])
@@ -168,20 +181,21 @@ def test_compose_env_names_real_settings(compose: dict[str, Any], monkeypatch: p
 def test_prometheus_targets_match_service_ports(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Each scrape target host:port is a compose service that listens (per its settings) on that port."""
     config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
-    targets = {
-        job["job_name"]: target
-        for job in config["scrape_configs"]
-        for static in job["static_configs"]
-        for target in static["targets"]
-    }
-    mfli_jobs = {job: t for job, t in targets.items() if job.startswith("mfli-")}
-    assert set(mfli_jobs) == {"mfli-learner", "mfli-indexer", "mfli-server"}
+    targets = [(job["job_name"], target) for job in config["scrape_configs"]
+               for static in job.get("static_configs", []) for target in static["targets"]]
+    targets += [(job["job_name"], f"{name}:{dns['port']}") for job in config["scrape_configs"]
+                for dns in job.get("dns_sd_configs", []) for name in dns["names"]]
+    mfli_jobs = [(job, t) for job, t in targets if job.startswith("mfli-")]
+    assert {job for job, _ in mfli_jobs} == {"mfli-learner", "mfli-indexer", "mfli-server", "mfli-replica"}
+    assert ("mfli-server", "replica:8000") in mfli_jobs  # replicas serve the same HTTP metrics
     services = mfli_services(compose)
-    for job, target in mfli_jobs.items():
+    for job, target in mfli_jobs:
         host, port = target.rsplit(":", 1)
         assert host in services, f"{job}: scrapes {host}, not a compose service"
         service = services[host]
-        listening = COMMAND_PORT[service["command"][0]](settings_from_env(service["environment"], monkeypatch))
+        settings = settings_from_env(service["environment"], monkeypatch)
+        listening = settings.replication.metrics_port if job == "mfli-replica" else \
+            COMMAND_PORT[service["command"][0]](settings)
         assert int(port) == listening, f"{job}: scrapes :{port} but {host} listens on :{listening}"
         published = {str(p).split(":")[-1] for p in service.get("ports", [])} | {
             str(p) for p in service.get("expose", [])
@@ -308,7 +322,17 @@ def test_k8s_manifests_are_coherent_with_compose(compose: dict[str, Any]) -> Non
     for kind in ("StatefulSet", "Deployment"):
         for obj in by_kind[kind]:
             volumes = obj["spec"]["template"]["spec"]["volumes"]
-            assert {v["persistentVolumeClaim"]["claimName"] for v in volumes} <= claims
+            used = {v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
+            assert used <= claims
+    # The server Deployment runs replicas: no shared volume, no node affinity to the pipeline, its own
+    # copy in an emptyDir at replication.data_dir, applier metrics on the configured port.
+    server_pod = by_kind["Deployment"][0]["spec"]["template"]["spec"]
+    assert not any("persistentVolumeClaim" in v for v in server_pod["volumes"])
+    assert "affinity" not in server_pod or "podAffinity" not in server_pod["affinity"]
+    assert server["args"] == ["serve", "--replica"]
+    mounts = {m["mountPath"] for m in server["volumeMounts"]}
+    assert config_map["MFLI_REPLICATION__DATA_DIR"] in mounts
+    assert ports["server"]["replica-metrics"] == int(config_map["MFLI_REPLICATION__METRICS_PORT"]) == 9103
 
 
 def test_k8s_topic_job_matches_compose_partitions(compose: dict[str, Any]) -> None:

@@ -68,6 +68,28 @@ ROWS: list[tuple[str, list[Panel]]] = [
              "mean"),
         ]),
     ]),
+    ("Replicas", [
+        Panel("Replica lag", "s", [
+            ("max by (topic) (mfli_replica_lag_seconds)", "worst replica {{topic}} (s)"),
+            ("max by (topic) (mfli_replica_lag_messages)", "worst replica {{topic}} (messages)"),
+        ], "Oldest unapplied change per topic on the most lagging replica; not ready above "
+           "replication.max_lag_s."),
+        Panel("Freshness on replicas (event -> visible)", "s", [
+            (f"histogram_quantile(0.5, sum by (kind, le) (rate(mfli_replica_freshness_seconds_bucket[{RATE}])))",
+             "p50 {{kind}}"),
+            (f"histogram_quantile(0.95, sum by (kind, le) (rate(mfli_replica_freshness_seconds_bucket[{RATE}])))",
+             "p95 {{kind}}"),
+        ], "Event ingest time to the change committed in a replica's own LMDB copy.", extra={"thresholds": 1.5}),
+        Panel("Replication traffic", "ops", [
+            (f"sum(rate(mfli_index_changes_published_total[{RATE}]))", "index records published"),
+            ("mfli_index_changes_unacked", "index commits unacknowledged"),
+            (f"sum(rate(mfli_user_state_published_total[{RATE}]))", "user records published"),
+            (f"sum by (topic) (rate(mfli_replica_records_applied_total[{RATE}]))", "applied {{topic}}"),
+            (f"sum by (topic) (increase(mfli_replica_bad_records_total[{RATE}]))", "bad {{topic}}"),
+            (f"sum(increase(mfli_replica_bootstraps_total[{RATE}]))", "bootstraps"),
+            ("min(mfli_replica_index_version) - max(mfli_index_version)", "version gap (slowest replica)"),
+        ], "Records per second both ways; a replica at the primary's version shows gap 0."),
+    ]),
     ("Drift", [
         Panel("Embedding drift (update size)", "short", [
             ("mfli_embedding_drift", "facet {{facet}}"),

@@ -163,11 +163,13 @@ def wait_for_broker(kafka: KafkaSettings, process: str, stopping: Callable[[], b
     return True
 
 
-def ensure_topics(bootstrap: str, kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None) -> None:
+def ensure_topics(bootstrap: str, kafka: KafkaSettings, topics: Iterable[str], partitions: int | None = None,
+                  configs: dict[str, str] | None = None) -> None:
     """Create ``topics`` with ``kafka.partitions`` (or ``partitions``) partitions; existing ones are fine.
 
     Idempotent so every process can call it at start-up without coordinating who creates what.
     Tansu cannot add partitions later (no ``create_partitions``), so get the count right first.
+    ``configs``: topic configs for topics created here (log compaction for the replication topics).
     """
     count = partitions or kafka.partitions
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id=f"{kafka.client_id}-admin",
@@ -177,7 +179,8 @@ def ensure_topics(bootstrap: str, kafka: KafkaSettings, topics: Iterable[str], p
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
         for topic in missing:
             try:
-                admin.create_topics([NewTopic(name=topic, num_partitions=count, replication_factor=1)])
+                admin.create_topics([NewTopic(name=topic, num_partitions=count, replication_factor=1,
+                                              topic_configs=dict(configs or {}))])
             except TopicAlreadyExistsError:
                 pass  # another process won the race: fine
         if missing:

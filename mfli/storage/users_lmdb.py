@@ -28,6 +28,10 @@ import orjson
 
 from mfli.events import InteractionEvent
 
+#: topic configs of ``mfli.user-state`` (server replicas' copy of this store) when mfli creates it:
+#: compacted per user (deploy/ creates it the same way)
+USER_STATE_TOPIC_CONFIGS = {"cleanup.policy": "compact", "delete.retention.ms": "86400000",
+                            "segment.ms": "3600000"}
 _VERSION = b"version"
 _I64 = struct.Struct("<q")
 _OFFSETS = b"offsets"
@@ -92,6 +96,34 @@ class UsersStore:
         rec["t"] = [e[0] for e in entries]
         rec["i"] = [e[1] for e in entries]
         rec["e"] = [e[2] for e in entries]
+
+    def put_records(self, records: Mapping[bytes, bytes | None], offsets: Mapping[str, int] | None = None) -> int:
+        """Store whole user records as they are (a server replica copying the learner's store from
+        ``mfli.user-state``), with the offsets they reflect, in ONE transaction; None deletes a user."""
+        with self.env.begin(write=True) as txn:
+            for key, raw in records.items():
+                if raw is None:
+                    txn.delete(key, db=self._users)
+                else:
+                    txn.put(key, raw, db=self._users)
+            if offsets:
+                stored = self._offsets(txn)
+                stored.update({k: int(v) for k, v in offsets.items()})
+                txn.put(_OFFSETS, orjson.dumps(stored), db=self._meta)
+            txn.put(_VERSION, _I64.pack(self._version(txn) + 1), db=self._meta)
+        return len(records)
+
+    def records(self, user_ids: Iterable[str]) -> dict[str, bytes]:
+        """The stored record bytes of these users (absent ones left out): what the learner publishes."""
+        keys = sorted({u.encode() for u in user_ids})
+        with self.env.begin() as txn, txn.cursor(db=self._users) as cur:
+            return {bytes(k).decode(): bytes(v) for k, v in cur.getmulti(keys)}
+
+    def event_ids(self, user_id: str) -> list[str]:
+        """Event ids in the user's window (the chaos run compares stores by them)."""
+        with self.env.begin() as txn:
+            raw = txn.get(user_id.encode(), db=self._users)
+        return [] if raw is None else list(orjson.loads(raw)["e"])
 
     # --- readers ----------------------------------------------------------------------------------
     def history(self, user_id: str) -> tuple[list[str], list[int], int]:
