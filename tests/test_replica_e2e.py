@@ -200,7 +200,7 @@ def test_three_replicas_converge_to_the_primary_and_answer_identically(tmp_path)
 
             # the checker, as an operator runs it
             for n in dirs:
-                out = subprocess.run([sys.executable, "-m", "mfli.cli", "index", "check", "--path",
+                out = subprocess.run([sys.executable, "-m", "mfli.orchestration.cli", "index", "check", "--path",
                                       str(state / "index.lmdb"), "--against", str(dirs[n] / "index.lmdb")],
                                      env=env, capture_output=True, text=True, timeout=120)
                 report = json.loads(out.stdout)
