@@ -11,5 +11,12 @@
   API (one read transaction per view) used by the server, the checker (``mfli index check``), the
   reports and the chaos run; :mod:`.mirror` is the server's dense copy kept current from the change log.
 
-The process that feeds the writer from Kafka is ``mfli.indexer``; this package has no Kafka in it.
+* Server replicas (issue 12): :mod:`.changes` is the wire format of ``mfli.index-changes`` and the rule
+  by which a copy knows it equals the primary; :mod:`.recording` captures each committed write
+  transaction of the writer (and its outbox); :mod:`.copy` applies the records to a replica's copy;
+  :mod:`.compare` compares two indexes byte for byte (``mfli index check --against``).
+
+The process that feeds the writer from Kafka is ``mfli.indexer``; the one that publishes its changes is
+``mfli.indexer.publish_changes`` and the one that feeds a replica's copy ``mfli.server.replica``: this
+package has no Kafka in it.
 """
