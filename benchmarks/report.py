@@ -81,10 +81,21 @@ def render(res: dict[str, Any]) -> str:
     out += ["  ".join(c.ljust(w) if i in (0, 3, 6) else c.rjust(w)
                       for i, (c, w) in enumerate(zip(line, widths, strict=True)))
             for line in lines]
+    for table in res.get("tables", []):
+        out += ["", table["title"], *_grid(table["header"], table["rows"])]
     for target, ok in res.get("targets", {}).items():
         out.append(f"target {target}: {'PASS' if ok else 'FAIL'}")
     out += [f"note: {n}" for n in res.get("notes", [])]
     return "\n".join(out) + "\n"
+
+
+def _grid(header: list[str], rows: list[list]) -> list[str]:
+    """A fixed-width table (first column left-aligned, numbers right-aligned)."""
+    cells = [[h for h in header]] + [[_fmt(c) if isinstance(c, (int, float)) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i == 0 or not rows or not isinstance(rows[0][i], (int, float)) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
 
 
 def write_json(path: str | Path, results: list[dict[str, Any]]) -> None:

@@ -1,20 +1,25 @@
-"""``mfli bench serve``: learned index vs hnswlib vs exact in process, then HTTP end to end.
+"""``mfli bench serve``: the learned index against the strongest ANN peers in process, then HTTP end to end.
 
-One run, per catalogue size (``--items 100000,1000000``):
+Per catalogue size (``--items 100000,1000000``) and workload (``--workloads learned,synthetic``, see
+:mod:`mfli.benchmarks.workloads`):
 
-1. A synthetic clustered catalogue (d=64, F=3): per facet, items are noisy copies of topic directions,
-   a user's history lies in a few topics. RQ codes come from a quick numpy k-means per level (fitted on a
-   subsample, then every item assigned), clusters from :mod:`mfli.retrieval.clusters` (split/merge), as
-   the indexer's full pass does.
-2. In process, over the same embeddings and score: recall@k vs exact and QPS (single queries, one
-   thread) for the learned index, exact numpy and hnswlib with ``ef`` raised until its recall reaches the
-   learned index's (the paper's comparison: speed at equal recall). Ratio learned / hnsw QPS.
-3. HTTP: the catalogue is written to a real LMDB index (the indexer's writer) and users store, a real
+1. In process, one thread, every retriever on the *same* queries (each carries its ready-made query
+   vector) and the *same* score (``combine(q . e) + prior``): recall@k against exact search, then QPS of
+   single queries (one untimed warm-up pass, median of three timed passes) for the learned index, exact
+   numpy and each peer of :mod:`mfli.benchmarks.peers` (hnswlib, FAISS HNSW / IVF-Flat / IVF-PQ
+   fast-scan + refine, ScaNN) with its search parameter bisected to the learned index's recall. Beside
+   QPS: build time, bytes per item and the cost of absorbing 1 % churn (the learned index through its
+   LMDB writer, in place; peers by update/add/remove where the library can, else a rebuild).
+2. HTTP: the catalogue is written to a real LMDB index (the indexer's writer) and users store, a real
    ``mfli serve`` process is started on loopback, and ``wrk`` drives ``GET /v1/recommend`` for random
    users. Install it with ``apt-get install wrk`` (Debian/Ubuntu); without it the HTTP part is skipped
    and the result says so.
 
-Absolute numbers on a shared 2-core machine drift: read the ratios, which are measured in the same run.
+What could flatter the learned index, stated so a reader can discount it: the learned index alone uses
+the request's history (trigger clusters), which peers cannot; peers over-fetch ``k + |exclude|`` and filter;
+each peer's parameters are tuned on the very queries that are timed (so is nothing of ours: the learned
+index runs its configured defaults). Absolute numbers on a shared 2-core machine drift: read the ratios,
+which are measured in the same process, minutes apart.
 """
 
 from __future__ import annotations
@@ -35,104 +40,21 @@ import httpx
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from mfli.benchmarks.peers import PEERS, Catalogue, PeerRetriever, available
 from mfli.benchmarks.report import Row, result
+from mfli.benchmarks.workloads import (
+    Workload, assign_nearest, learned_workload, random_encoder, synthetic_catalogue, synthetic_histories,
+    synthetic_workload,
+)
 from mfli.events import InteractionEvent
 from mfli.lifecycle import free_port
-from mfli.retrieval.base import Query
+from mfli.retrieval.base import Recommendation, Query
 from mfli.retrieval.exact import ExactRetriever
-from mfli.retrieval.hnsw import HnswRetriever
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
-from mfli.retrieval.query_model import QueryModel
 from mfli.retrieval.snapshot import ItemSnapshot
 
 log = logging.getLogger(__name__)
-
-
-# --- synthetic catalogue ---------------------------------------------------------------------------------
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 8) -> np.ndarray:
-    """Plain Lloyd's k-means on ``x`` (float32[n, d]); returns centroids float32[k, d]."""
-    centroids = x[rng.choice(x.shape[0], size=k, replace=False)].copy()
-    for _ in range(iters):
-        assign = assign_nearest(x, centroids)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, x)
-        counts = np.bincount(assign, minlength=k)
-        empty = counts == 0
-        centroids[~empty] = sums[~empty] / counts[~empty, None]
-        centroids[empty] = x[rng.choice(x.shape[0], size=int(empty.sum()), replace=False)]
-    return centroids
-
-
-def assign_nearest(x: np.ndarray, centroids: np.ndarray, block: int = 65536) -> np.ndarray:
-    out = np.empty(x.shape[0], dtype=np.int64)
-    c_sq = np.einsum("kd,kd->k", centroids, centroids)
-    for start in range(0, x.shape[0], block):
-        out[start : start + block] = np.argmin(c_sq[None, :] - 2.0 * (x[start : start + block] @ centroids.T), axis=1)
-    return out
-
-
-def codewords_for(n: int, levels: int) -> int:
-    """docs/design.md §Model: M^L ~ items / 32, at least 8."""
-    return max(8, int(round((n / 32) ** (1.0 / levels))))
-
-
-def synthetic_catalogue(n: int, facets: int = 3, dim: int = 64, levels: int = 2, topics: int | None = None,
-                        noise: float = 0.7, seed: int = 0, fit_sample: int = 50_000) -> ItemSnapshot:
-    """Clustered items with RQ codes; ``item_ids`` are ``"i<row>"``, rows in order of arrival."""
-    rng = np.random.default_rng(seed)
-    topics = topics or max(8, n // 500)
-    m = codewords_for(n, levels)
-    vectors = np.empty((n, facets, dim), np.float32)
-    codes = np.empty((n, facets, levels), np.int32)
-    books = np.empty((facets, levels, m, dim), np.float32)
-    item_topic = rng.integers(0, topics, size=n)
-    with threadpool_limits(1):
-        for f in range(facets):
-            centers = rng.normal(size=(topics, dim)).astype(np.float32)
-            centers /= np.linalg.norm(centers, axis=1, keepdims=True)
-            # Each facet permutes topics differently, so facets disagree about neighbours (multifaceted).
-            perm = rng.permutation(topics) if f else np.arange(topics)
-            v = centers[perm[item_topic]] + rng.normal(0, noise / np.sqrt(dim), (n, dim)).astype(np.float32)
-            v /= np.linalg.norm(v, axis=1, keepdims=True)
-            vectors[:, f] = v
-            residual = v.copy()
-            sample = rng.choice(n, size=min(n, fit_sample), replace=False)
-            for level in range(levels):
-                books[f, level] = _kmeans(residual[sample], m, rng)
-                codes[:, f, level] = assign_nearest(residual, books[f, level])
-                residual -= books[f, level][codes[:, f, level]]
-    prior = (0.3 * np.log1p(rng.pareto(1.5, size=n))).astype(np.float32)
-    return ItemSnapshot(item_ids=np.array([f"i{r}" for r in range(n)], dtype=object), vectors=vectors,
-                        codes=codes, codebooks=books, prior=prior, live=np.ones(n, bool), version=1)
-
-
-def _encoder(model) -> QueryModel:
-    """A query encoder of the configured shape (random weights: its cost, not its answers, is measured)."""
-    return replace(QueryModel.random(model.facets, model.dim, model.history, model.encoder_heads, model.temperature),
-                   version=1)
-
-
-def synthetic_histories(snapshot: ItemSnapshot, users: int, history: int = 50, interests: int = 3,
-                        seed: int = 1) -> list[np.ndarray]:
-    """Histories of ``history`` rows, drawn around ``interests`` random seed items per user (facet 0
-    neighbourhoods), so the index has real structure to exploit."""
-    rng = np.random.default_rng(seed)
-    n = snapshot.n_items
-    keys = snapshot.codes[:, 0, 0].astype(np.int64)
-    order = np.argsort(keys, kind="stable")
-    starts = np.searchsorted(keys[order], np.arange(snapshot.codewords + 1))
-    out = []
-    for _ in range(users):
-        picks = []
-        for seed_row in rng.integers(0, n, size=interests):
-            code = keys[seed_row]
-            members = order[starts[code] : starts[code + 1]]
-            picks.append(rng.choice(members, size=history // interests + 1))
-        h = np.concatenate(picks)[:history]
-        rng.shuffle(h)
-        out.append(h.astype(np.int64))
-    return out
 
 
 def write_lmdb(snapshot: ItemSnapshot, index_path: Path, users_path: Path | None, histories: list[np.ndarray],
@@ -175,77 +97,212 @@ def write_lmdb(snapshot: ItemSnapshot, index_path: Path, users_path: Path | None
         users.close()
 
 
-def _timed_queries(retriever, queries: list[Query], passes: int = 3) -> tuple[float, list[np.ndarray]]:
-    """Median QPS over ``passes`` passes of single queries (one thread), and the last pass's answers."""
-    rates, answers = [], []
+def timed_queries(retriever, queries: list[Query], passes: int = 3) -> tuple[float, list[Recommendation]]:
+    """Median QPS over ``passes`` timed passes of single queries (one thread), after one untimed warm-up
+    pass (every retriever is warmed the same way: caches, lazy allocations, compiled kernels), and the
+    answers of the last pass."""
+    answers = [retriever.recommend(q) for q in queries]
+    rates = []
     for _ in range(passes):
-        answers = []
         started = time.perf_counter()
-        for q in queries:
-            answers.append(retriever.recommend(q).rows)
+        answers = [retriever.recommend(q) for q in queries]
         rates.append(len(queries) / (time.perf_counter() - started))
     return statistics.median(rates), answers
 
 
-def _recall(answers: list[np.ndarray], truth: list[np.ndarray]) -> float:
-    return float(np.mean([np.intersect1d(a, t).size / max(1, t.size) for a, t in zip(answers, truth, strict=True)]))
+def recall(answers: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """Mean recall@k of ``answers`` against the exact top k (rows)."""
+    return float(np.mean([np.intersect1d(a, t).size / max(1, t.size) for a, t in zip(answers, truth)]))
 
 
-def in_process(snapshot: ItemSnapshot, settings, k: int, n_queries: int, ef_grid: list[int]) -> dict:
-    """Recall@k vs exact and QPS for learned index, exact and hnswlib (ef tuned to the index's recall)."""
-    n = snapshot.n_items
+def bisect_param(recall_at, grid: list[int], target: float) -> tuple[int, float, bool]:
+    """Smallest search parameter whose recall reaches ``target``: walk ``grid`` (ascending) to the first
+    value that reaches it, then bisect between it and the grid value before (recall is taken as monotone
+    in the parameter). Returns (value, its recall, reached)."""
+    below, chosen = None, None
+    for value in grid:
+        r = recall_at(value)
+        if r >= target:
+            chosen = (value, r)
+            break
+        below, chosen = value, (value, r)
+    assert chosen is not None
+    if chosen[1] < target:
+        return chosen[0], chosen[1], False
+    if below is not None:
+        lo, hi = below, chosen[0]
+        while hi - lo > max(1, lo // 16):
+            mid = (lo + hi) // 2
+            r = recall_at(mid)
+            if r >= target:
+                hi, chosen = mid, (mid, r)
+            else:
+                lo = mid
+    return chosen[0], chosen[1], True
+
+
+def churn_batch(cat: Catalogue, snapshot: ItemSnapshot, fraction: float = 0.01, seed: int = 3
+                ) -> tuple[Catalogue, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A churn batch touching ``fraction`` of the catalogue, as an online learner produces it: half of
+    it re-embedded items (their vectors drift), a quarter deleted, a quarter new items. Returns the
+    catalogue after it (labels of changed rows kept, new items appended), the changed / deleted / added
+    labels, and the same batch in row space for the learned index's writer."""
+    rng = np.random.default_rng(seed)
+    n = cat.rows.size
+    c = max(4, int(n * fraction))
+    picked = rng.choice(n, size=c // 2 + c // 4, replace=False)
+    changed, deleted = picked[: c // 2], picked[c // 2:]
+    n_new = c // 4
+    f, d = snapshot.facets, snapshot.dim
+
+    def drift(v: np.ndarray) -> np.ndarray:
+        v = v.reshape(v.shape[0], f, d) + rng.normal(0, 0.3 / np.sqrt(d), (v.shape[0], f, d)).astype(np.float32)
+        return (v / np.linalg.norm(v, axis=2, keepdims=True)).astype(np.float32)
+
+    new_changed = drift(cat.flat[changed])
+    new_items = drift(cat.flat[rng.choice(n, size=n_new, replace=False)])
+    new_prior = cat.prior[rng.choice(n, size=n_new, replace=False)]
+    flat = cat.flat.copy()
+    flat[changed] = new_changed.reshape(changed.size, -1)
+    after = Catalogue(rows=np.concatenate([cat.rows, snapshot.n_items + np.arange(n_new)]),
+                      flat=np.concatenate([flat, new_items.reshape(n_new, -1)]),
+                      prior=np.concatenate([cat.prior, new_prior]), facets=cat.facets, tau=cat.tau)
+    added = np.arange(n, n + n_new)
+    rows = {"changed": cat.rows[changed], "changed_vectors": new_changed, "deleted": cat.rows[deleted],
+            "added": snapshot.n_items + np.arange(n_new), "added_vectors": new_items, "added_prior": new_prior}
+    return after, changed, deleted, added, rows
+
+
+def rq_encode(vectors: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """Greedy residual-quantisation codes int32[n, F, L] of float32[n, F, d] (what the learner publishes)."""
+    n, f, _ = vectors.shape
+    levels = codebooks.shape[1]
+    codes = np.empty((n, f, levels), np.int32)
+    for facet in range(f):
+        residual = vectors[:, facet].copy()
+        for level in range(levels):
+            codes[:, facet, level] = assign_nearest(residual, codebooks[facet, level])
+            residual -= codebooks[facet, level][codes[:, facet, level]]
+    return codes
+
+
+def learned_churn(snapshot: ItemSnapshot, batch: dict, settings, root: Path) -> tuple[float, float]:
+    """(seconds to write the catalogue into an LMDB index and run its full pass, seconds for the index
+    writer to absorb the churn batch in place: one write transaction, as the indexer applies deltas)."""
+    from mfli.deltas import DeltaBatch
+    from mfli.storage.index.writer import IndexWriter
+
     t0 = time.perf_counter()
-    view = MemoryIndexView.from_settings(snapshot, settings.index)
-    build_index_s = time.perf_counter() - t0
-    histories = synthetic_histories(snapshot, n_queries, history=settings.model.history)
-    queries = [Query(history=h, k=k, exclude=h) for h in histories]
-    params = LearnedIndexParams.from_settings(settings.serve, settings.model)
-    out: dict = {"items": n, "build_index_s": build_index_s}
+    write_lmdb(snapshot, root / "index.lmdb", None, [], settings)
+    write_s = time.perf_counter() - t0
+    vectors = np.concatenate([batch["changed_vectors"], batch["added_vectors"],
+                              np.zeros((batch["deleted"].size, snapshot.facets, snapshot.dim), np.float32)])
+    rows = np.concatenate([batch["changed"], batch["added"], batch["deleted"]]).astype(np.int64)
+    codes = rq_encode(vectors, snapshot.codebooks)
+    prior = np.concatenate([snapshot.prior[batch["changed"]], batch["added_prior"],
+                            np.zeros(batch["deleted"].size, np.float32)]).astype(np.float32)
+    deleted = np.zeros(rows.size, bool)
+    deleted[-batch["deleted"].size:] = True
+    delta = DeltaBatch([f"i{r}" for r in rows.tolist()], rows, np.full(rows.size, snapshot.version + 1, np.int64),
+                       np.zeros(rows.size, np.int64), vectors, codes, prior, deleted, [])
+    writer = IndexWriter(root / "index.lmdb", settings.index)
+    try:
+        t0 = time.perf_counter()
+        writer.apply(delta)
+        churn_s = time.perf_counter() - t0
+    finally:
+        writer.close()
+    return write_s, churn_s
+
+
+def view_nbytes(view: MemoryIndexView) -> int:
+    """Bytes the learned index holds to answer a request (vectors for the exact refine, int8 codes in
+    posting-list order and by row, priors, posting lists, cluster assignments, path map, codebooks)."""
+    arrays = [view._flat, view._prior, view._all_rows, view._gstart, view._gend, view._cluster_base, view._assign,
+              view._path_key, view._path_ptr, view._path_ids, view._codebooks, view._trending]
+    dense = view.dense()
+    arrays += [dense.codes, dense.scale, dense.bias]
+    arrays += [fc.centroids for fc in view.clusters]
+    return int(sum(a.nbytes for a in arrays))
+
+
+def compare(workload: Workload, settings, k: int, peers: list[str], churn: bool = True) -> dict:
+    """The in-process comparison on one workload: learned index, exact search and every peer on the
+    same queries and score, one thread; each peer's search parameter bisected to the learned index's
+    recall@k; QPS, build time, bytes per item and the cost of absorbing 1 % churn."""
+    snap, queries = workload.snapshot, workload.queries
+    n = workload.n_items
+    out: dict = {"workload": workload.name, "items": n, "queries": len(queries), "k": k, "peers": {}}
     with threadpool_limits(1):
+        t0 = time.perf_counter()
+        view = MemoryIndexView.from_settings(snap, settings.index)
+        out["learned_build_s"] = time.perf_counter() - t0
+        out["learned_bytes_per_item"] = view_nbytes(view) / n
+        params = LearnedIndexParams.from_settings(settings.serve, settings.model)
         exact = ExactRetriever(view, params.history, params.recency_decay)
-        out["exact_qps"], truth = _timed_queries(exact, queries[: max(20, n_queries // 5)], passes=1)
-        truth = [exact.recommend(q).rows for q in queries]
+        subset = queries[: max(20, len(queries) // 5)]
+        out["exact_qps"], _ = timed_queries(exact, subset, passes=1)
+        truth_recs = [exact.recommend(q) for q in queries]
+        truth = [r.rows for r in truth_recs]
         learned = LearnedIndexRetriever(view, params)
-        out["learned_qps"], answers = _timed_queries(learned, queries)
-        out["learned_recall"] = _recall(answers, truth)
-        out["learned_candidates"] = float(np.mean([learned.recommend(q).candidates for q in queries[:50]]))
-    t0 = time.perf_counter()
-    hnsw = HnswRetriever(view, ef=ef_grid[0], m=16, ef_construction=100, threads=2,
-                         history=params.history, recency_decay=params.recency_decay)
-    out["build_hnsw_s"] = time.perf_counter() - t0
-    hnsw.index.set_num_threads(1)
-    with threadpool_limits(1):
-        def recall_at(ef: int) -> float:
-            hnsw.set_ef(ef)
-            recall = _recall([hnsw.recommend(q).rows for q in queries], truth)
-            log.info("n=%d hnsw ef=%d recall@%d=%.4f (learned %.4f)", n, ef, k, recall, out["learned_recall"])
-            return recall
+        out["learned_qps"], answers = timed_queries(learned, queries)
+        out["learned_recall"] = recall([a.rows for a in answers], truth)
+        out["learned_candidates"] = float(np.mean([a.candidates for a in answers]))
+        out["learned_answers"] = answers
+        out["truth"] = truth_recs
+        target = out["learned_recall"]
+        log.info("%s n=%d: learned %.0f q/s at recall@%d %.4f (%.0f candidates), exact %.0f q/s", workload.name, n,
+                 out["learned_qps"], k, target, out["learned_candidates"], out["exact_qps"])
+        live = snap.live_rows()
+        cat = Catalogue(rows=live, flat=np.ascontiguousarray(snap.vectors[live].reshape(live.size, -1)),
+                        prior=snap.prior[live].astype(np.float32), facets=snap.facets, tau=workload.tau)
+        want = int(np.median([min(n, q.k + q.exclude.size) for q in queries]))
+        batch = churn_batch(cat, snap) if churn else None
+        for name in peers:
+            peer = PEERS[name]()
+            t0 = time.perf_counter()
+            peer.build(cat)
+            res = {"build_s": time.perf_counter() - t0, "bytes_per_item": peer.nbytes() / n}
+            retriever = PeerRetriever(peer, cat)
+            best = None
+            for secondary in peer.secondary:
+                def recall_at(value: int) -> float:
+                    peer.set_params(value, secondary)
+                    r = recall([retriever.recommend(q).rows for q in queries], truth)
+                    log.debug("%s %s=%d %s=%s recall %.4f", name, peer.param, value, peer.secondary_name, secondary, r)
+                    return r
 
-        # Grid up to the first ef reaching the learned index's recall, then bisect between it and the
-        # previous grid value: hnsw gets the smallest (fastest) ef that matches, not a coarse overshoot.
-        below, chosen = None, None
-        for ef in ef_grid:
-            recall = recall_at(ef)
-            if recall >= out["learned_recall"]:
-                chosen = (ef, recall)
-                break
-            below, chosen = ef, (ef, recall)
-        if below is not None and chosen[1] >= out["learned_recall"]:
-            lo, hi = below, chosen[0]
-            while hi - lo > max(2, lo // 32):
-                mid = (lo + hi) // 2
-                recall = recall_at(mid)
-                if recall >= out["learned_recall"]:
-                    hi, chosen = mid, (mid, recall)
-                else:
-                    lo = mid
-        hnsw.set_ef(chosen[0])
-        out["hnsw_qps"], _ = _timed_queries(hnsw, queries)
-    out["hnsw_ef"], out["hnsw_recall"] = chosen
-    out["hnsw_reached_recall"] = chosen[1] >= out["learned_recall"]
-    out["ratio_learned_over_hnsw"] = out["learned_qps"] / out["hnsw_qps"]
-    log.info("n=%d in-process: %s", n, out)
+                value, r, reached = bisect_param(recall_at, peer.grid(want), target)
+                peer.set_params(value, secondary)
+                qps, _ = timed_queries(retriever, queries, passes=1) if len(peer.secondary) > 1 else (0.0, None)
+                log.info("%s n=%d: %s=%d %s=%s recall %.4f (target %.4f) %.0f q/s", name, n, peer.param, value,
+                         peer.secondary_name or "-", secondary, r, target, qps)
+                cand = (reached, qps, value, secondary)
+                if best is None or (cand[0], cand[1]) > (best[0], best[1]):
+                    best = cand
+            reached, _, value, secondary = best
+            peer.set_params(value, secondary)
+            res["qps"], peer_answers = timed_queries(retriever, queries)
+            res["recall"] = recall([a.rows for a in peer_answers], truth)
+            res.update(param=peer.param, value=value, secondary_name=peer.secondary_name, secondary=secondary,
+                       reached=reached, answers=peer_answers, ratio_learned_over_peer=out["learned_qps"] / res["qps"])
+            if batch is not None:
+                after, changed, deleted, added, _ = batch
+                res["churn_s"], res["churn_how"] = peer.churn(after, changed, deleted, added)
+            log.info("%s n=%d: %s", name, n, {k_: v for k_, v in res.items() if k_ != "answers"})
+            out["peers"][name] = res
+            del peer, retriever
+    if batch is not None:
+        with tempfile.TemporaryDirectory(prefix="mfli-bench-churn-") as tmp:
+            out["learned_lmdb_write_s"], out["learned_churn_s"] = learned_churn(snap, batch[4], settings, Path(tmp))
+        out["churn_items"] = int(batch[1].size + batch[2].size + batch[3].size)
+    reached = [p for p in out["peers"].values() if p["reached"]]
+    out["best_peer"] = max(out["peers"], key=lambda p: (out["peers"][p]["reached"], out["peers"][p]["qps"])) \
+        if out["peers"] else None
+    out["ratio_learned_over_best_peer"] = (out["learned_qps"] / max(p["qps"] for p in reached)) if reached else None
     return out
+
+
 
 
 _WRK_SCRIPT = """
@@ -277,12 +334,10 @@ def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Pop
     """A real one-worker ``mfli serve`` on a free loopback port over ``root``'s index and users store,
     returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within 120 s)."""
     port = free_port()
-    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"),
-           "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
+    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"), "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
            "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "serve", "--workers", "1",
-                             "--port", str(port), *extra_args],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "serve", "--workers", "1", "--port", str(port),
+                             *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -297,32 +352,30 @@ def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Pop
         time.sleep(0.2)
 
 
-def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) -> dict:
-    """Real LMDB + real ``mfli serve`` (one worker) + wrk on loopback: req/s and p50/p99."""
-    tag = f"{snapshot.n_items // 1000}k" + ("" if snapshot.query_model is not None else " mean-pool")
+def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
+    """Real LMDB + real ``mfli serve`` (one worker) + wrk on loopback: req/s and p50/p99. The users store
+    holds the workload's request histories (user ``u<i>`` = query i)."""
+    snapshot = wl.snapshot
+    tag = f"{wl.name} {snapshot.n_items // 1000}k"
     if shutil.which("wrk") is None:
-        return {"rows": [], "targets": {},
-                "notes": [f"{tag}: HTTP part skipped: wrk not installed (apt-get install wrk)"]}
-    users = 2000
+        return {"rows": [], "targets": {}, "notes": [f"{tag}: HTTP part skipped: wrk not installed (apt-get install wrk)"]}
+    users = len(wl.queries)
     with tempfile.TemporaryDirectory(prefix="mfli-bench-serve-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        write_lmdb(snapshot, root / "index.lmdb", root / "users.lmdb",
-                   synthetic_histories(snapshot, users, history=settings.model.history, seed=7), settings)
+        write_lmdb(snapshot, root / "index.lmdb", root / "users.lmdb", [q.history for q in wl.queries], settings)
         write_s = time.perf_counter() - t0
         proc, base = start_server(root, settings, "--no-monitor")
         try:
             script = root / "recommend.lua"
             script.write_text(_WRK_SCRIPT % (users - 1, args.k))
             # warm-up (page cache, first-touch allocations), then the measured runs
-            subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d2s", "-s", str(script), base],
-                           capture_output=True)
+            subprocess.run(["wrk", "-t1", f"-c{args.connections}", "-d2s", "-s", str(script), base], capture_output=True)
             def measure(connections: int) -> list[dict]:
                 out = []
                 for _ in range(3):
-                    done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(args.http_seconds)}s",
-                                           "--latency", "-s", str(script), base],
-                                          capture_output=True, text=True, check=True)
+                    done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{int(args.http_seconds)}s", "--latency",
+                                           "-s", str(script), base], capture_output=True, text=True, check=True)
                     out.append(_parse_wrk(done.stdout))
                     log.info("%s wrk -c%d: %s", tag, connections, out[-1])
                 return out
@@ -344,62 +397,99 @@ def http_end_to_end(snapshot: ItemSnapshot, settings, args: argparse.Namespace) 
                                  [r["p99_ms"] for r in light], "ms")
     bad = sum(r.get("non_2xx", 0) for r in runs + light)
     return {"rows": [rps, p50, p99, light_rps, light_p50, light_p99],
-            "targets": {f"{tag} HTTP p99 <= 10 ms at >= 5k req/s (one worker)":
-                        p99.median <= 10 and rps.median >= 5000},
+            "targets": {f"{tag} HTTP p99 <= 10 ms at >= 5k req/s (one worker)": p99.median <= 10 and rps.median >= 5000},
             "notes": [f"{tag}: LMDB written in {write_s:.1f}s; non-2xx answers: {bad:.0f}"]}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", default="100000,1000000", help="comma-separated catalogue sizes")
+    parser.add_argument("--workloads", default="learned,synthetic",
+                        help="comma-separated: learned (stream-trained, held-out users), synthetic (code buckets)")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--queries", type=int, default=300, help="in-process queries per retriever")
-    parser.add_argument("--ef", default="10,16,24,32,48,64,96,128,192,256,384,512,768,1024",
-                        help="hnswlib ef values tried in order until recall reaches the learned index's")
+    parser.add_argument("--events-per-item", type=float, default=2.0,
+                        help="stream length of the learned workload, in events per catalogue item")
+    parser.add_argument("--cache-dir", default="var/bench-cache", help="where trained workloads are kept ('' = none)")
+    parser.add_argument("--no-churn", action="store_true", help="skip the 1%% churn measurements")
     parser.add_argument("--http-seconds", type=int, default=10, help="wrk duration per HTTP measurement")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (saturating run)")
     parser.add_argument("--light-connections", type=int, default=4, help="wrk connections (latency run)")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP end-to-end part")
-    parser.add_argument("--query-model", choices=["encoder", "mean", "both"], default="encoder",
-                        help="publish a query encoder into the index (the server runs it per request, as in "
-                             "production), leave none (mean pooling, the pre-encoder query), or measure both")
+
+
+def _table(res: dict, k: int) -> dict:
+    """The comparison as a table: one line per retriever, ratios to the learned index."""
+    lq = res["learned_qps"]
+    header = ["retriever", f"recall@{k}", "QPS", "vs learned", "search param", "build s", "bytes/item",
+              "1% churn s", "churn how"]
+    rows = [["learned index", round(res["learned_recall"], 4), round(lq), 1.0,
+             f"{res['learned_candidates']:.0f} candidates", round(res["learned_build_s"], 2),
+             round(res["learned_bytes_per_item"]), _r(res.get("learned_churn_s")), "LMDB writer, in place"]]
+    for name, p in res["peers"].items():
+        param = f"{p['param']}={p['value']}" + (f", {p['secondary_name']}={p['secondary']}" if p["secondary_name"] else "")
+        rows.append([PEERS[name].name + ("" if p["reached"] else " (recall NOT reached)"), round(p["recall"], 4),
+                     round(p["qps"]), round(p["qps"] / lq, 3), param, round(p["build_s"], 2),
+                     round(p["bytes_per_item"]), _r(p.get("churn_s")), p.get("churn_how", "-")])
+    rows.append(["exact (numpy)", 1.0, round(res["exact_qps"]), round(res["exact_qps"] / lq, 3), "-", "-", "-", "-", "-"])
+    return {"title": f"{res['workload']} workload, {res['items']:,} items, {res['queries']} queries, one thread",
+            "header": header, "rows": rows}
+
+
+def _r(value: float | None) -> float | str:
+    return "-" if value is None else round(value, 3)
 
 
 def run(args: argparse.Namespace, settings) -> dict:
     sizes = [int(float(s)) for s in args.items.split(",") if s]
-    ef_grid = [int(e) for e in args.ef.split(",")]
+    workloads = [w for w in args.workloads.split(",") if w]
+    peers, notes = available([p for p in args.peers.split(",") if p])
     rows: list[Row] = []
     targets: dict[str, bool] = {}
-    notes: list[str] = []
-    models = ["encoder", "mean"] if args.query_model == "both" else [args.query_model]
+    tables: list[dict] = []
+    comparisons: list[dict] = []
     for n in sizes:
-        t0 = time.perf_counter()
-        base_snap = synthetic_catalogue(n, facets=settings.model.facets, dim=settings.model.dim,
-                                        levels=settings.model.levels)
-        log.info("n=%d catalogue built in %.1fs (M=%d)", n, time.perf_counter() - t0, base_snap.codewords)
-        for qm in models:
-            snap = replace(base_snap, query_model=_encoder(settings.model)) if qm == "encoder" else base_snap
-            res = in_process(snap, settings, args.k, args.queries, ef_grid)
-            tag = f"{n // 1000}k" + ("" if qm == "encoder" else " mean-pool")
-            hnsw = Row(f"{tag} hnsw qps (ef={res['hnsw_ef']})", res["hnsw_qps"], "queries/s")
-            rows += [
-                Row(f"{tag} learned recall@{args.k}", res["learned_recall"], "ratio"),
-                Row(f"{tag} hnsw recall@{args.k} (ef={res['hnsw_ef']})", res["hnsw_recall"], "ratio"),
-                Row(f"{tag} exact qps", res["exact_qps"], "queries/s"),
-                hnsw,
-                Row(f"{tag} learned qps", res["learned_qps"], "queries/s",
-                    note=f"{res['learned_candidates']:.0f} candidates/query").against(hnsw),
-            ]
-            targets[f"{tag} learned >= 1.6x hnsw qps at >= recall"] = bool(
-                res["ratio_learned_over_hnsw"] >= 1.6 and res["hnsw_reached_recall"] is False
-                or res["ratio_learned_over_hnsw"] >= 1.6 and res["learned_recall"] >= res["hnsw_recall"] - 0.005
-            )
-            notes.append(f"{tag}: index build {res['build_index_s']:.1f}s, hnsw build {res['build_hnsw_s']:.1f}s")
+        for name in workloads:
+            t0 = time.perf_counter()
+            if name == "learned":
+                wl = learned_workload(n, settings, args.k, args.queries, args.events_per_item,
+                                      Path(args.cache_dir) if args.cache_dir else None)
+            elif name == "synthetic":
+                wl = synthetic_workload(n, settings, args.k, args.queries)
+            else:
+                raise SystemExit(f"unknown workload {name!r}")
+            log.info("%s n=%d workload ready in %.1fs", name, n, time.perf_counter() - t0)
+            notes += wl.notes
+            res = compare(wl, settings, args.k, peers, churn=not args.no_churn)
+            tag = f"{name} {n // 1000}k"
+            learned_row = Row(f"{tag} learned qps", res["learned_qps"], "queries/s",
+                              note=f"recall@{args.k} {res['learned_recall']:.4f}, {res['learned_candidates']:.0f} candidates")
+            rows += [Row(f"{tag} learned recall@{args.k}", res["learned_recall"], "ratio"), learned_row,
+                     Row(f"{tag} exact qps", res["exact_qps"], "queries/s").against(learned_row)]
+            for peer, p in res["peers"].items():
+                rows.append(Row(f"{tag} {peer} qps", p["qps"], "queries/s",
+                                note=f"recall {p['recall']:.4f} at {p['param']}={p['value']}"
+                                     + ("" if p["reached"] else " (target recall not reached)")).against(learned_row))
+            if res["ratio_learned_over_best_peer"] is not None:
+                rows.append(Row(f"{tag} learned / best peer qps", res["ratio_learned_over_best_peer"], "ratio",
+                                note=f"best peer: {res['best_peer']}"))
+                targets[f"{tag}: learned >= 1.6x the best peer's qps at equal recall"] = \
+                    res["ratio_learned_over_best_peer"] >= 1.6
+            tables.append(_table(res, args.k))
+            comparisons.append({key: value for key, value in res.items() if key not in ("learned_answers", "truth")}
+                               | {"peers": {p: {key: v for key, v in r.items() if key != "answers"}
+                                            for p, r in res["peers"].items()}})
+            if res.get("learned_lmdb_write_s") is not None:
+                notes.append(f"{tag}: LMDB index written + full pass in {res['learned_lmdb_write_s']:.1f}s; churn batch "
+                             f"= {res['churn_items']} items (1/2 re-embedded, 1/4 deleted, 1/4 new)")
             if not args.no_http:
-                http = http_end_to_end(snap, settings, args)
+                http = http_end_to_end(wl, settings, args)
                 rows += http["rows"]
                 targets.update(http["targets"])
                 notes += http["notes"]
-            del snap
-        del base_snap
-    return result("serve", rows, params={"items": sizes, "k": args.k, "queries": args.queries}, targets=targets,
-                  notes=notes)
+            del wl, res
+    out = result("serve", rows, params={"items": sizes, "k": args.k, "queries": args.queries, "workloads": workloads,
+                                        "peers": peers}, targets=targets, notes=notes)
+    out["tables"] = tables
+    out["comparisons"] = comparisons
+    return out

@@ -1,21 +1,70 @@
-"""``mfli bench serve``'s in-process comparison on a small catalogue: the hnswlib yardstick is tuned to the
-learned index's recall (grid, then bisection) and both answer the same queries."""
+"""``mfli bench serve``'s in-process comparison on a small catalogue: every retriever answers the same
+queries with the same score, and each peer's search parameter is bisected to the learned index's recall."""
 
 from __future__ import annotations
 
-from mfli.benchmarks.serve import in_process, synthetic_catalogue
+import numpy as np
+import pytest
+
+from mfli.benchmarks.peers import PEERS, available
+from mfli.benchmarks.serve import bisect_param, compare
+from mfli.benchmarks.workloads import synthetic_workload
 from mfli.config import load_settings
+from mfli.retrieval.base import score
 
 
-def test_in_process_comparison_tunes_hnsw_to_the_learned_recall():
+@pytest.fixture(scope="module")
+def comparison():
     settings = load_settings(model={"dim": 32})
-    snap = synthetic_catalogue(6000, facets=settings.model.facets, dim=32, levels=settings.model.levels)
-    out = in_process(snap, settings, k=20, n_queries=60, ef_grid=[10, 40, 160, 640])
-    assert out["learned_recall"] > 0.5, out
-    assert out["learned_qps"] > 0 and out["hnsw_qps"] > 0 and out["exact_qps"] > 0
-    if out["hnsw_reached_recall"]:
-        # the smallest ef on the refined grid: a recall at least the learned one, from an ef inside the
-        # bracket the grid found (not simply the next grid value)
-        assert out["hnsw_recall"] >= out["learned_recall"]
-        assert 10 <= out["hnsw_ef"] <= 640
-    assert abs(out["ratio_learned_over_hnsw"] - out["learned_qps"] / out["hnsw_qps"]) < 1e-9
+    wl = synthetic_workload(4000, settings, k=20, n_queries=40)
+    peers, _ = available(["hnswlib", "faiss-ivf-flat"])
+    return wl, compare(wl, settings, 20, peers, churn=False)
+
+
+def test_learned_and_peer_answers_are_scored_on_the_same_queries_and_score(comparison):
+    """Every returned score equals the one exact score of its row under that request's query vector and
+    gates: the learned index, each peer and the exact yardstick all saw the identical query and ranked by
+    the identical function (a peer searching another query, or scoring without the prior, would fail)."""
+    wl, out = comparison
+    snap = wl.snapshot
+    assert out["peers"], "no peer library installed (hnswlib is a dependency)"
+    sources = {"learned": out["learned_answers"], "exact": out["truth"]}
+    sources |= {name: p["answers"] for name, p in out["peers"].items()}
+    for name, answers in sources.items():
+        assert len(answers) == len(wl.queries), name
+        for q, rec in zip(wl.queries, answers):
+            assert rec.rows.size == q.k, name
+            want = score(q.vector, snap.vectors[rec.rows], snap.prior[rec.rows], q.log_gates, wl.tau)
+            np.testing.assert_allclose(rec.scores, want, atol=2e-5, err_msg=name)
+            assert not np.isin(rec.rows, q.exclude).any(), name
+            assert np.all(np.diff(rec.scores) <= 1e-6), name  # best first
+    # and the recall each reports is the overlap of those very answers with the exact top k
+    truth = [r.rows for r in out["truth"]]
+    for name, p in out["peers"].items():
+        overlap = np.mean([np.intersect1d(a.rows, t).size / t.size for a, t in zip(p["answers"], truth)])
+        assert p["recall"] == pytest.approx(overlap), name
+        # exhaustive settings exist for both peers, so the bisection must reach the learned recall; a peer
+        # fed another query than the learned index's would not get there
+        assert p["reached"] and p["recall"] >= out["learned_recall"], name
+    assert 0.5 < out["learned_recall"] <= 1.0
+
+
+def test_bisection_finds_the_smallest_parameter_reaching_the_target():
+    """Recall rising with the parameter: the grid brackets the target, bisection narrows the bracket."""
+    calls = []
+
+    def recall_at(p: int) -> float:
+        calls.append(p)
+        return min(1.0, p / 100)
+
+    value, r, reached = bisect_param(recall_at, [8, 16, 32, 64, 128], 0.5)
+    assert reached and 50 <= value <= 53 and r >= 0.5
+    assert set(calls) > {8, 16, 32, 64}  # walked the grid, then bisected inside (32, 64]
+    value, r, reached = bisect_param(recall_at, [8, 16], 0.9)
+    assert not reached and value == 16
+
+
+def test_every_peer_is_registered_with_a_library_to_import():
+    ok, notes = available(list(PEERS))
+    assert set(ok) | {n.split()[1] for n in notes} == set(PEERS)
+    assert "hnswlib" in ok
