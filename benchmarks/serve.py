@@ -408,7 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--queries", type=int, default=300, help="in-process queries per retriever")
-    parser.add_argument("--events-per-item", type=float, default=2.0,
+    parser.add_argument("--events-per-item", type=float, default=1.0,
                         help="stream length of the learned workload, in events per catalogue item")
     parser.add_argument("--cache-dir", default="var/bench-cache", help="where trained workloads are kept ('' = none)")
     parser.add_argument("--no-churn", action="store_true", help="skip the 1%% churn measurements")

@@ -342,7 +342,7 @@ def train_learned(spec: StreamSpec, model_settings) -> tuple[ItemSnapshot, list[
     return snap, hist, hist_ts, meta
 
 
-def learned_workload(n: int, settings, k: int, n_queries: int, events_per_item: float = 2.0,
+def learned_workload(n: int, settings, k: int, n_queries: int, events_per_item: float = 1.0,
                      cache_dir: Path | None = Path("var/bench-cache"), seed: int = 0) -> Workload:
     """The production-like workload (see the module docstring); trained once, then read from the cache."""
     spec = StreamSpec.for_items(n, events_per_item, heldout=HELDOUT_USERS, seed=seed)

@@ -43,13 +43,15 @@ from mfli.retrieval.kernels import beam_paths, pool_rows, rerank_top_k, top_vote
 class LearnedIndexParams:
     """Knobs of the index path; defaults mirror :class:`mfli.config.ServeSettings`."""
 
-    clusters_per_request: int = 64  # K, over all facets, from the trigger histogram
+    clusters_per_request: int = 8  # K, over all facets, from the trigger histogram
     members_per_cluster: int = 256  # N_k
-    query_paths: int = 8  # paths descended per facet by the query path
+    query_paths: int = 0  # paths descended per facet by the query path
     beam: int = 4  # level-1 codewords kept per facet while descending
     trending: int = 200
     history: int = 50  # H: triggers pooled into the query vector
     recency_decay: float = 0.97
+    probe_clusters: int = 96  # clusters per facet routed by q . centroid (mfli.retrieval.router); 0 = off
+    probe_groups: int = 16  # centroid groups scored first where a facet has them
 
     @classmethod
     def from_settings(cls, serve, model) -> LearnedIndexParams:
@@ -58,6 +60,8 @@ class LearnedIndexParams:
             members_per_cluster=serve.members_per_cluster,
             query_paths=serve.query_paths,
             trending=serve.trending,
+            probe_clusters=serve.probe_clusters,
+            probe_groups=serve.probe_groups,
             history=model.history,
             recency_decay=model.recency_decay,
         )
@@ -164,9 +168,11 @@ class LearnedIndexRetriever:
         if history.size == 0:
             return self._fallback(query)
         q, gates, tau = self.query_vector(query)
-        trig_f, trig_c = self._trigger_clusters(history[-p.history :], query)
+        trig_f, trig_c = self._trigger_clusters(history[-p.history :], query) if p.clusters_per_request else _NO_PAIRS
         path_f, path_c = self._query_path_clusters(q)
-        facets, clusters = unique_pairs(np.concatenate([trig_f, path_f]), np.concatenate([trig_c, path_c]))
+        probe_f, probe_c = self._probed_clusters(q)
+        facets, clusters = unique_pairs(np.concatenate([probe_f, trig_f, path_f]),
+                                        np.concatenate([probe_c, trig_c, path_c]))
         rows, counts, slots = view.members_many(facets, clusters, p.members_per_cluster)
         dense = view.dense()
         if dense is None:
@@ -215,6 +221,14 @@ class LearnedIndexRetriever:
         word_scores = np.matmul(books.reshape(n_facets, levels * m, dim), q[:, :, None]).reshape(n_facets, levels, m)
         paths = beam_paths(word_scores.astype(np.float32, copy=False), p.beam, p.query_paths)
         return self.view.paths_clusters(paths)
+
+    def _probed_clusters(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(facets, clusters) of each facet's ``probe_clusters`` best clusters by ``q_f . centroid``."""
+        p = self.params
+        router = self.view.router() if p.probe_clusters > 0 and hasattr(self.view, "router") else None
+        if router is None:
+            return _NO_PAIRS
+        return router.probe(q, p.probe_clusters, p.probe_groups)
 
     def _fallback(self, query: Query) -> Recommendation:
         """No history: recently popular items (by prior), flagged as a fallback."""

@@ -15,6 +15,7 @@ import numpy as np
 from mfli.retrieval.base import DenseColumns, quantize_rows
 from mfli.retrieval.clusters import FACET_SHIFT, PATH_BITS, FacetClusters, build_facet_clusters
 from mfli.retrieval.kernels import gather_members, lookup_paths
+from mfli.retrieval.router import ClusterRouter
 from mfli.retrieval.snapshot import ItemSnapshot
 
 
@@ -75,6 +76,7 @@ class MemoryIndexView:
         # int8 codes laid out posting list by posting list (every member of a cluster is read in one
         # sequential run, the IVF layout), then once more by row for candidates outside posting lists
         # (trending): slot of row r = row_slot + r. About (F + 1) * F * d bytes per item.
+        self._router = ClusterRouter.build([fc.centroids for fc in self.clusters], seed=seed)
         codes, scale = quantize_rows(self._flat)
         self._dense = DenseColumns(
             vectors=self._flat, prior=self._prior, codes=np.concatenate([codes[self._all_rows], codes]),
@@ -137,6 +139,9 @@ class MemoryIndexView:
 
     def dense(self) -> DenseColumns:
         return self._dense
+
+    def router(self) -> ClusterRouter:
+        return self._router
 
     # --- introspection used by reports ------------------------------------------------------------------
     def cluster_sizes(self, facet: int) -> np.ndarray:

@@ -36,6 +36,8 @@ from mfli.storage.index.mirror import IndexMirror
 if TYPE_CHECKING:
     from lmdb import _Database
 
+    from mfli.retrieval.router import ClusterRouter
+
 log = logging.getLogger(__name__)
 
 
@@ -313,6 +315,25 @@ class LmdbIndexView:
             return np.frombuffer(bytes(raw), dtype="<f4").reshape(self.facets, self.levels, -1, self.dim)
 
         return self._index.cached("codebooks", version, load)
+
+    def router(self) -> ClusterRouter | None:
+        """The cluster router (:mod:`mfli.retrieval.router`) over the ``cent`` sub-db, built once per
+        cluster version (centroids change only at a full pass) and shared by every view of the index."""
+        from mfli.retrieval.router import ClusterRouter
+
+        version = L.unpack_i64(self._get("meta", b"clusters_version"), default=-1)
+        if version < 0:
+            return None
+
+        def load() -> ClusterRouter:
+            cents = []
+            for f in range(self.facets):
+                raw = self._get("cent", L.facet_key(f))
+                cents.append(np.empty((0, self.dim), np.float32) if raw is None else
+                             np.frombuffer(bytes(raw), dtype="<f4").reshape(-1, self.dim))
+            return ClusterRouter.build(cents)
+
+        return self._index.cached("router", version, load)
 
     def query_model(self) -> QueryModel | None:
         """The newest published query encoder (None before the learner published one)."""
