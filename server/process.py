@@ -97,6 +97,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     import uvicorn
 
+    from .transport import CoalescingHttpToolsProtocol
+
     # CLI flags become environment overrides so spawned workers load the same settings.
     overrides = {"MFLI_SERVE__HOST": args.host, "MFLI_SERVE__PORT": args.port, "MFLI_SERVE__WORKERS": args.workers,
                  "MFLI_INDEX__PATH": args.index, "MFLI_LEARNER__USERS_PATH": args.users,
@@ -128,7 +130,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                  serve.workers, settings.index.path, settings.learner.users_path)
     try:
         uvicorn.run("mfli.server.process:app_factory", factory=True, host=serve.host, port=serve.port,
-                    workers=serve.workers, loop="uvloop", http="httptools", access_log=False,
+                    workers=serve.workers, loop="uvloop", http=CoalescingHttpToolsProtocol, access_log=False,
                     log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=5)
     finally:
         if applier is not None:

@@ -78,6 +78,7 @@ class LmdbIndex:
             self._env, self._pid = env, os.getpid()
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[int, object]] = {}
+        self._shape_memo: tuple[bytes, dict] | None = None
 
     def env(self) -> lmdb.Environment:
         if self._env is None or self._pid != os.getpid():
@@ -130,7 +131,7 @@ class LmdbIndexView:
         self._index = index
         env = index.env()
         self._txn = env.begin(buffers=True) if buffers else env.begin()
-        shape = self._meta_json(b"shape")
+        shape = self._shape()
         if shape is None:
             self._txn.abort()
             raise RuntimeError(f"index at {index.path} is empty (no shape written yet)")
@@ -167,6 +168,17 @@ class LmdbIndexView:
     def _meta_json(self, key: bytes):
         raw = self._get("meta", key)
         return None if raw is None else orjson.loads(bytes(raw))
+
+    def _shape(self) -> dict | None:
+        """``meta:shape``, parsed once per distinct value (every request's view reads it)."""
+        raw = self._get("meta", b"shape")
+        if raw is None:
+            return None
+        raw = bytes(raw)
+        memo = self._index._shape_memo
+        if memo is None or memo[0] != raw:
+            memo = self._index._shape_memo = (raw, orjson.loads(raw))
+        return memo[1]
 
     def _multi(self, db: str, rows: np.ndarray) -> bytes:
         """Joined values of ``rows`` in ``db``, in order (getmulti skips missing keys: that raises)."""

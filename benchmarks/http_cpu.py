@@ -1,0 +1,127 @@
+"""CPU per ``GET /v1/recommend`` in the server against the same service call in process (issue 13).
+
+Why CPU seconds and not wall time: the box is shared, so wall time measures the neighbours too; the
+CPU a process spends per request does not (much). Method, over one LMDB index + users store:
+
+* **in process**: an :class:`~mfli.server.lmdb_state.LmdbState` (mirror on, as the server opens it) and a
+  :class:`~mfli.server.service.RecommendService`; per request one read transaction and
+  ``service.recommend(state, user_id, ...)`` (users-store read, query encoder, retrieval, ids, the answer
+  dict), plus the same ``orjson.dumps`` the server does. ``time.process_time()`` over all requests.
+* **server**: a real one-worker ``mfli serve`` (no monitor thread, which samples recall on its own
+  schedule, not per request) pinned to one core (``taskset``), ``wrk`` on the other core driving the
+  same users; CPU from ``/proc/<pid>/stat`` (all threads) divided by the requests ``wrk`` completed.
+
+The ratio server / in-process is the HTTP overhead factor (target <= 1.3 at 10^6 items). Then a closed
+loop at about half the saturating rate (``wrk`` with a per-request delay) gives p50/p99 without queueing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+_CLK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime (seconds) of a process, all its threads, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK
+
+
+def in_process_cpu(settings, users: int, k: int, requests: int, seed: int = 0) -> dict:
+    """CPU seconds per request of the service call (and of retrieval alone) in this process."""
+    from mfli.server.lmdb_state import LmdbState
+    from mfli.server.service import RecommendService
+
+    source = LmdbState(settings)
+    source.open()
+    service = RecommendService(settings)
+    rng = random.Random(seed)
+    ids = [f"u{rng.randrange(users)}" for _ in range(requests)]
+    try:
+        def call(user: str) -> bytes:
+            with source.read() as state:
+                return orjson.dumps(service.recommend(state, user, [], [], k, "index", True))
+
+        for user in ids[: min(200, requests)]:  # warm: mirror load, compiled kernels, caches
+            call(user)
+        t0, w0 = time.process_time(), time.perf_counter()
+        for user in ids:
+            call(user)
+        full = (time.process_time() - t0) / requests
+        wall = (time.perf_counter() - w0) / requests
+        # retrieval alone: history already read, no ids or answer dict
+        with source.read() as state:
+            found = [state.history(u) for u in ids[:500]]
+        t0 = time.process_time()
+        for history in found:
+            with source.read() as state:
+                service.retrieve(state, history[0], history[0], k, "index", history_ts=history[1])
+        retrieval = (time.process_time() - t0) / len(found)
+    finally:
+        source.close()
+    return {"cpu_per_request_s": full, "wall_per_request_s": wall, "retrieval_cpu_per_request_s": retrieval}
+
+
+_WRK_SCRIPT = """
+math.randomseed(1)
+request = function()
+  return wrk.format("GET", "/v1/recommend?user_id=u" .. math.random(0, %d) .. "&k=%d")
+end
+%s
+"""
+
+
+def _wrk(base: str, script: Path, connections: int, seconds: int, core: str | None) -> str:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), base]
+    if core is not None and shutil.which("taskset"):
+        cmd = ["taskset", "-c", core, *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+def _requests(text: str) -> int:
+    m = re.search(r"(\d+) requests in", text)
+    return int(m.group(1)) if m else 0
+
+
+def server_cpu(root: Path, settings, users: int, k: int, seconds: int, connections: int = 8) -> dict:
+    """Server CPU per request under saturating load, and p50/p99 at about half that rate."""
+    from mfli.benchmarks.serve import _parse_wrk, start_server
+
+    proc, base = start_server(root, settings, "--no-monitor")
+    pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    try:
+        if pinned:
+            subprocess.run(["taskset", "-a", "-p", "-c", "1", str(proc.pid)], capture_output=True, check=False)
+        script = root / "cpu.lua"
+        script.write_text(_WRK_SCRIPT % (users - 1, k, ""))
+        _wrk(base, script, connections, 2, "0" if pinned else None)  # warm-up
+        runs = []
+        for _ in range(3):
+            c0 = process_cpu(proc.pid)
+            out = _wrk(base, script, connections, seconds, "0" if pinned else None)
+            cpu = process_cpu(proc.pid) - c0
+            n = _requests(out)
+            runs.append({"cpu_per_request_s": cpu / max(n, 1), **_parse_wrk(out)})
+            log.info("server: %d requests, %.3f ms CPU each, %.0f req/s", n, 1e3 * cpu / max(n, 1), runs[-1]["rps"])
+        rps = sorted(r["rps"] for r in runs)[len(runs) // 2]
+        # half the saturating rate: 4 connections, each pausing so that together they ask rps / 2
+        delay_ms = max(0.0, 4 / (rps / 2) * 1e3 - 1e3 / rps)
+        half = root / "half.lua"
+        half.write_text(_WRK_SCRIPT % (users - 1, k, f"function delay() return {delay_ms:.3f} end"))
+        light = [_parse_wrk(_wrk(base, half, 4, seconds, "0" if pinned else None)) for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {"runs": runs, "half_rate": light, "saturating_rps": rps, "pinned": pinned}
