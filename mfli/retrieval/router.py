@@ -103,7 +103,7 @@ def _dot(a: np.ndarray, i: int, q: np.ndarray, f: int) -> np.float32:
     return s
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _keep(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v: np.float32) -> int:
     """Insert ``(i, v)`` into the descending top list ``idx/vals`` (earlier wins ties); returns the fill."""
     size = idx.shape[0]
