@@ -23,10 +23,14 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import httpx
 import orjson
+
+from mfli.lifecycle import free_port
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,47 @@ def in_process_cpu(settings, users: int, k: int, requests: int, seed: int = 0) -
     return {"cpu_per_request_s": full, "wall_per_request_s": wall, "retrieval_cpu_per_request_s": retrieval}
 
 
+def parse_wrk(text: str) -> dict[str, float]:
+    """req/s and latency percentiles (ms) from ``wrk --latency`` output."""
+    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if line.startswith("Requests/sec:"):
+            out["rps"] = float(parts[1])
+        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
+            value = parts[1]
+            unit = next(u for u in ("us", "ms", "s") if value.endswith(u))
+            out[f"p{parts[0][:-1]}_ms"] = float(value[: -len(unit)]) * units[unit]
+        elif "Non-2xx" in line:
+            out["non_2xx"] = float(parts[-1])
+    return out
+
+
+def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Popen, str]:
+    """A real one-worker ``mfli serve`` on a free loopback port over ``root``'s index and users store,
+    returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within 120 s)."""
+    port = free_port()
+    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"),
+           "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
+           "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "serve", "--workers", "1",
+                             "--port", str(port),
+                             *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.2)
+
+
 _WRK_SCRIPT = """
 math.randomseed(1)
 request = function()
@@ -97,8 +142,6 @@ def _requests(text: str) -> int:
 
 def server_cpu(root: Path, settings, users: int, k: int, seconds: int, connections: int = 8) -> dict:
     """Server CPU per request under saturating load, and p50/p99 at about half that rate."""
-    from mfli.benchmarks.serve import _parse_wrk, start_server
-
     proc, base = start_server(root, settings, "--no-monitor")
     pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
     try:
@@ -113,14 +156,14 @@ def server_cpu(root: Path, settings, users: int, k: int, seconds: int, connectio
             out = _wrk(base, script, connections, seconds, "0" if pinned else None)
             cpu = process_cpu(proc.pid) - c0
             n = _requests(out)
-            runs.append({"cpu_per_request_s": cpu / max(n, 1), **_parse_wrk(out)})
+            runs.append({"cpu_per_request_s": cpu / max(n, 1), **parse_wrk(out)})
             log.info("server: %d requests, %.3f ms CPU each, %.0f req/s", n, 1e3 * cpu / max(n, 1), runs[-1]["rps"])
         rps = sorted(r["rps"] for r in runs)[len(runs) // 2]
         # half the saturating rate: 4 connections, each pausing so that together they ask rps / 2
         delay_ms = max(0.0, 4 / (rps / 2) * 1e3 - 1e3 / rps)
         half = root / "half.lua"
         half.write_text(_WRK_SCRIPT % (users - 1, k, f"function delay() return {delay_ms:.3f} end"))
-        light = [_parse_wrk(_wrk(base, half, 4, seconds, "0" if pinned else None)) for _ in range(3)]
+        light = [parse_wrk(_wrk(base, half, 4, seconds, "0" if pinned else None)) for _ in range(3)]
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -94,7 +94,7 @@ def _grid(header: list[str], rows: list[list]) -> list[str]:
     cells = [[h for h in header]] + [[_fmt(c) if isinstance(c, (int, float)) else str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i == 0 or not rows or not isinstance(rows[0][i], (int, float)) else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in cells]
     return [lines[0], "  ".join("-" * w for w in widths), *lines[1:]]
 
 

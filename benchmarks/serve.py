@@ -26,29 +26,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from mfli.benchmarks.http_cpu import start_server  # noqa: F401 (re-exported: load.py)
 from mfli.benchmarks.peers import PEERS, Catalogue, PeerRetriever, available
 from mfli.benchmarks.report import Row, result
 from mfli.benchmarks.workloads import (
-    Workload, assign_nearest, learned_workload, random_encoder, synthetic_catalogue, synthetic_histories,
+    Workload,
+    assign_nearest,
+    learned_workload,
     synthetic_workload,
 )
 from mfli.events import InteractionEvent
-from mfli.lifecycle import free_port
-from mfli.retrieval.base import Recommendation, Query
+from mfli.retrieval.base import Query, Recommendation
 from mfli.retrieval.exact import ExactRetriever
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
@@ -112,7 +109,7 @@ def timed_queries(retriever, queries: list[Query], passes: int = 3) -> tuple[flo
 
 def recall(answers: list[np.ndarray], truth: list[np.ndarray]) -> float:
     """Mean recall@k of ``answers`` against the exact top k (rows)."""
-    return float(np.mean([np.intersect1d(a, t).size / max(1, t.size) for a, t in zip(answers, truth)]))
+    return float(np.mean([np.intersect1d(a, t).size / max(1, t.size) for a, t in zip(answers, truth, strict=True)]))
 
 
 def bisect_param(recall_at, grid: list[int], target: float) -> tuple[int, float, bool]:
@@ -267,10 +264,11 @@ def compare(workload: Workload, settings, k: int, peers: list[str], churn: bool 
             retriever = PeerRetriever(peer, cat)
             best = None
             for secondary in peer.secondary:
-                def recall_at(value: int) -> float:
+                def recall_at(value: int, peer=peer, secondary=secondary, retriever=retriever, name=name) -> float:
                     peer.set_params(value, secondary)
                     r = recall([retriever.recommend(q).rows for q in queries], truth)
-                    log.debug("%s %s=%d %s=%s recall %.4f", name, peer.param, value, peer.secondary_name, secondary, r)
+                    log.debug("%s %s=%d %s=%s recall %.4f", name, peer.param, value, peer.secondary_name,
+                              secondary, r)
                     return r
 
                 value, r, reached = bisect_param(recall_at, peer.grid(want), target)
@@ -312,7 +310,8 @@ def compare(workload: Workload, settings, k: int, peers: list[str], churn: bool 
             out["peers"][name]["qps_sequential"] = out["peers"][name]["qps"]
             out["peers"][name]["qps"] = statistics.median(samples[name])
             out["peers"][name]["ratio_learned_over_peer"] = out["learned_qps"] / out["peers"][name]["qps"]
-        log.info("%s n=%d interleaved qps: %s", workload.name, n, {k_: round(statistics.median(v)) for k_, v in samples.items()})
+        log.info("%s n=%d interleaved qps: %s", workload.name, n,
+                 {k_: round(statistics.median(v)) for k_, v in samples.items()})
     if batch is not None:  # last: a churned index no longer matches the catalogue its retriever reads
         after, changed, deleted, added, _ = batch
         for name, retriever in alive.items():
@@ -328,53 +327,6 @@ def compare(workload: Workload, settings, k: int, peers: list[str], churn: bool 
 
 
 
-_WRK_SCRIPT = """
-math.randomseed(1)
-request = function()
-  return wrk.format("GET", "/v1/recommend?user_id=u" .. math.random(0, %d) .. "&k=%d")
-end
-"""
-
-
-def _parse_wrk(text: str) -> dict[str, float]:
-    """req/s and latency percentiles (ms) from ``wrk --latency`` output."""
-    units = {"us": 1e-3, "ms": 1.0, "s": 1e3}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if line.startswith("Requests/sec:"):
-            out["rps"] = float(parts[1])
-        elif len(parts) == 2 and parts[0] in ("50%", "99%"):
-            value = parts[1]
-            unit = next(u for u in ("us", "ms", "s") if value.endswith(u))
-            out[f"p{parts[0][:-1]}_ms"] = float(value[: -len(unit)]) * units[unit]
-        elif "Non-2xx" in line:
-            out["non_2xx"] = float(parts[-1])
-    return out
-
-
-def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Popen, str]:
-    """A real one-worker ``mfli serve`` on a free loopback port over ``root``'s index and users store,
-    returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within 120 s)."""
-    port = free_port()
-    env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"), "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
-           "MFLI_INDEX__MAP_SIZE": str(settings.index.map_size), "MFLI_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "serve", "--workers", "1", "--port", str(port),
-                             *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
-
-
 def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
     """Real LMDB + real ``mfli serve`` (one worker) + wrk on loopback (:mod:`mfli.benchmarks.http_cpu`):
     CPU per request in the server against the same service call in process, req/s, and p50/p99 at half
@@ -384,7 +336,8 @@ def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
     snapshot = wl.snapshot
     tag = f"{wl.name} {snapshot.n_items // 1000}k"
     if shutil.which("wrk") is None:
-        return {"rows": [], "targets": {}, "notes": [f"{tag}: HTTP part skipped: wrk not installed (apt-get install wrk)"]}
+        return {"rows": [], "targets": {},
+                "notes": [f"{tag}: HTTP part skipped: wrk not installed (apt-get install wrk)"]}
     users = len(wl.queries)
     with tempfile.TemporaryDirectory(prefix="mfli-bench-serve-") as tmp:
         root = Path(tmp)
@@ -399,12 +352,14 @@ def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
         for _ in range(args.http_rounds):
             inproc.append(in_process_cpu(local, users, args.k, args.http_requests))
             server.append(server_cpu(root, settings, users, args.k, args.http_seconds))
-    cpu_in = Row.from_samples(f"{tag} in-process service call CPU/request", [1e3 * r["cpu_per_request_s"] for r in inproc],
+    cpu_in = Row.from_samples(f"{tag} in-process service call CPU/request",
+                              [1e3 * r["cpu_per_request_s"] for r in inproc],
                               "ms CPU")
     cpu_ret = Row.from_samples(f"{tag} in-process retrieval only CPU/request",
                                [1e3 * r["retrieval_cpu_per_request_s"] for r in inproc], "ms CPU")
     cpu_srv = Row.from_samples(f"{tag} HTTP GET /v1/recommend server CPU/request",
-                               [1e3 * run["cpu_per_request_s"] for s in server for run in s["runs"]], "ms CPU").against(cpu_in)
+                               [1e3 * run["cpu_per_request_s"] for s in server for run in s["runs"]],
+                               "ms CPU").against(cpu_in)
     rps = Row.from_samples(f"{tag} HTTP req/s (1 worker, 8 conns, server pinned to a core)",
                            [run["rps"] for s in server for run in s["runs"]], "requests/s")
     half = [h for s in server for h in s["half_rate"]]
@@ -446,11 +401,14 @@ def _table(res: dict, k: int) -> dict:
              f"{res['learned_candidates']:.0f} candidates", round(res["learned_build_s"], 2),
              round(res["learned_bytes_per_item"]), _r(res.get("learned_churn_s")), "LMDB writer, in place"]]
     for name, p in res["peers"].items():
-        param = f"{p['param']}={p['value']}" + (f", {p['secondary_name']}={p['secondary']}" if p["secondary_name"] else "")
+        param = f"{p['param']}={p['value']}"
+        if p["secondary_name"]:
+            param += f", {p['secondary_name']}={p['secondary']}"
         rows.append([PEERS[name].name + ("" if p["reached"] else " (recall NOT reached)"), round(p["recall"], 4),
                      round(p["qps"]), round(p["qps"] / lq, 3), param, round(p["build_s"], 2),
                      round(p["bytes_per_item"]), _r(p.get("churn_s")), p.get("churn_how", "-")])
-    rows.append(["exact (numpy)", 1.0, round(res["exact_qps"]), round(res["exact_qps"] / lq, 3), "-", "-", "-", "-", "-"])
+    rows.append(["exact (numpy)", 1.0, round(res["exact_qps"]), round(res["exact_qps"] / lq, 3),
+                 "-", "-", "-", "-", "-"])
     return {"title": f"{res['workload']} workload, {res['items']:,} items, {res['queries']} queries, one thread",
             "header": header, "rows": rows}
 
@@ -482,7 +440,8 @@ def run(args: argparse.Namespace, settings) -> dict:
             res = compare(wl, settings, args.k, peers, churn=not args.no_churn, interleave=args.interleave)
             tag = f"{name} {n // 1000}k"
             learned_row = Row(f"{tag} learned qps", res["learned_qps"], "queries/s",
-                              note=f"recall@{args.k} {res['learned_recall']:.4f}, {res['learned_candidates']:.0f} candidates")
+                              note=f"recall@{args.k} {res['learned_recall']:.4f}, "
+                                   f"{res['learned_candidates']:.0f} candidates")
             rows += [Row(f"{tag} learned recall@{args.k}", res["learned_recall"], "ratio"), learned_row,
                      Row(f"{tag} exact qps", res["exact_qps"], "queries/s").against(learned_row)]
             for peer, p in res["peers"].items():
@@ -499,7 +458,8 @@ def run(args: argparse.Namespace, settings) -> dict:
                                | {"peers": {p: {key: v for key, v in r.items() if key != "answers"}
                                             for p, r in res["peers"].items()}})
             if res.get("learned_lmdb_write_s") is not None:
-                notes.append(f"{tag}: LMDB index written + full pass in {res['learned_lmdb_write_s']:.1f}s; churn batch "
+                notes.append(f"{tag}: LMDB index written + full pass in {res['learned_lmdb_write_s']:.1f}s; "
+                             "churn batch "
                              f"= {res['churn_items']} items (1/2 re-embedded, 1/4 deleted, 1/4 new)")
             if not args.no_http:
                 http = http_end_to_end(wl, settings, args)

@@ -201,7 +201,7 @@ class StreamSpec:
     batch: int = 2048
 
     @classmethod
-    def for_items(cls, n: int, events_per_item: float, heldout: int, seed: int = 0) -> "StreamSpec":
+    def for_items(cls, n: int, events_per_item: float, heldout: int, seed: int = 0) -> StreamSpec:
         users = max(10_000, n // 10)
         return cls(n_items=n, events=int(events_per_item * n), users=users + heldout, heldout_users=heldout,
                    topics=max(40, n // 250), seed=seed)
@@ -281,8 +281,8 @@ def _load(path: Path) -> tuple[ItemSnapshot, list[np.ndarray], list[np.ndarray],
                         codes=z["codes"], codebooks=z["codebooks"], prior=z["prior"], live=z["live"],
                         version=meta["version"], query_model=qm)
     bounds = np.concatenate([[0], np.cumsum(z["hist_len"])])
-    hist = [z["hist"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    hist_ts = [z["hist_ts"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    hist = [z["hist"][a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    hist_ts = [z["hist_ts"][a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return snap, hist, hist_ts, meta
 
 
@@ -334,7 +334,7 @@ def train_learned(spec: StreamSpec, model_settings) -> tuple[ItemSnapshot, list[
     h = model_settings.history
     hist, hist_ts = [], []
     for u, length in zip(range(spec.users - spec.heldout_users, spec.users),
-                         world.rng.integers(10, h + 1, spec.heldout_users).tolist()):
+                         world.rng.integers(10, h + 1, spec.heldout_users).tolist(), strict=True):
         hist.append(world.events_of(np.full(length, u))[0].astype(np.int64))
         hist_ts.append((spec.events + np.sort(world.rng.integers(1, 20 * h, length))) * ms_per_event)
     meta = {"upsert_s": upsert_s, "train_s": train_s, "events_per_s": spec.events / max(train_s, 1e-9),
@@ -359,9 +359,10 @@ def learned_workload(n: int, settings, k: int, n_queries: int, events_per_item: 
             _save(path, snap, hist, hist_ts, meta)
     keep = [i for i, h in enumerate(hist) if h.size >= 2][:n_queries]
     queries = with_query_vectors(snap, [hist[i] for i in keep], k, [hist_ts[i] for i in keep])
-    notes = [f"learned n={n}: the learner (F={model.facets}, d={model.dim}, M={meta['codewords']}, replay off, usage counts every 100 steps) "
-             f"trained on {spec.events:,} events of {spec.users - spec.heldout_users:,} users "
-             f"({spec.interests} drifting interests each, {spec.topics} topics) at {meta['events_per_s']:.0f} events/s; "
+    notes = [f"learned n={n}: the learner (F={model.facets}, d={model.dim}, M={meta['codewords']}, replay off, "
+             f"usage counts every 100 steps) trained on {spec.events:,} events of "
+             f"{spec.users - spec.heldout_users:,} users ({spec.interests} drifting interests each, "
+             f"{spec.topics} topics) at {meta['events_per_s']:.0f} events/s; "
              f"{len(queries)} queries = its encoder over held-out users' histories "
              f"(median {int(np.median([q.history.size for q in queries]))} events)"]
     return Workload("learned", snap, queries, notes=notes, tau=model.temperature)

@@ -32,7 +32,7 @@ def test_learned_and_peer_answers_are_scored_on_the_same_queries_and_score(compa
     sources |= {name: p["answers"] for name, p in out["peers"].items()}
     for name, answers in sources.items():
         assert len(answers) == len(wl.queries), name
-        for q, rec in zip(wl.queries, answers):
+        for q, rec in zip(wl.queries, answers, strict=True):
             assert rec.rows.size == q.k, name
             want = score(q.vector, snap.vectors[rec.rows], snap.prior[rec.rows], q.log_gates, wl.tau)
             np.testing.assert_allclose(rec.scores, want, atol=2e-5, err_msg=name)
@@ -41,7 +41,8 @@ def test_learned_and_peer_answers_are_scored_on_the_same_queries_and_score(compa
     # and the recall each reports is the overlap of those very answers with the exact top k
     truth = [r.rows for r in out["truth"]]
     for name, p in out["peers"].items():
-        overlap = np.mean([np.intersect1d(a.rows, t).size / t.size for a, t in zip(p["answers"], truth)])
+        overlap = np.mean([np.intersect1d(a.rows, t).size / t.size
+                           for a, t in zip(p["answers"], truth, strict=True)])
         assert p["recall"] == pytest.approx(overlap), name
         # exhaustive settings exist for both peers, so the bisection must reach the learned recall; a peer
         # fed another query than the learned index's would not get there

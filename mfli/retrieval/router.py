@@ -41,7 +41,7 @@ class ClusterRouter:
     group_members: np.ndarray  # int64[...] centroid rows (global)
 
     @classmethod
-    def build(cls, centroids: list[np.ndarray], seed: int = 0, group_above: int = GROUP_ABOVE) -> "ClusterRouter":
+    def build(cls, centroids: list[np.ndarray], seed: int = 0, group_above: int = GROUP_ABOVE) -> ClusterRouter:
         """Router over ``centroids[f]`` (float32[C_f, d]) of each facet."""
         dim = next((c.shape[1] for c in centroids if c.ndim == 2), 0)
         flat = np.ascontiguousarray(np.concatenate(centroids) if centroids else np.empty((0, dim)), np.float32)
@@ -63,7 +63,8 @@ class ClusterRouter:
         group_ptr = np.concatenate([[0], np.cumsum(np.concatenate(g_sizes))]) if g_sizes else np.zeros(1)
         return cls(
             centroids=flat, facet_base=facet_base,
-            group_centroids=np.ascontiguousarray(np.concatenate(g_cents) if g_cents else np.empty((0, dim)), np.float32),
+            group_centroids=np.ascontiguousarray(np.concatenate(g_cents) if g_cents else np.empty((0, dim)),
+                                                 np.float32),
             group_base=np.asarray(g_base, np.int64), group_ptr=group_ptr.astype(np.int64),
             group_members=np.concatenate(members).astype(np.int64) if members else np.empty(0, np.int64),
         )
