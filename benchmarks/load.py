@@ -28,8 +28,10 @@ from pathlib import Path
 
 import httpx
 
+from mfli.benchmarks.http_cpu import start_server
 from mfli.benchmarks.report import Row, result
-from mfli.benchmarks.serve import start_server, synthetic_catalogue, synthetic_histories, write_lmdb
+from mfli.benchmarks.serve import write_lmdb
+from mfli.benchmarks.workloads import synthetic_catalogue, synthetic_histories
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mfli.benchmarks.http_cpu import start_server  # noqa: F401 (re-exported: load.py)
 from mfli.benchmarks.peers import PEERS, Catalogue, PeerRetriever, available
 from mfli.benchmarks.report import Row, result
 from mfli.benchmarks.workloads import (

@@ -31,7 +31,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, write_lmdb
+from mfli.benchmarks.serve import write_lmdb
+from mfli.benchmarks.workloads import synthetic_catalogue, synthetic_histories
 from mfli.config import load_settings
 from mfli.server.schemas import Health, ItemResponse, RecommendResponse, SimilarResponse
 

@@ -20,7 +20,8 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, write_lmdb
+from mfli.benchmarks.serve import write_lmdb
+from mfli.benchmarks.workloads import synthetic_catalogue, synthetic_histories
 from mfli.consumers import EventStream
 from mfli.deltas import DeltaBatch, encode_deltas
 from mfli.indexer.check import check_index

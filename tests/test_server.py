@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories
+from mfli.benchmarks.workloads import synthetic_catalogue, synthetic_histories
 from mfli.config import load_settings
 from mfli.retrieval.memory import MemoryIndexView
 from mfli.server.app import ServerApp

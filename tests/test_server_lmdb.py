@@ -15,7 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
-from mfli.benchmarks.serve import synthetic_catalogue, synthetic_histories, write_lmdb
+from mfli.benchmarks.serve import write_lmdb
+from mfli.benchmarks.workloads import synthetic_catalogue, synthetic_histories
 from mfli.config import load_settings
 from mfli.deltas import CodebookSnapshot
 from mfli.events import InteractionEvent
