@@ -95,9 +95,11 @@ def parse_wrk(text: str) -> dict[str, float]:
     return out
 
 
-def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, settings, *extra_args: str, ready_timeout_s: float = 900.0
+                 ) -> tuple[subprocess.Popen, str]:
     """A real one-worker ``mfli serve`` on a free loopback port over ``root``'s index and users store,
-    returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within 120 s)."""
+    returned once ``/readyz`` answers 200 (it is killed if it dies or is not ready within ``ready_timeout_s``:
+    at 10^6 items on a loaded box the mirror's first load and the kernels' warm-up took over two minutes)."""
     port = free_port()
     env = {**os.environ, "MFLI_INDEX__PATH": str(root / "index.lmdb"),
            "MFLI_LEARNER__USERS_PATH": str(root / "users.lmdb"),
@@ -106,7 +108,7 @@ def start_server(root: Path, settings, *extra_args: str) -> tuple[subprocess.Pop
                              "--port", str(port),
                              *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_timeout_s
     while True:
         try:
             if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
