@@ -23,7 +23,7 @@ from mfli.learner.quantizer import ResidualQuantizer
 from mfli.learner.replay import ReplayBuffer
 
 #: where a step's wall time goes (``StepStats.seconds``; ``mfli bench learn`` reports each)
-PHASES = ("bookkeeping", "pooling", "forward", "quantisation", "backward", "optimiser")
+PHASES = ("bookkeeping", "pooling", "forward", "quantisation", "backward", "collective", "optimiser")
 
 
 @dataclass

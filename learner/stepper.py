@@ -8,6 +8,8 @@ before fine ones, usage statistics and dead-code resets are scheduled here, betw
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,23 +24,58 @@ _EPS = 1e-10
 _MASKED_BIAS = -1.0e4  # as learner/loss.py masks self-negatives
 
 
+@dataclass
+class RowGrads:
+    """What one step's backward left to apply: the gradient of the step's mean loss on the item rows it
+    touched (``rows`` sorted, ``grad`` ``[u, F*d]``), the codewords' gradient (when RQ is active), the
+    events the loss averaged over and the newest event time. The query encoder's gradients stay on its
+    parameters (``.grad``). Kept apart from the update so that a data-parallel group can combine every
+    rank's share before any rank applies it (learner/distributed.py)."""
+
+    rows: np.ndarray
+    grad: torch.Tensor
+    codebook_grad: torch.Tensor | None
+    events: int
+    ts_max: int
+
+
+class StepSync(Protocol):
+    """How a data-parallel group turns one rank's :class:`RowGrads` into the group's (learner/distributed.py).
+
+    ``exchange`` returns the combined rows and gradients (every rank gets the same ones, and the encoder's
+    ``.grad`` are combined in place), or None when no rank trained anything this step. ``maintain`` runs the
+    codebook upkeep once for the group and hands the result to every rank."""
+
+    def exchange(self, local: RowGrads | None) -> RowGrads | None: ...
+
+    def maintain(self, upkeep) -> None: ...
+
+
 class Stepper:
     def __init__(self, learner: LearnerState) -> None:
         self.lr = learner
+        #: None: a single learner; else the data-parallel group's exchange (learner/distributed.py)
+        self.sync: StepSync | None = None
+        self._resets_exported: np.ndarray | None = None
 
-    def step(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, ts: np.ndarray) -> StepStats:
+    def step(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, ts: np.ndarray,
+             group_items: np.ndarray | None = None) -> StepStats:
+        """One step on this learner's events. ``group_items``: in a data-parallel group, the item rows of
+        every rank's events (in rank order), which the stream-wide counts and the codebook upkeep follow."""
         L, s, cat, rq = self.lr, self.lr.settings, self.lr.items, self.lr.rq
+        all_items = items if group_items is None else group_items
         stats = StepStats(events=len(items))
         sec = stats.seconds
         t = time.perf_counter()
         win, win_ts, _ = L.users.advance_windows(users, items, ts)
         win, win_ts = L.users.keep_only(win, win_ts, cat.live[np.maximum(win, 0)])
         has = win[:, -1] >= 0
-        L.freq.add(items)
-        L.popularity.add(items)
-        L.events_seen += len(items)
+        L.freq.add(all_items)
+        L.popularity.add(all_items)
+        L.events_seen += len(all_items)
         sel = np.flatnonzero(has)
         stats.trained = len(sel)
+        local: RowGrads | None = None
         if len(sel):
             tgt = items[sel]
             win, gaps = win[sel], gap_buckets(win_ts[sel])
@@ -157,37 +194,67 @@ class Stepper:
             loss.backward()
             stats.loss = float(loss.detach())
             sec["backward"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            with torch.no_grad():
-                g = sub.grad
-                cat.acc[uniq_t] += g.pow(2).mean(dim=1)
-                upd = s.learning_rate * g / (cat.acc[uniq_t].sqrt()[:, None] + _EPS)
-                upd[torch.from_numpy(~cat.live[uniq])] = 0  # deleted rows never move
-                new = cat.normalise(sub.detach() - upd)
-                cat.emb[uniq_t] = new
-                if separate and ctx.grad is not None:  # the context rows: the same row-wise Adagrad
+            assert sub.grad is not None
+            if separate and ctx.grad is not None:  # the context rows: the same row-wise Adagrad (single learner)
+                with torch.no_grad():
                     gc = ctx.grad
                     cat.ctx_acc[uniq_t] += gc.pow(2).mean(dim=1)
                     cat.ctx[uniq_t] = cat.normalise(ctx.detach() - s.learning_rate * gc /
                                                     (cat.ctx_acc[uniq_t].sqrt()[:, None] + _EPS))
-                if cb is not None and cb.grad is not None:
-                    rq.adagrad += cb.grad.pow(2)
-                    rq.codebooks -= s.codebook_learning_rate * cb.grad / (rq.adagrad.sqrt() + _EPS)
-                drift = (new - sub.detach()).view(-1, s.facets, s.dim).norm(dim=2).mean(0)
-            L.tower.step()
-            L.touch(uniq, int(ts.max()))
-            sec["optimiser"] += time.perf_counter() - t
-            for f in range(s.facets):
-                metrics.EMBEDDING_DRIFT.labels(facet=str(f)).set(float(drift[f]))
+            local = RowGrads(uniq, sub.grad, cb.grad if cb is not None else None, len(tgt), int(ts.max()))
         else:
             sec["bookkeeping"] += time.perf_counter() - t
+        if self.sync is not None:
+            if local is None:  # nothing trained here: the encoder's share is zero, not last step's gradient
+                L.tower.zero_grad()
+            t = time.perf_counter()
+            local = self.sync.exchange(local)
+            sec["collective"] = time.perf_counter() - t
+        if local is not None:
+            t = time.perf_counter()
+            self._apply(local)
+            sec["optimiser"] += time.perf_counter() - t
         t = time.perf_counter()
         L.step += 1
-        self._schedule(items)
+        if self.upkeep_due():
+            if self.sync is None:
+                self._schedule(all_items)
+            else:  # once for the group, then broadcast
+                self.sync.maintain(lambda: self._schedule(all_items))
+        self._export_codebook_gauges()
         sec["quantisation"] += time.perf_counter() - t
         self._export(stats)
         return stats
+
+    @torch.no_grad()
+    def _apply(self, g: RowGrads) -> None:
+        """Row-wise Adagrad on the touched rows (deleted rows never move), Adagrad on the codewords, Adam
+        on the encoder: the same update on every rank of a group, since ``g`` is the group's."""
+        L, s, cat, rq = self.lr, self.lr.settings, self.lr.items, self.lr.rq
+        rows_t = torch.from_numpy(g.rows)
+        old = cat.emb[rows_t]
+        cat.acc[rows_t] += g.grad.pow(2).mean(dim=1)
+        upd = s.learning_rate * g.grad / (cat.acc[rows_t].sqrt()[:, None] + _EPS)
+        upd[torch.from_numpy(~cat.live[g.rows])] = 0
+        new = cat.normalise(old - upd)
+        cat.emb[rows_t] = new
+        if g.codebook_grad is not None:
+            rq.adagrad += g.codebook_grad.pow(2)
+            rq.codebooks -= s.codebook_learning_rate * g.codebook_grad / (rq.adagrad.sqrt() + _EPS)
+        drift = (new - old).view(-1, s.facets, s.dim).norm(dim=2).mean(0)
+        L.tower.step()
+        L.touch(g.rows, g.ts_max)
+        for f in range(s.facets):
+            metrics.EMBEDDING_DRIFT.labels(facet=str(f)).set(float(drift[f]))
+
+    def upkeep_due(self) -> bool:
+        """Whether :meth:`_schedule` has work this step: a function of state every rank of a group holds
+        alike, so each rank knows without a collective whether the group's upkeep broadcast comes."""
+        L, s, cat, rq = self.lr, self.lr.settings, self.lr.items, self.lr.rq
+        due = s.warmup_events + rq.active * s.level_interval_events
+        if rq.active < s.levels and L.events_seen >= due and int(cat.live[: len(cat)].sum()) >= 2:
+            return True
+        return bool(rq.active) and L.step % s.usage_interval_steps == 0
 
     def _schedule(self, items: np.ndarray) -> None:
         """Delayed start, coarse-before-fine activation, M growth and usage/dead-code upkeep."""
@@ -199,17 +266,26 @@ class Stepper:
         elif rq.active and L.step % s.usage_interval_steps == 0:
             recent = cat.vectors(np.unique(items))
             rq.maybe_grow(len(live), recent, L.gen)
-            before = rq.resets.copy()
             rq.update_usage(rq.encode(cat.vectors(live)), recent, L.gen)
-            dead = rq.dead_counts()
-            for f in range(s.facets):
-                for lv in range(s.levels):
-                    lab = {"facet": str(f), "level": str(lv)}
-                    metrics.CODEBOOK_UTILISATION.labels(**lab).set(rq.utilisation[f, lv])
-                    metrics.CODEBOOK_PERPLEXITY.labels(**lab).set(rq.perplexity[f, lv])
-                    metrics.CODEBOOK_DEAD.labels(**lab).set(float(dead[f, lv]))
-                    if rq.resets[f, lv] > before[f, lv]:
-                        metrics.CODEBOOK_RESETS.labels(**lab).inc(float(rq.resets[f, lv] - before[f, lv]))
+
+    def _export_codebook_gauges(self) -> None:
+        """Usage gauges after an upkeep (on every rank of a group: the upkeep's result is broadcast)."""
+        L, s, rq = self.lr, self.lr.settings, self.lr.rq
+        if not rq.active or L.step % s.usage_interval_steps:
+            return
+        dead = rq.dead_counts()
+        before = self._resets_exported
+        if before is None or before.shape != rq.resets.shape:
+            before = np.zeros_like(rq.resets)
+        self._resets_exported = np.copy(rq.resets)
+        for f in range(s.facets):
+            for lv in range(s.levels):
+                lab = {"facet": str(f), "level": str(lv)}
+                metrics.CODEBOOK_UTILISATION.labels(**lab).set(rq.utilisation[f, lv])
+                metrics.CODEBOOK_PERPLEXITY.labels(**lab).set(rq.perplexity[f, lv])
+                metrics.CODEBOOK_DEAD.labels(**lab).set(float(dead[f, lv]))
+                if rq.resets[f, lv] > before[f, lv]:
+                    metrics.CODEBOOK_RESETS.labels(**lab).inc(float(rq.resets[f, lv] - before[f, lv]))
 
     def _export(self, stats: StepStats) -> None:
         for phase, seconds in stats.seconds.items():

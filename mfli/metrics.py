@@ -38,6 +38,14 @@ USER_INTEREST_SHIFT = Gauge(
 )
 LEARNER_ITEMS = Gauge("mfli_learner_items", "Item rows known to the learner")
 LEARNER_USERS = Gauge("mfli_learner_users", "User rows known to the learner")
+LEARNER_COLLECTIVE_SECONDS = Histogram(
+    "mfli_learner_collective_seconds", "Wall time of one collective of the data-parallel learner group", ["kind"]
+)
+LEARNER_COLLECTIVE_BYTES = Counter(
+    "mfli_learner_collective_bytes", "Payload bytes this learner rank contributed to the group's collectives",
+    ["kind"]
+)
+LEARNER_RANK = Gauge("mfli_learner_rank_info", "1, labelled with this learner's rank and group size", ["rank", "world"])
 CHECKPOINT_SECONDS = Histogram("mfli_checkpoint_seconds", "Time to write a checkpoint")
 ITEM_UPDATES_PUBLISHED = Counter("mfli_item_updates_published", "Item deltas published to the indexer")
 USER_STATE_PUBLISHED = Counter("mfli_user_state_published", "User-state records sent to replicas (mfli.user-state)")

@@ -35,6 +35,9 @@ class Panel:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: joins a per-instance series with the rank of the learner process behind that scrape target
+BY_RANK = " * on (instance) group_left (rank) mfli_learner_rank_info"
+
 ROWS: list[tuple[str, list[Panel]]] = [
     ("Throughput", [
         Panel("Events consumed / s", "ops", [
@@ -153,6 +156,27 @@ ROWS: list[tuple[str, list[Panel]]] = [
             (f"histogram_quantile(0.5, sum by (le) (rate(mfli_candidates_per_request_bucket[{RATE}])))", "p50"),
             (f"histogram_quantile(0.99, sum by (le) (rate(mfli_candidates_per_request_bucket[{RATE}])))", "p99"),
         ]),
+    ]),
+    # one series per learner rank (mfli learn --workers N): each rank is its own scrape target, and
+    # mfli_learner_rank_info names its rank, so the series are joined on the scrape instance
+    ("Learner group (data-parallel ranks)", [
+        Panel("Events / s per rank", "ops", [
+            (f"sum by (instance) (rate(mfli_learner_events_total[{RATE}]))" + BY_RANK, "rank {{rank}}"),
+        ]),
+        Panel("Step time p95 per rank", "s", [
+            (f"histogram_quantile(0.95, sum by (instance, le) (rate(mfli_learner_step_seconds_bucket"
+             f"{{phase=\"total\"}}[{RATE}])))" + BY_RANK, "rank {{rank}}"),
+        ]),
+        Panel("Collective seconds / s per rank", "s", [
+            (f"sum by (instance) (rate(mfli_learner_collective_seconds_sum[{RATE}]))" + BY_RANK, "rank {{rank}}"),
+        ], "Share of each rank's wall time spent in the group's collectives (waiting for the slowest rank included)."),
+        Panel("Collective bytes per event per rank", "bytes", [
+            (f"sum by (instance) (rate(mfli_learner_collective_bytes_total[{RATE}])) / "
+             f"sum by (instance) (rate(mfli_learner_events_total[{RATE}]))" + BY_RANK, "rank {{rank}}"),
+        ]),
+        Panel("Partition lag per rank", "short", [
+            ("sum by (instance) (mfli_consumer_lag_messages{topic=\"mfli.events\"})" + BY_RANK, "rank {{rank}}"),
+        ], width=24),
     ]),
     ("Processes", [
         Panel("Up / ready", "short", [

@@ -1,0 +1,77 @@
+"""A data-parallel learner rank for tests (run as a script: one process per rank) and the stream it learns.
+
+``python tests/dist_harness.py RANK WORLD INIT_FILE OUT`` joins a gloo group through a file store, steps a
+:class:`~mfli.learner.distributed.DistributedLearner` over its users' share of :func:`stream` and saves its
+model fingerprint to OUT. The test runs one learner on the union of the same batches and compares.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mfli.config import ModelSettings
+
+STEPS, BATCH, USERS, ITEMS = 40, 48, 40, 90
+
+
+def settings() -> ModelSettings:
+    """A small model on which the group's step is exactly the union's: F=1, a full softmax (the catalogue
+    is smaller than ``uniform_negatives``), no replay, no in-batch quantised term. The codebooks start,
+    add their second level and run usage upkeep inside the run, so the upkeep broadcast is exercised."""
+    return ModelSettings(facets=1, dim=16, history=8, levels=2, codewords=8, warmup_events=400,
+                         level_interval_events=400, usage_interval_steps=3, dead_code_window=2, replay_ratio=0.0,
+                         quantised_loss=False, uniform_negatives=4096, seed=7)
+
+
+def stream(seed: int = 3) -> list[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+    """STEPS batches of (user ids, item ids, values, ts): skewed items, users with tastes."""
+    rng = np.random.default_rng(seed)
+    out, t = [], 1_000_000
+    for _ in range(STEPS):
+        u = rng.integers(0, USERS, BATCH)
+        it = (u * 7 + rng.zipf(1.6, BATCH)) % ITEMS
+        values = rng.integers(1, 6, BATCH).astype(np.float32)
+        ts = t + np.arange(BATCH, dtype=np.int64) * 1000
+        t += BATCH * 1000
+        out.append(([f"u{x}" for x in u], [f"i{x}" for x in it], values, ts))
+    return out
+
+
+def shard(batch, rank: int, world: int):
+    """The events of the users rank ``rank`` owns (user number mod world), in stream order."""
+    users, items, values, ts = batch
+    keep = np.asarray([int(x[1:]) % world == rank for x in users])
+    return [x for x, k in zip(users, keep, strict=True) if k], \
+        [x for x, k in zip(items, keep, strict=True) if k], values[keep], ts[keep]
+
+
+def union(batch, world: int):
+    """The batch as the group concatenates it: rank 0's events, then rank 1's, ..."""
+    parts = [shard(batch, r, world) for r in range(world)]
+    return [x for p in parts for x in p[0]], [x for p in parts for x in p[1]], \
+        np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+
+
+def main(rank: int, world: int, init_file: str, out: str) -> None:
+    from mfli.learner.distributed import DistributedLearner, init_group, model_fingerprint
+
+    init_group("gloo", rank, world, f"file://{init_file}", timeout_s=60)
+    learner = DistributedLearner(settings(), rank, world)
+    for batch in stream():
+        learner.learn_group(*shard(batch, rank, world))
+    fp = model_fingerprint(learner)
+    fp["rq_active"] = torch.tensor(learner.rq.active)
+    fp["resets"] = torch.from_numpy(learner.rq.resets.copy())
+    fp["comm_bytes"] = torch.tensor(learner.sync.comm.bytes_sent)
+    fp["item_ids"] = learner.items.ids.ids()
+    torch.save(fp, out)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent))
+    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
