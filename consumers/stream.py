@@ -117,7 +117,11 @@ class EventStream:
         on_assigned: Callable[[set[TopicPartition]], Mapping[TopicPartition, int] | None] | None = None,
         on_revoked: Callable[[set[TopicPartition]], None] | None = None,
         dlq: DeadLetterWriter | None = None,
+        partitions: Iterable[TopicPartition] | None = None,
     ) -> None:
+        """``partitions``: read exactly these (explicit assignment, no group membership: a data-parallel
+        learner rank owns a fixed share of the partitions, learner/group.py) instead of subscribing to
+        ``topics``; ``group_id`` is then only where offsets are committed."""
         k, ingest = settings.kafka, settings.ingest
         self.settings = settings
         self.topics = list(topics) if topics is not None else [k.events_topic, k.items_topic]
@@ -139,7 +143,13 @@ class EventStream:
         self._poll_records = k.max_poll_records
         self._leftover: deque[tuple[TopicPartition, list]] = deque()
         self._consumer = make_consumer(k, group_id or k.learner_group)
-        self._consumer.subscribe(self.topics, listener=_Listener(self))
+        if partitions is None:
+            self._consumer.subscribe(self.topics, listener=_Listener(self))
+        else:
+            owned = sorted(partitions)
+            if any(tp.topic not in self._validators for tp in owned):
+                raise ValueError(f"no schema for some of {owned}")
+            self._consumer.assign(owned)
         self._dlq = dlq or DeadLetterWriter(k)
         self._owns_dlq = dlq is None
 

@@ -20,6 +20,7 @@ from mfli.config import ModelSettings
 from mfli.learner.learner import MFLILearner
 
 FORMAT_VERSION = 1
+DEDUPE_IDS_KEPT = 100_000  # newest event ids checkpointed: duplicates arrive close to their original
 
 
 def save_checkpoint(
@@ -34,6 +35,14 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT_VERSION, "learner": learner.state_dict(), "offsets": dict(offsets or {}),
                "extra": dict(extra or {})}
+    write_atomic(path, payload)
+    metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
+    return path
+
+
+def write_atomic(path: Path, payload: object) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path``, fsync the directory:
+    a crash leaves the old file or the new one, never a torn one."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -49,8 +58,6 @@ def save_checkpoint(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
-    return path
 
 
 def load_checkpoint(path: str | Path) -> tuple[MFLILearner, dict]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -36,7 +37,8 @@ from mfli.config import Settings
 from mfli.consumers.stream import Batch, EventStream
 from mfli.kafka.clients import make_producer, wait_for_broker
 from mfli.kafka.offsets import offsets_from_json, offsets_to_json
-from mfli.learner.checkpoint import read_checkpoint, save_checkpoint
+from mfli.learner import group
+from mfli.learner.checkpoint import DEDUPE_IDS_KEPT, read_checkpoint, save_checkpoint
 from mfli.learner.learner import MFLILearner
 from mfli.learner.publisher import Publisher
 from mfli.lifecycle import stop_on_signals
@@ -45,7 +47,6 @@ from mfli.storage.users_lmdb import UsersStore
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "learner.ckpt"
-DEDUPE_IDS_KEPT = 100_000  # newest event ids checkpointed: duplicates arrive close to their original
 
 
 class LearnerProcess:
@@ -158,6 +159,19 @@ class LearnerProcess:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (overrides settings)")
     parser.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0 = run forever)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data-parallel learner ranks on this machine (default: learner.workers); > 1 starts "
+                             "a group that learns one model (learner/group.py) and restarts it if a rank fails")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="run as this rank of a group (set by the launcher, or RANK under torchrun)")
+    parser.add_argument("--world", type=int, default=None, help="the group's size (or WORLD_SIZE under torchrun)")
+    parser.add_argument("--init-method", default=None,
+                        help="torch.distributed rendezvous, e.g. tcp://host:port (default under torchrun: env://)")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -166,6 +180,20 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.kafka.bootstrap_servers:
         log.error("no Kafka bootstrap servers: set MFLI_KAFKA__BOOTSTRAP_SERVERS or --bootstrap")
         return 2
+    workers = args.workers or settings.learner.workers
+    rank = args.rank if args.rank is not None else _env_int("RANK")
+    if rank is not None:  # one rank of a group: started by our launcher or by torchrun
+        world = args.world or _env_int("WORLD_SIZE") or 1
+        init = args.init_method or "env://"
+        if not wait_for_broker(settings.kafka, "learner", lambda: False):
+            return 0
+        return group.rank_main(settings, rank, world, init, args.max_seconds)
+    if workers > 1:
+        stop = stop_on_signals()
+        extra = ["--max-seconds", str(args.max_seconds)] if args.max_seconds else []
+        if args.bootstrap:
+            extra += ["--bootstrap", args.bootstrap]
+        return group.launch(settings, workers, extra, stop.is_set)
     metrics.serve_metrics(settings.learner.metrics_port, process="learner")
     stop = stop_on_signals()
     metrics.UP.labels(process="learner").set(1)

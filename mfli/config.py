@@ -184,7 +184,16 @@ class LearnerSettings(BaseModel):
         2.0, gt=0, description="publish the query encoder's weights at most this often (~100 KB each); the "
         "server computes queries with the newest version it has")
     users_path: Path = Path("var/users.lmdb")
-    metrics_port: int = Field(9101, ge=0)
+    metrics_port: int = Field(9101, ge=0, description="rank r of a data-parallel group serves on this + r")
+    # --- data-parallel group (issue 14, learner/group.py) ---
+    workers: int = Field(1, ge=1, description="learner ranks `mfli learn` starts on this machine (one model, "
+                         "kept identical by torch.distributed; each rank owns events partitions p % N == rank)")
+    backend: Literal["gloo", "nccl"] = Field("gloo", description="torch.distributed backend (nccl on GPUs)")
+    collective_timeout_s: float = Field(
+        60.0, gt=0, description="a collective waiting longer than this fails its rank (a peer died or hangs), "
+        "and the group restarts from its last checkpoint; longer than the slowest step plus a checkpoint")
+    max_group_restarts: int = Field(20, ge=0, description="group restarts `mfli learn --workers N` makes "
+                                    "after a rank failed before it gives up")
 
 
 class IndexSettings(BaseModel):

@@ -58,3 +58,39 @@ def test_two_ranks_hold_one_model_equal_to_a_single_learner_on_the_union(tmp_pat
     fresh = model_fingerprint(MFLILearner(dist_harness.settings()))
     moved = [k for k in fresh if k.startswith("encoder.") and not torch.allclose(fresh[k], r0[k], atol=1e-3)]
     assert moved
+
+
+HANG = """
+import sys, time
+import torch, torch.distributed as dist
+from mfli.learner.distributed import DistributedLearner, init_group
+from mfli.config import ModelSettings
+rank, init = int(sys.argv[1]), sys.argv[2]
+init_group("gloo", rank, 2, init, timeout_s=3)
+learner = DistributedLearner(ModelSettings(dim=8, history=4), rank, 2)
+if rank == 1:
+    time.sleep(60)  # alive, connected, never enters the step: a hung peer
+t = time.monotonic()
+try:
+    learner.learn_group(["u"], ["i"], torch.ones(1).numpy(), torch.ones(1, dtype=torch.int64).numpy())
+except RuntimeError as exc:
+    print(f"FAILED after {time.monotonic() - t:.1f}s: {type(exc).__name__}", flush=True)
+    sys.exit(3)
+"""
+
+
+def test_a_hung_peer_fails_the_collective_within_the_timeout(tmp_path: Path) -> None:
+    """A peer that is alive but stuck (no connection reset to notice) must still not hang the group:
+    the collective's timeout fails the waiting rank, which exits non-zero for its launcher to see."""
+    init = f"file://{tmp_path / 'init'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", HANG, str(r), init], env=env, stdout=subprocess.PIPE, text=True)
+             for r in range(2)]
+    try:
+        out, _ = procs[0].communicate(timeout=50)
+        assert procs[0].returncode == 3, out
+        assert "FAILED after" in out
+        assert float(out.split("after ")[1].split("s")[0]) < 15
+    finally:
+        procs[1].kill()
+        procs[1].wait()

@@ -1,0 +1,350 @@
+"""``mfli learn --workers N``: a data-parallel learner group (issue 14) — its ranks, checkpoint and launcher.
+
+**Ranks.** Rank r of N reads the ``mfli.events`` partitions p with ``p % N == r`` by explicit assignment
+(the topic is keyed by user, so a user's history, replay examples and de-duplication window stay on one
+rank); rank 0 also reads ``mfli.items`` and hands catalogue changes to the group inside the step's meta
+gather. Every loop iteration is one group step (learner/distributed.py), taken by every rank even with no
+events of its own. Rank 0 decides *when* to flush and checkpoint and any rank may ask to stop; the
+decisions travel in the same gather, so every rank acts at the same step. Rank 0 alone publishes
+deltas, codebooks and the encoder (its model is everyone's).
+
+**One checkpoint for the group** (``<checkpoint_dir>/group``): ``ckpt-<seq>/model.pt`` (rank 0: the model,
+the publisher's held rows) and ``ckpt-<seq>/rank-<r>.pt`` (every rank: its users' windows, replay buffer,
+negative-sampling generator, offsets of its partitions, de-duplication window). Every rank writes its
+file, a barrier checks that all succeeded, rank 0 renames ``CURRENT`` onto the new directory, a second
+barrier, and only then does each rank commit its Kafka offsets. ``CURRENT`` is the commit point: a crash
+before it leaves the previous checkpoint whole, a crash after it leaves the new one whole; a restart of
+the group loads ``CURRENT`` on every rank and so resumes from the same step everywhere, re-learning
+exactly the events after the checkpoint's offsets, once.
+
+**A crashed rank.** Its peers are inside (or soon enter) a collective with it: gloo fails that
+collective when the peer's connection closes (SIGKILL, a machine gone) and otherwise after
+``learner.collective_timeout_s`` (a peer hung), so they exit non-zero instead of hanging. The launcher
+(:func:`launch`, one machine) watches its ranks: the first rank to exit non-zero makes it stop the
+others and start the whole group again, from ``CURRENT``, on a new rendezvous port. On several machines
+``torchrun`` (``--max-restarts``) is that launcher: its agents tear down and restart every worker of the
+group when one fails (docs/design.md §Delivery). Deltas published after the last checkpoint by the dead
+group are re-published by the restarted one with newer versions, so the index converges to the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, TopicPartition
+
+from mfli import metrics
+from mfli.config import Settings
+from mfli.consumers.stream import EventStream
+from mfli.kafka.clients import make_producer
+from mfli.kafka.offsets import offsets_from_json, offsets_to_json
+from mfli.learner.checkpoint import DEDUPE_IDS_KEPT, write_atomic
+from mfli.learner.distributed import DistributedLearner, init_group
+from mfli.learner.publisher import Publisher
+from mfli.storage.users_lmdb import UsersStore
+
+log = logging.getLogger(__name__)
+
+GROUP_DIR = "group"
+FORMAT_VERSION = 1
+
+
+def owned_partitions(consumer: KafkaConsumer, topic: str, rank: int, world: int,
+                     timeout_s: float = 30.0) -> list[TopicPartition]:
+    """The partitions of ``topic`` rank ``rank`` owns: ``p % world == rank`` (a fixed, disjoint split: a
+    restarted group gives every rank the partitions whose users' state its checkpoint holds)."""
+    deadline = time.monotonic() + timeout_s
+    parts = consumer.partitions_for_topic(topic)
+    while not parts and time.monotonic() < deadline:
+        time.sleep(0.2)
+        consumer.topics()  # refreshes metadata
+        parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise RuntimeError(f"topic {topic} has no partitions (does it exist?)")
+    if len(parts) < world:
+        log.warning("%s has %d partitions for %d ranks: some ranks will own none", topic, len(parts), world)
+    return [TopicPartition(topic, p) for p in sorted(parts) if p % world == rank]
+
+
+class GroupCheckpoint:
+    """The group's checkpoint directory (see the module docstring)."""
+
+    def __init__(self, directory: Path, rank: int, world: int) -> None:
+        self.dir, self.rank, self.world = Path(directory), rank, world
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def current(self) -> tuple[int, Path] | None:
+        marker = self.dir / "CURRENT"
+        if not marker.exists():
+            return None
+        name, world = marker.read_text().split()
+        if int(world) != self.world:
+            raise RuntimeError(f"{self.dir} holds a checkpoint of a {world}-rank group, not {self.world}: the "
+                               "user state is split by partition owner, so the group size must stay the same")
+        return int(name.split("-")[1]), self.dir / name
+
+    def load(self) -> tuple[int, dict, dict] | None:
+        """(sequence, model payload, this rank's payload) of ``CURRENT``, or None on a first start."""
+        cur = self.current()
+        if cur is None:
+            return None
+        seq, where = cur
+        model = torch.load(where / "model.pt", weights_only=False)
+        mine = torch.load(where / f"rank-{self.rank}.pt", weights_only=False)
+        for payload in (model, mine):
+            if payload.get("format") != FORMAT_VERSION:
+                raise ValueError(f"{where}: group checkpoint format {payload.get('format')!r}")
+        return seq, model, mine
+
+    def write(self, seq: int, model: dict | None, mine: dict) -> None:
+        where = self.dir / f"ckpt-{seq:08d}"
+        where.mkdir(parents=True, exist_ok=True)
+        if model is not None:
+            write_atomic(where / "model.pt", {"format": FORMAT_VERSION, **model})
+        write_atomic(where / f"rank-{self.rank}.pt", {"format": FORMAT_VERSION, **mine})
+
+    def commit(self, seq: int) -> None:
+        """Rank 0, once every rank's file is durable: point ``CURRENT`` at ``seq``; drop older ones but
+        the previous (kept for inspection)."""
+        tmp = self.dir / "CURRENT.tmp"
+        tmp.write_text(f"ckpt-{seq:08d} {self.world}\n")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.dir / "CURRENT")
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        for old in sorted(self.dir.glob("ckpt-*"))[:-2]:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+
+class RankProcess:
+    """One rank's loop: ``run_once`` is one poll → group step → users store → (flush) → (checkpoint)."""
+
+    def __init__(self, settings: Settings, rank: int, world: int) -> None:
+        if settings.model.encoder_input != "shared":
+            raise ValueError("the learner process trains encoder_input='shared' only")
+        self.settings, self.rank, self.world = settings, rank, world
+        ls, k = settings.learner, settings.kafka
+        self.learner = DistributedLearner(settings.model, rank, world)
+        self.ckpt = GroupCheckpoint(Path(ls.checkpoint_dir) / GROUP_DIR, rank, world)
+        self.offsets: dict[TopicPartition, int] = {}
+        self.seq = 0
+        self.events_received = 0
+        recent: list[str] = []
+        held: list[int] = []
+        restored = self.ckpt.load()
+        if restored is not None:
+            self.seq, model, mine = restored
+            self.learner.load_group_state(model["learner"], mine["learner"])
+            self.offsets = offsets_from_json(mine["offsets"])
+            recent = list(mine.get("recent_event_ids", []))
+            self.events_received = int(mine.get("events_received", 0))
+            held = [int(r) for r in model.get("held_rows", [])]
+            log.info("rank %d/%d restored group checkpoint %d at step %d (%d events)", rank, world, self.seq,
+                     self.learner.step, self.learner.events_seen)
+        self.users = UsersStore(ls.users_path, history=settings.model.history)
+        probe = KafkaConsumer(bootstrap_servers=k.bootstrap_servers.split(","))
+        try:
+            owned = owned_partitions(probe, k.events_topic, rank, world)
+            if rank == 0:
+                owned += owned_partitions(probe, k.items_topic, 0, 1)
+        finally:
+            probe.close()
+        self.stream = EventStream(settings, group_id=k.learner_group, topics=sorted({tp.topic for tp in owned}),
+                                  partitions=owned)
+        self.stream.dedupe.admit_many(recent)
+        self.stream.seek_to(self.offsets)
+        self.producer = make_producer(k) if rank == 0 else None
+        self.publisher = Publisher(settings, self.learner, self.producer, held=held) \
+            if self.producer is not None else None
+        self._last_flush = self._last_ckpt = time.monotonic()
+        self._dirty = False
+        self.stop_requested = False
+        metrics.LEARNER_RANK.labels(rank=str(rank), world=str(world)).set(1)
+        log.info("rank %d/%d owns %s", rank, world, sorted(f"{tp.topic}:{tp.partition}" for tp in owned))
+
+    def run_once(self) -> bool:
+        """One group step; False once the group has stopped (after its final checkpoint)."""
+        batch = self.stream.poll_batch()
+        mono = time.monotonic()
+        ls = self.settings.learner
+        control: dict[str, Any] = {"stop": self.stop_requested, "dirty": self._dirty or bool(batch.offsets)}
+        if self.rank == 0:
+            control["flush"] = mono - self._last_flush >= ls.flush_interval_ms / 1000
+            control["checkpoint"] = mono - self._last_ckpt >= ls.checkpoint_interval_s
+            if len(batch) and self.publisher is not None:
+                self.publisher.ingested(time.time())
+        events = batch.events
+        t0 = time.perf_counter()
+        values = np.asarray([np.nan if e.value is None else e.value for e in events], dtype=np.float32)
+        _, controls = self.learner.learn_group(
+            [e.user_id for e in events], [e.item_id for e in events], values,
+            np.asarray([e.ts for e in events], dtype=np.int64), upserts=batch.items, control=control)
+        self.events_received += len(events)
+        if len(batch):
+            self.users.apply(events, offsets=offsets_to_json(batch.offsets))
+            metrics.LEARNER_STEP_SECONDS.labels(phase="total").observe(time.perf_counter() - t0)
+        if batch.offsets:
+            self.offsets.update(batch.offsets)
+            self._dirty = True
+        lead = controls[0]
+        stop = any(c["stop"] for c in controls)
+        if lead["flush"]:
+            self.flush()
+        if stop or (lead["checkpoint"] and any(c["dirty"] for c in controls)):
+            self.checkpoint(final=stop)
+        elif lead["checkpoint"]:
+            self._last_ckpt = time.monotonic()
+        return not stop
+
+    def flush(self, everything: bool = False) -> None:
+        """Rank 0 publishes what changed; the others forget it (rank 0's copy of the model is theirs)."""
+        self._last_flush = time.monotonic()
+        if self.publisher is not None:
+            self.publisher.flush(everything)
+        else:
+            self.learner.changed.clear()
+            self.learner.deleted.clear()
+        metrics.LEARNER_ITEMS.set(len(self.learner.items))
+        metrics.LEARNER_USERS.set(len(self.learner.users))
+        self.stream.lag()
+
+    def checkpoint(self, final: bool = False) -> None:
+        """Deltas out (rank 0), every rank's state on disk, ``CURRENT`` moved, then the Kafka commits."""
+        t0 = time.perf_counter()
+        self.flush(everything=final)
+        self.seq += 1
+        ok = True
+        try:
+            model = None
+            if self.rank == 0:
+                assert self.publisher is not None
+                model = {"learner": self.learner.model_state(), "held_rows": self.publisher.held_rows}
+            self.ckpt.write(self.seq, model, {
+                "learner": self.learner.rank_state(), "offsets": offsets_to_json(self.offsets),
+                "recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
+                "events_received": self.events_received})
+        except OSError:
+            log.exception("rank %d could not write its checkpoint file", self.rank)
+            ok = False
+        sync = self.learner.sync
+        if not sync.barrier_all_ok(ok):
+            raise RuntimeError(f"group checkpoint {self.seq} failed on some rank; restarting from the last one")
+        if self.rank == 0:
+            self.ckpt.commit(self.seq)
+        sync.barrier_all_ok(True)  # CURRENT is durable before anyone commits to Kafka
+        self.stream.commit(dict(self.offsets))
+        self._last_ckpt = time.monotonic()
+        self._dirty = False
+        metrics.CHECKPOINT_SECONDS.observe(time.perf_counter() - t0)
+        log.info("rank %d: group checkpoint %d at step %d, %d events (group), %d received here", self.rank,
+                 self.seq, self.learner.step, self.learner.events_seen, self.events_received)
+
+    def close(self) -> None:
+        self.stream.close()
+        if self.producer is not None:
+            self.producer.close()
+        self.users.close()
+
+
+def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_seconds: float = 0.0) -> int:
+    """Run one rank until the group stops (SIGTERM/SIGINT on any rank, or ``max_seconds``); a failed
+    collective or any error exits non-zero so the launcher restarts the group."""
+    port = settings.learner.metrics_port
+    metrics.serve_metrics(port + rank if port else 0, process="learner")
+    proc_ref: list[RankProcess] = []
+
+    def request_stop(signum: int, frame: object) -> None:
+        if proc_ref:
+            proc_ref[0].stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    init_group(settings.learner.backend, rank, world, init_method, settings.learner.collective_timeout_s)
+    metrics.UP.labels(process="learner").set(1)
+    proc = RankProcess(settings, rank, world)
+    proc_ref.append(proc)
+    metrics.READY.labels(process="learner").set(1)
+    started = time.monotonic()
+    try:
+        while True:
+            if max_seconds and time.monotonic() - started >= max_seconds:
+                proc.stop_requested = True
+            if not proc.run_once():
+                break
+    finally:
+        proc.close()
+        metrics.UP.labels(process="learner").set(0)
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def launch(settings: Settings, workers: int, extra_args: list[str], stop_is_set) -> int:
+    """Start ``workers`` ranks on this machine and keep the group alive: when a rank exits non-zero (or is
+    killed), stop the others and start the group again from its checkpoint. Returns when every rank
+    exited 0 (the group stopped), or 1 after ``learner.max_group_restarts`` restarts."""
+    restarts = 0
+    while True:
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        procs = [subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "learn", "--rank", str(r),
+                                   "--world", str(workers), "--init-method", init, *extra_args])
+                 for r in range(workers)]
+        log.info("learner group of %d started (%s), pids %s", workers, init, [p.pid for p in procs])
+        failed = None
+        forwarded = False
+        while failed is None:
+            if stop_is_set() and not forwarded:
+                for p in procs:  # any rank's request stops the group at one step, after a final checkpoint
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+                forwarded = True
+            codes = [p.poll() for p in procs]
+            failed = next((r for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is None and all(c == 0 for c in codes):
+                log.info("learner group stopped")
+                return 0
+            time.sleep(0.1)
+        log.warning("learner rank %d exited with %s: stopping the group and restarting it from its checkpoint",
+                    failed, procs[failed].returncode)
+        _stop(procs, grace_s=5.0)
+        if stop_is_set():
+            return 1
+        restarts += 1
+        if restarts > settings.learner.max_group_restarts:
+            log.error("learner group failed %d times; giving up", restarts)
+            return 1
+        time.sleep(min(10.0, 0.5 * restarts))

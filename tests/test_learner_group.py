@@ -1,0 +1,164 @@
+"""``mfli learn --workers 2`` over a real broker, with a real indexer: SIGKILL one rank mid-stream.
+
+What must hold afterwards (issue 14): the launcher noticed and restarted the group from its checkpoint,
+every valid event was learned exactly once (the group's model counted each once; each rank received
+exactly its partitions' events once), each rank's checkpointed offsets are its partitions' ends, and the
+index holds the learner's final vectors for every live item.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kafka import KafkaConsumer, TopicPartition
+
+from mfli.config import ModelSettings
+from mfli.kafka.clients import make_producer
+from mfli.learner.learner import MFLILearner
+from mfli.orchestration.produce import produce_records
+from mfli.sources.synthetic import SyntheticStream
+from mfli.storage.index.reader import LmdbIndex
+
+pytestmark = pytest.mark.slow
+
+MAP = 1 << 28
+
+
+def _env(kafka_env, settings, tmp_path: Path) -> dict[str, str]:
+    env = kafka_env(settings)
+    env.update({
+        "MFLI_LEARNER__CHECKPOINT_DIR": str(tmp_path / "learner"), "MFLI_LEARNER__USERS_PATH": str(tmp_path / "users"),
+        "MFLI_LEARNER__CHECKPOINT_INTERVAL_S": "1.0", "MFLI_LEARNER__METRICS_PORT": "0",
+        "MFLI_LEARNER__COLLECTIVE_TIMEOUT_S": "30", "MFLI_INGEST__BATCH_SIZE": "128",
+        "MFLI_MODEL__WARMUP_EVENTS": "500", "MFLI_MODEL__DIM": "16", "MFLI_MODEL__HISTORY": "10",
+        "MFLI_INDEX__PATH": str(tmp_path / "index"), "MFLI_INDEX__METRICS_PORT": "0",
+        "MFLI_INDEX__MAP_SIZE": str(MAP), "MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "MFLI_LOG_LEVEL": "INFO",
+        "OMP_NUM_THREADS": "1",
+    })
+    return env
+
+
+def _produce(settings, n: int, seed: int, start_ts: int) -> int:
+    stream = SyntheticStream(n_users=60, n_items=200, n_topics=5, seed=seed, start_ts=start_ts)
+    producer = make_producer(settings.kafka)
+    counts = produce_records(producer, settings, stream.records(n), progress=False)
+    producer.close()
+    return counts["events"]
+
+
+def _current(tmp_path: Path) -> tuple[dict, list[dict]] | None:
+    group = tmp_path / "learner" / "group"
+    try:
+        name, world = (group / "CURRENT").read_text().split()
+        model = torch.load(group / name / "model.pt", weights_only=False)
+        ranks = [torch.load(group / name / f"rank-{r}.pt", weights_only=False) for r in range(int(world))]
+    except (FileNotFoundError, ValueError, RuntimeError, EOFError):
+        return None  # not written yet, or pruned between reading CURRENT and the files
+    return model, ranks
+
+
+def _ranks(launcher: subprocess.Popen) -> dict[int, int]:
+    """rank -> pid of the launcher's live children."""
+    out = {}
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if b"--rank" in args:
+            out[int(args[args.index(b"--rank") + 1])] = int(pid)
+    return out
+
+
+def _wait(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _highwater(settings, topic: str, partitions: int) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=2000)
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(tps)
+    ends = dict.fromkeys(range(partitions), 0)
+    for record in consumer:
+        ends[record.partition] = max(ends[record.partition], record.offset + 1)
+    consumer.close()
+    return ends
+
+
+def test_sigkill_of_one_rank_restarts_the_group_and_loses_nothing(kafka_settings, kafka_env, tmp_path):
+    settings = kafka_settings
+    env = _env(kafka_env, settings, tmp_path)
+    first = _produce(settings, 2_500, seed=1, start_ts=1_700_000_000_000)
+    launcher = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "learn", "--workers", "2"], env=env,
+                                start_new_session=True)
+    indexer = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "index"], env=env,
+                               start_new_session=True)
+    try:
+        # mid-stream: a group checkpoint exists and the first half is not all learned yet
+        state = _wait(lambda: (c := _current(tmp_path)) and 0 < c[0]["learner"]["events_seen"] < first and c,
+                      240, "a group checkpoint in the middle of the stream")
+        victims = _wait(lambda: (r := _ranks(launcher)) and len(r) == 2 and r, 30, "both ranks")
+        os.kill(victims[1], signal.SIGKILL)
+        killed_at = state[0]["learner"]["events_seen"]
+        second = _produce(settings, 1_500, seed=2, start_ts=1_800_000_000_000)
+        total = first + second
+        _wait(lambda: (r := _ranks(launcher)) and len(r) == 2 and r[1] != victims[1] and r[0] != victims[0],
+              120, "the launcher to restart the whole group")
+        _wait(lambda: (c := _current(tmp_path)) and c[0]["learner"]["events_seen"] >= total, 400,
+              "the group to learn every event")
+        launcher.send_signal(signal.SIGTERM)  # final flush (everything) + checkpoint + commit
+        assert launcher.wait(timeout=120) == 0
+        model, ranks = _current(tmp_path)
+        # exactly once: the model counted every valid event once, each rank received its share once
+        assert model["learner"]["events_seen"] == total, (killed_at, model["learner"]["events_seen"], total)
+        assert sum(r["events_received"] for r in ranks) == total
+        assert all(r["events_received"] > 0 for r in ranks), "both ranks learned a share"
+        ends = _highwater(settings, settings.kafka.events_topic, 2)
+        stored = {}
+        for r in ranks:
+            stored.update({k: v for k, v in r["offsets"].items() if k.startswith(settings.kafka.events_topic)})
+        assert stored == {f"{settings.kafka.events_topic}:{p}": e for p, e in ends.items()}
+        assert {k.rsplit(":", 1)[1] for k in ranks[1]["offsets"]} == {"1"}, "rank 1 owns partition 1 alone"
+        # the index converges to the learner's final vectors
+        learner = MFLILearner(ModelSettings(**model["learner"]["settings"]))
+        learner.load_state_dict({**model["learner"], **ranks[0]["learner"]})
+        updates = _highwater(settings, settings.kafka.item_updates_topic, 1)[0]
+
+        def caught_up() -> bool:
+            try:
+                with LmdbIndex(tmp_path / "index", MAP).view() as view:
+                    return view.offsets().get(f"{settings.kafka.item_updates_topic}:0", 0) >= updates
+            except Exception:  # noqa: BLE001 - not created yet
+                return False
+        _wait(caught_up, 120, "the indexer to apply every update")
+        live = np.flatnonzero(learner.items.live[: len(learner.items)])
+        ids = [learner.items.ids.id_of(r) for r in live.tolist()]
+        with LmdbIndex(tmp_path / "index", MAP).view() as view:
+            rows = view.rows_of(ids)
+            assert (rows >= 0).all(), f"{int((rows < 0).sum())} live items missing from the index"
+            diff = np.abs(view.vectors(rows) - learner.items.vectors(live).numpy()).max()
+        assert diff < 1e-3, diff
+    finally:
+        for proc in (launcher, indexer):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
