@@ -13,6 +13,7 @@ query of before did 21k).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -29,6 +30,7 @@ from mfli.learner.learner import MFLILearner
 from mfli.learner.state import PHASES
 from mfli.sources.movielens import load_movielens
 
+from . import learn_group
 from .report import Row, result
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=0, help="events per step (0 = ingest.batch_size)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", default="", help="e.g. 1,2: the data-parallel group at these sizes instead "
+                        "(benchmarks/learn_group.py: events/s, CPU per 1k events, collectives, bytes/event, "
+                        "an 8-rank projection); one run per size")
+    parser.add_argument("--quality-cut", type=int, default=0, help="with --workers: also score events from this "
+                        "position on before learning them and compare each size with 1 rank (paired bootstrap)")
 
 
 def one_run(settings: Settings, data, n: int, batch: int) -> tuple[float, dict[str, float]]:
@@ -56,7 +63,45 @@ def one_run(settings: Settings, data, n: int, batch: int) -> tuple[float, dict[s
     return time.perf_counter() - t0, phases
 
 
+def run_workers(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """``--workers 1,2``: see benchmarks/learn_group.py."""
+    sizes = [int(w) for w in args.workers.split(",")]
+    if 1 not in sizes:
+        sizes = [1, *sizes]
+    n = args.events or 100_000
+    batch = args.batch or settings.ingest.batch_size
+    threads = max(1, args.threads // max(sizes)) if args.threads else 1
+    by_size, raw = {}, {}
+    for w in sizes:
+        raw[w] = learn_group.run_group(w, args.dataset, n, batch, args.quality_cut, threads)
+        by_size[w] = learn_group.summarise(w, raw[w], n, batch)
+        log.info("%d worker(s): %.0f events/s, %.2f CPU-s per 1k events, collectives %s s, %.0f bytes/event", w,
+                 by_size[w]["events_per_s"], by_size[w]["cpu_s_per_1k_events"],
+                 by_size[w]["collective_s_per_rank"], by_size[w]["bytes_per_event"])
+    biggest = max(sizes)
+    projection = learn_group.project(by_size[1], by_size[biggest], 8) if biggest > 1 else {}
+    quality = {w: learn_group.compare_quality(raw[1], raw[w]) for w in sizes if w > 1} if args.quality_cut else {}
+    rows = [Row.from_samples(f"{w} worker(s): events per second", [by_size[w]["events_per_s"]], "events/s")
+            for w in sizes]
+    rows += [Row.from_samples(f"{w} worker(s): CPU per 1k events", [by_size[w]["cpu_s_per_1k_events"]], "s")
+             for w in sizes]
+    rows += [Row.from_samples(f"{w} worker(s): collective share of wall time", [by_size[w]["collective_share"]],
+                              "ratio") for w in sizes]
+    rows += [Row.from_samples(f"{w} worker(s): collective payload per event", [by_size[w]["bytes_per_event"]],
+                              "bytes") for w in sizes]
+    if projection:
+        rows.append(Row.from_samples("8 workers on 8 machines (projected)", [projection["events_per_s"]], "events/s"))
+    return result(
+        "learn-workers", rows,
+        params={"dataset": args.dataset, "events": n, "batch": batch, "threads_per_rank": threads,
+                "workers": sizes, "quality_cut": args.quality_cut},
+        notes=[json.dumps({"by_size": by_size, "projection_8": projection, "quality": quality})],
+    )
+
+
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    if args.workers:
+        return run_workers(args, settings)
     torch.set_num_threads(args.threads)
     data = load_movielens(args.dataset)
     n = len(data) if args.events <= 0 else min(args.events, len(data))

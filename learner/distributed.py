@@ -66,12 +66,14 @@ class CommStats:
     bytes_sent: int = 0
     calls: int = 0
     per_kind: dict[str, float] = field(default_factory=dict)
+    bytes_per_kind: dict[str, int] = field(default_factory=dict)
 
     def add(self, kind: str, seconds: float, nbytes: int) -> None:
         self.seconds += seconds
         self.bytes_sent += nbytes
         self.calls += 1
         self.per_kind[kind] = self.per_kind.get(kind, 0.0) + seconds
+        self.bytes_per_kind[kind] = self.bytes_per_kind.get(kind, 0) + nbytes
         metrics.LEARNER_COLLECTIVE_SECONDS.labels(kind=kind).observe(seconds)
         metrics.LEARNER_COLLECTIVE_BYTES.labels(kind=kind).inc(nbytes)
 
