@@ -262,11 +262,14 @@ class RankProcess:
         self.users.close()
 
 
-def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_seconds: float = 0.0) -> int:
+def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_seconds: float = 0.0,
+              local_rank: int | None = None) -> int:
     """Run one rank until the group stops (SIGTERM/SIGINT on any rank, or ``max_seconds``); a failed
-    collective or any error exits non-zero so the launcher restarts the group."""
+    collective or any error exits non-zero so the launcher restarts the group. Metrics are served on
+    ``metrics_port + local_rank`` (ranks sharing a machine need their own ports; one rank per pod keeps
+    the configured one)."""
     port = settings.learner.metrics_port
-    metrics.serve_metrics(port + rank if port else 0, process="learner")
+    metrics.serve_metrics(port + (rank if local_rank is None else local_rank) if port else 0, process="learner")
     proc_ref: list[RankProcess] = []
 
     def request_stop(signum: int, frame: object) -> None:

@@ -187,7 +187,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         init = args.init_method or "env://"
         if not wait_for_broker(settings.kafka, "learner", lambda: False):
             return 0
-        return group.rank_main(settings, rank, world, init, args.max_seconds)
+        return group.rank_main(settings, rank, world, init, args.max_seconds, _env_int("LOCAL_RANK"))
     if workers > 1:
         stop = stop_on_signals()
         extra = ["--max-seconds", str(args.max_seconds)] if args.max_seconds else []

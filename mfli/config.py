@@ -184,7 +184,7 @@ class LearnerSettings(BaseModel):
         2.0, gt=0, description="publish the query encoder's weights at most this often (~100 KB each); the "
         "server computes queries with the newest version it has")
     users_path: Path = Path("var/users.lmdb")
-    metrics_port: int = Field(9101, ge=0, description="rank r of a data-parallel group serves on this + r")
+    metrics_port: int = Field(9101, ge=0, description="a data-parallel rank serves on this + its rank on the machine")
     # --- data-parallel group (issue 14, learner/group.py) ---
     workers: int = Field(1, ge=1, description="learner ranks `mfli learn` starts on this machine (one model, "
                          "kept identical by torch.distributed; each rank owns events partitions p % N == rank)")

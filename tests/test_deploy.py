@@ -111,6 +111,7 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     assert commands == {"learner": "learn", "indexer": "index", "server": "serve", "replica": "serve",
                         "producer": "produce"}
     assert services["producer"]["profiles"] == ["producer"]
+    assert services["learner"]["command"][1:] == ["--workers", "2"]  # the data-parallel group (issue 14)
     assert "--synthetic" in services["producer"]["command"]
 
 
@@ -194,9 +195,11 @@ def test_prometheus_targets_match_service_ports(compose: dict[str, Any], monkeyp
         assert host in services, f"{job}: scrapes {host}, not a compose service"
         service = services[host]
         settings = settings_from_env(service["environment"], monkeypatch)
-        listening = settings.replication.metrics_port if job == "mfli-replica" else \
+        base = settings.replication.metrics_port if job == "mfli-replica" else \
             COMMAND_PORT[service["command"][0]](settings)
-        assert int(port) == listening, f"{job}: scrapes :{port} but {host} listens on :{listening}"
+        # a learner group's rank r listens on metrics_port + r
+        listening = {base + r for r in range(settings.learner.workers)} if job == "mfli-learner" else {base}
+        assert int(port) in listening, f"{job}: scrapes :{port} but {host} listens on {sorted(listening)}"
         published = {str(p).split(":")[-1] for p in service.get("ports", [])} | {
             str(p) for p in service.get("expose", [])
         }
@@ -427,3 +430,26 @@ def test_install_script_is_idempotent_and_guards_services() -> None:
     assert run.index("install-prometheus.sh") < run.index("make test")
     syntax = subprocess.run(["bash", "-n", str(DEPLOY / "scripts" / "install-prometheus.sh")])
     assert syntax.returncode == 0
+
+
+def test_k8s_learner_group_overlay_runs_torchrun_with_one_rank_per_pod() -> None:
+    """deploy/k8s/learner-group: the N-rank StatefulSet replaces the pipeline pod's single learner."""
+    base = K8S / "learner-group"
+    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
+    assert "../" in kustomization["resources"]
+    assert all((base / r).exists() for r in kustomization["resources"] if r != "../")
+    docs = [d for f in base.glob("*.yaml") if f.name != "kustomization.yaml"
+            for d in yaml.safe_load_all(f.read_text()) if d]
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == service["metadata"]["name"]
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    args = " ".join(container["command"] + container["args"])
+    replicas = sts["spec"]["replicas"]
+    assert f"--nnodes={replicas}" in args and "--nproc-per-node=1" in args and "--no-python mfli learn" in args
+    assert f"{sts['metadata']['name']}-0.{service['metadata']['name']}" in args  # rendezvous on rank 0's pod
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert env["MFLI_LEARNER__WORKERS"] == str(replicas)
+    patch = yaml.safe_load((base / "drop-pipeline-learner.yaml").read_text())
+    dropped = patch["spec"]["template"]["spec"]["containers"]
+    assert dropped == [{"name": "learner", "$patch": "delete"}]
