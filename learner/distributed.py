@@ -219,6 +219,8 @@ class DistributedLearner(MFLILearner):
             if meta["upserts"]:
                 self.upsert_items(meta["upserts"])
         counts = [len(m["items"]) for m in metas]
+        if not sum(counts):  # an idle poll on every rank: no step (a single learner would not take one)
+            return StepStats(), [m["control"] for m in metas]
         all_ids = [i for m in metas for i in m["items"]]
         n_users = len(self.users)
         users = self.users.rows_for(list(user_ids))

@@ -31,8 +31,10 @@ def stream(seed: int = 3) -> list[tuple[list[str], list[str], np.ndarray, np.nda
     """STEPS batches of (user ids, item ids, values, ts): skewed items, users with tastes."""
     rng = np.random.default_rng(seed)
     out, t = [], 1_000_000
-    for _ in range(STEPS):
+    for step in range(STEPS):
         u = rng.integers(0, USERS, BATCH)
+        if step == STEPS // 2:  # a batch only rank 0's users are in: rank 1 takes the step with nothing
+            u = u - u % 2
         it = (u * 7 + rng.zipf(1.6, BATCH)) % ITEMS
         values = rng.integers(1, 6, BATCH).astype(np.float32)
         ts = t + np.arange(BATCH, dtype=np.int64) * 1000
@@ -61,10 +63,12 @@ def main(rank: int, world: int, init_file: str, out: str) -> None:
 
     init_group("gloo", rank, world, f"file://{init_file}", timeout_s=60)
     learner = DistributedLearner(settings(), rank, world)
+    learner.learn_group([], [], np.zeros(0, np.float32), np.zeros(0, np.int64))  # idle on every rank: no step
     for batch in stream():
         learner.learn_group(*shard(batch, rank, world))
     fp = model_fingerprint(learner)
     fp["rq_active"] = torch.tensor(learner.rq.active)
+    fp["step"] = torch.tensor(learner.step)
     fp["resets"] = torch.from_numpy(learner.rq.resets.copy())
     fp["comm_bytes"] = torch.tensor(learner.sync.comm.bytes_sent)
     fp["item_ids"] = learner.items.ids.ids()

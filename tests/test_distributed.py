@@ -35,6 +35,7 @@ def _run_group(tmp_path: Path, world: int) -> list[dict]:
 def test_two_ranks_hold_one_model_equal_to_a_single_learner_on_the_union(tmp_path: Path) -> None:
     r0, r1 = _run_group(tmp_path, 2)
     assert int(r0["rq_active"]) == 2, "the codebook start and its broadcast were not exercised"
+    assert int(r0["step"]) == dist_harness.STEPS, "an idle poll is no step"
     assert r0["item_ids"] == r1["item_ids"]
     for key, value in r0.items():
         if isinstance(value, torch.Tensor):
@@ -44,7 +45,7 @@ def test_two_ranks_hold_one_model_equal_to_a_single_learner_on_the_union(tmp_pat
         single.learn_columns(*dist_harness.union(batch, 2))
     ref = model_fingerprint(single)
     assert single.items.ids.ids() == r0["item_ids"]
-    assert single.rq.active == 2
+    assert single.rq.active == 2 and single.step == dist_harness.STEPS
     for key, value in ref.items():
         if key == "encoder.wk.bias":
             # q.(k + b) shifts every key's logit of a query by q.b: softmax ignores it, so this bias's true
