@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
 from mfli import metrics
 from mfli.config import Settings
@@ -172,6 +173,16 @@ class RankProcess:
         self.producer = make_producer(k) if rank == 0 else None
         self.publisher = Publisher(settings, self.learner, self.producer, held=held) \
             if self.producer is not None else None
+        # every rank publishes the user state it owns for server replicas (learner/publish_users.py); a
+        # user's events all reach one rank, so each user's record has one writer
+        self.user_state = None
+        self._user_producer = None
+        if settings.replication.publish:
+            from mfli.learner.publish_users import UserStatePublisher
+
+            if self.producer is None:
+                self._user_producer = make_producer(k)
+            self.user_state = UserStatePublisher(settings, self.producer or self._user_producer)
         self._last_flush = self._last_ckpt = time.monotonic()
         self._dirty = False
         self.stop_requested = False
@@ -198,6 +209,8 @@ class RankProcess:
         self.events_received += len(events)
         if len(batch):
             self.users.apply(events, offsets=offsets_to_json(batch.offsets))
+            if self.user_state is not None and events:
+                self.user_state.publish(self.users, {e.user_id for e in events}, int(time.time() * 1000))
             metrics.LEARNER_STEP_SECONDS.labels(phase="total").observe(time.perf_counter() - t0)
         if batch.offsets:
             self.offsets.update(batch.offsets)
@@ -231,6 +244,8 @@ class RankProcess:
         self.seq += 1
         ok = True
         try:
+            if self.user_state is not None:  # replicas hold every record before the offsets move past it
+                self.user_state.ensure_delivered(self.users)
             model = None
             if self.rank == 0:
                 assert self.publisher is not None
@@ -239,8 +254,8 @@ class RankProcess:
                 "learner": self.learner.rank_state(), "offsets": offsets_to_json(self.offsets),
                 "recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
                 "events_received": self.events_received})
-        except OSError:
-            log.exception("rank %d could not write its checkpoint file", self.rank)
+        except (OSError, KafkaError):
+            log.exception("rank %d could not write its checkpoint file or deliver its user state", self.rank)
             ok = False
         sync = self.learner.sync
         if not sync.barrier_all_ok(ok):
@@ -257,8 +272,9 @@ class RankProcess:
 
     def close(self) -> None:
         self.stream.close()
-        if self.producer is not None:
-            self.producer.close()
+        for producer in (self.producer, self._user_producer):
+            if producer is not None:
+                producer.close()
         self.users.close()
 
 
