@@ -44,8 +44,12 @@ HALF_LIVES_FRACTION = [0.003, 0.01, 0.03, 0.1]  # of the training events
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True,
+    parser.add_argument("--dataset", default=None,
                         help="MovieLens directory (ml-1m, ml-100k, ml-latest-small) or an event file (see --columns)")
+    parser.add_argument("--compare-probes", nargs=2, metavar=("A", "B"), default=None,
+                        help="instead: compare two learner probe logs (globs; learner.probe_path), paired by event")
+    parser.add_argument("--from-row", type=int, default=0,
+                        help="with --compare-probes: only events whose id ends in a row number >= this")
     add_source_arguments(parser, events=False)
     parser.add_argument("--batch", type=int, default=1024, help="events per learner step")
     parser.add_argument("--json", default=None, help="write the numbers here")
@@ -89,6 +93,18 @@ def _stream_table(title: str, rows: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.compare_probes:
+        from mfli.evaluation.probes import compare, format_report
+
+        a, b = args.compare_probes
+        probe_report = compare(a, b, from_row=args.from_row, n_boot=args.bootstrap)
+        log.info("probe comparison, A = %s, B = %s\n%s", a, b, format_report(probe_report, "A", "B"))
+        if args.json:
+            with open(args.json, "wb") as f:
+                f.write(orjson.dumps(probe_report, option=orjson.OPT_INDENT_2))
+        return 0
+    if args.dataset is None:
+        raise SystemExit("mfli eval: --dataset is required (or --compare-probes A B)")
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     data = load_interactions(spec_from_args(args, path=args.dataset))

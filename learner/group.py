@@ -183,6 +183,12 @@ class RankProcess:
             if self.producer is None:
                 self._user_producer = make_producer(k)
             self.user_state = UserStatePublisher(settings, self.producer or self._user_producer)
+        self.probe = None
+        if settings.learner.probe_path is not None:
+            from mfli.learner.probe import PrequentialProbe
+
+            path = settings.learner.probe_path
+            self.probe = PrequentialProbe(path.with_name(f"{path.name}.rank{rank}"), rank_label=rank)
         self._last_flush = self._last_ckpt = time.monotonic()
         self._dirty = False
         self.stop_requested = False
@@ -201,6 +207,8 @@ class RankProcess:
             if len(batch) and self.publisher is not None:
                 self.publisher.ingested(time.time())
         events = batch.events
+        if self.probe is not None and events:
+            self.probe.score_events(self.learner, events)
         t0 = time.perf_counter()
         values = np.asarray([np.nan if e.value is None else e.value for e in events], dtype=np.float32)
         _, controls = self.learner.learn_group(

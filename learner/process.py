@@ -88,6 +88,11 @@ class LearnerProcess:
             from mfli.learner.publish_users import UserStatePublisher
 
             self.user_state = UserStatePublisher(settings, self.producer)
+        self.probe = None
+        if settings.learner.probe_path is not None:
+            from mfli.learner.probe import PrequentialProbe
+
+            self.probe = PrequentialProbe(settings.learner.probe_path)
         self._last_flush = self._last_ckpt = time.monotonic()
         self._dirty = False
 
@@ -102,6 +107,8 @@ class LearnerProcess:
                 self.learner.upsert_items(batch.items)
             if batch.events:
                 self.events_received += len(batch.events)
+                if self.probe is not None:
+                    self.probe.score_events(self.learner, batch.events)
                 # the stepper exports events, step phases and losses itself (Stepper._export)
                 self.learner.learn(batch.events)
             self.users.apply(batch.events, offsets=offsets_to_json(batch.offsets))

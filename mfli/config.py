@@ -171,6 +171,10 @@ class LearnerSettings(BaseModel):
 
     checkpoint_dir: Path = Path("var/learner")
     checkpoint_interval_s: float = Field(30.0, gt=0)
+    probe_path: Path | None = Field(
+        None, description="prequential probe (learner/probe.py): score every event before learning it and append "
+        "the rank to this JSON-lines file (a group rank r writes <path>.rank<r>); off by default, it costs a "
+        "[batch, items] product per step")
     flush_interval_ms: int = Field(100, ge=1, description="coalesce changed item rows this long")
     publish_min_drift: float = Field(
         0.05, ge=0,
