@@ -93,7 +93,7 @@ def _stream_table(title: str, rows: dict[str, dict]) -> str:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.compare_probes:
+    if getattr(args, "compare_probes", None):
         from mfli.evaluation.probes import compare, format_report
 
         a, b = args.compare_probes
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             with open(args.json, "wb") as f:
                 f.write(orjson.dumps(probe_report, option=orjson.OPT_INDENT_2))
         return 0
-    if args.dataset is None:
+    if getattr(args, "dataset", None) is None:
         raise SystemExit("mfli eval: --dataset is required (or --compare-probes A B)")
     torch.set_num_threads(2)
     t0 = time.perf_counter()
