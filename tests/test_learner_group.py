@@ -140,13 +140,23 @@ def test_sigkill_of_one_rank_restarts_the_group_and_loses_nothing(kafka_settings
         learner.load_state_dict({**model["learner"], **ranks[0]["learner"]})
         updates = _highwater(settings, settings.kafka.item_updates_topic, 1)[0]
 
+        applied = [-1]
+
         def caught_up() -> bool:
             try:
                 with LmdbIndex(tmp_path / "index", MAP).view() as view:
-                    return view.offsets().get(f"{settings.kafka.item_updates_topic}:0", 0) >= updates
+                    applied[0] = view.offsets().get(f"{settings.kafka.item_updates_topic}:0", 0)
+                    return applied[0] >= updates
             except Exception:  # noqa: BLE001 - not created yet
                 return False
-        _wait(caught_up, 120, "the indexer to apply every update")
+        # a slow indexer (loaded CI box) and a stuck one look alike; the progress tells them apart
+        before = time.monotonic()
+        try:
+            _wait(caught_up, 240, "the indexer to apply every update")
+        except AssertionError:
+            first_seen = applied[0]
+            raise AssertionError(f"indexer applied offset {first_seen} of {updates} after "
+                                 f"{time.monotonic() - before:.0f} s (alive: {indexer.poll() is None})") from None
         live = np.flatnonzero(learner.items.live[: len(learner.items)])
         ids = [learner.items.ids.id_of(r) for r in live.tolist()]
         with LmdbIndex(tmp_path / "index", MAP).view() as view:
