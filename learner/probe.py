@@ -35,44 +35,52 @@ class PrequentialProbe:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._out: IO[str] = self.path.open("a", encoding="utf-8")
         self._seen: dict[str, set[str]] = {}  # user -> item ids engaged with (the exclusion set)
+        # user -> their events (item id, ts), oldest first: the probe's own histories, so a user's second
+        # event in a batch is scored with the first in its window even if the learner has not seen the user
+        self._hist: dict[str, list[tuple[str, int]]] = {}
         self.rank_label = rank_label
 
     def score(self, learner: MFLILearner, event_ids: list[str], user_ids: list[str], item_ids: list[str],
               ts: np.ndarray) -> np.ndarray:
-        """Ranks of the events (in order) under the learner's current model; then remembers them as seen."""
+        """Ranks of the events (in order) under the learner's current model (every event's window holds
+        the user's earlier events, including earlier ones in this batch); then remembers them."""
         n = len(event_ids)
+        h = learner.settings.history
+        ids, live = learner.items.ids, learner.items.live
         ranks = np.full(n, MISS, dtype=np.int64)
-        items = np.asarray([learner.items.ids.get(i) if i in learner.items.ids else -1 for i in item_ids], np.int64)
-        known_user = np.asarray([u in learner.users.users for u in user_ids], dtype=bool)
-        # each event's window as the step will see it (earlier events of the same batch included)
-        user_rows = np.asarray([learner.users.users.get(u) if k else -1 for u, k in zip(user_ids, known_user,
-                                                                                      strict=True)], np.int64)
-        sel = np.flatnonzero(known_user & (items >= 0))
-        row_of: dict[int, int] = {}
-        if len(sel):
-            win, win_ts, has = learner.users.advance_windows(user_rows[sel], items[sel], ts[sel], commit=False)
-            n_items = len(learner.items)
-            win, win_ts = learner.users.keep_only(win, win_ts, learner.items.live[np.maximum(win, 0)])
-            has &= win[:, -1] >= 0
-            ok = sel[has]
-            if len(ok):
-                q, g = learner.window_queries(win[has], win_ts[has])
-                vec = learner.items.vectors().numpy()
-                facet = np.einsum("bfd,nfd->bnf", q, vec)
-                scores = combine(facet, g[:, None, :], learner.settings.temperature) + learner.prior()[None, :]
-                scores[:, ~learner.items.live[:n_items]] = -np.inf
-                tgt = items[ok]
-                t = scores[np.arange(len(ok)), tgt]
-                above = (scores > t[:, None]).sum(axis=1)
-                row_of = {int(i): r for r, i in enumerate(ok.tolist())}
-        ids = learner.items.ids
+        win = np.full((n, h), -1, dtype=np.int64)
+        win_ts = np.zeros((n, h), dtype=np.int64)
+        target = np.full(n, -1, dtype=np.int64)
+        excluded: list[np.ndarray] = []
         for i in range(n):
+            hist = self._hist.setdefault(user_ids[i], [])
+            rows = [(ids.get(x), t) for x, t in hist if x in ids]
+            rows = [(r, t) for r, t in rows if r is not None and live[r]][-h:]
+            if rows:
+                win[i, h - len(rows):] = [r for r, _ in rows]
+                win_ts[i, h - len(rows):] = [t for _, t in rows]
+            if item_ids[i] in ids:
+                target[i] = ids.get(item_ids[i])
             seen = self._seen.setdefault(user_ids[i], set())
-            r = row_of.get(i)
-            if r is not None:
-                ex = np.fromiter((ids.get(x) for x in seen if x != item_ids[i] and x in ids), np.int64)
-                ranks[i] = above[r] - int((scores[r, ex] > t[r]).sum()) if ex.size else above[r]
+            excluded.append(np.fromiter((ids.get(x) for x in seen if x != item_ids[i] and x in ids), np.int64))
             seen.add(item_ids[i])
+            hist.append((item_ids[i], int(ts[i])))
+            if len(hist) > 4 * h:  # deleted items are dropped from windows, so keep some slack
+                del hist[: len(hist) - 2 * h]
+        ok = np.flatnonzero((win[:, -1] >= 0) & (target >= 0))
+        if len(ok):
+            q, g = learner.window_queries(win[ok], win_ts[ok])
+            vec = learner.items.vectors().numpy()
+            facet = np.einsum("bfd,nfd->bnf", q, vec)
+            scores = combine(facet, g[:, None, :], learner.settings.temperature) + learner.prior()[None, :]
+            scores[:, ~live[: len(learner.items)]] = -np.inf
+            tgt = target[ok]
+            t = scores[np.arange(len(ok)), tgt]
+            above = (scores > t[:, None]).sum(axis=1)
+            for r, i in enumerate(ok.tolist()):
+                ex = excluded[i]
+                ranks[i] = above[r] - int((scores[r, ex] > t[r]).sum()) if ex.size else above[r]
+        for i in range(n):
             self._out.write(json.dumps({"id": event_ids[i], "user": user_ids[i], "rank": int(ranks[i]),
                                         "r": self.rank_label}) + "\n")
         self._out.flush()
