@@ -30,6 +30,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import numpy as np
@@ -365,11 +366,18 @@ def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
     p50 = Row.from_samples(f"{tag} HTTP p50 at ~half the saturating rate", [h["p50_ms"] for h in half], "ms",
                            note=f"{statistics.median(h['rps'] for h in half):.0f} req/s achieved")
     p99 = Row.from_samples(f"{tag} HTTP p99 at ~half the saturating rate", [h["p99_ms"] for h in half], "ms")
-    return {"rows": [cpu_in, cpu_ret, cpu_srv, rps, p50, p99],
+    return {"rows": [cpu_in, cpu_ret, cpu_srv, rps, p50, p99], "rps": rps,
             "targets": {f"{tag} server CPU/request <= 1.3x the in-process service call": bool(cpu_srv.ratio is not None
                                                                                           and cpu_srv.ratio <= 1.3)},
             "notes": [f"{tag}: LMDB written in {write_s:.1f}s; server pinned to one core: "
                       f"{all(s['pinned'] for s in server)}"]}
+
+
+def _query_models(args: argparse.Namespace, wl: Workload) -> list[str]:
+    """Query models timed over HTTP: the workload's encoder, the mean-pooled query, or both."""
+    if wl.snapshot.query_model is None:
+        return ["mean"]
+    return ["encoder", "mean"] if args.query_model == "both" else [args.query_model]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -389,6 +397,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-rounds", type=int, default=2, help="alternations of in-process and server runs")
     parser.add_argument("--http-requests", type=int, default=2000, help="in-process service calls per round")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP end-to-end part")
+    parser.add_argument("--query-model", choices=["encoder", "mean", "both"], default="encoder",
+                        help="HTTP part: answer with the learned encoder, the mean-pooled history, or time both")
 
 
 def _table(res: dict, k: int) -> dict:
@@ -461,10 +471,22 @@ def run(args: argparse.Namespace, settings) -> dict:
                              "churn batch "
                              f"= {res['churn_items']} items (1/2 re-embedded, 1/4 deleted, 1/4 new)")
             if not args.no_http:
-                http = http_end_to_end(wl, settings, args)
-                rows += http["rows"]
-                targets.update(http["targets"])
-                notes += http["notes"]
+                by_model: dict[str, Row] = {}
+                for qm in _query_models(args, wl):
+                    # "mean": the same catalogue and histories answered with the pre-encoder query (the
+                    # recency-weighted mean of the history's vectors): what the encoder costs per request
+                    wl_q = wl if qm == "encoder" else dc_replace(
+                        wl, name=f"{wl.name} mean-pool", snapshot=dc_replace(wl.snapshot, query_model=None))
+                    http = http_end_to_end(wl_q, settings, args)
+                    rows += http["rows"]
+                    targets.update(http["targets"])
+                    notes += http["notes"]
+                    by_model[qm] = http["rps"]
+                if len(by_model) == 2:
+                    enc, mean = by_model["encoder"], by_model["mean"]
+                    ratio = enc.median / mean.median if mean.median else float("nan")
+                    rows.append(Row(f"{tag} HTTP req/s encoder / mean-pool", ratio, "ratio"))
+                    targets[f"{tag}: encoder HTTP req/s >= 0.75x mean-pool (issue 11)"] = ratio >= 0.75
             del wl, res
     out = result("serve", rows, params={"items": sizes, "k": args.k, "queries": args.queries, "workloads": workloads,
                                         "peers": peers}, targets=targets, notes=notes)
