@@ -90,6 +90,39 @@ def seen_pairs(window: np.ndarray, target: np.ndarray, neg_rows: np.ndarray) -> 
     return np.repeat(ev, cnt), order[start + np.arange(int(cnt.sum()))]
 
 
+def seen_columns(window: np.ndarray, target: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`seen_pairs` when the negatives are distinct and sorted (the full softmax's live rows): a
+    history item's column comes from a row -> column table, with no sort and no repeats to expand
+    (measured: 24 ms -> a few ms for 4,096 events x 50 history items)."""
+    keep = (window >= 0) & (window != target[:, None])
+    ev, j = np.nonzero(keep)
+    rows = window[ev, j]
+    if not len(rows) or not len(columns):
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    table = np.full(int(max(columns[-1], rows.max())) + 1, -1, dtype=np.int64)
+    table[columns] = np.arange(len(columns))
+    col = table[rows]
+    hit = col >= 0
+    return ev[hit].astype(np.int64), col[hit]
+
+
+class _ZeroBuffer:
+    """A zeroed float buffer reused across steps for the ``[n, k]`` mask bias: allocating and clearing
+    64 MB per step cost as much as the masked matmul itself. Users put values in a view and reset exactly
+    those entries afterwards, so the buffer stays all zeros between steps."""
+
+    def __init__(self) -> None:
+        self._buf = torch.zeros(0)
+
+    def view(self, n: int, k: int) -> torch.Tensor:
+        if self._buf.numel() < n * k:
+            self._buf = torch.zeros(n * k)
+        return self._buf[: n * k].view(n, k)
+
+
+_mask_bias = _ZeroBuffer()
+
+
 def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
                  temperature: float, masked: tuple[np.ndarray, np.ndarray] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,16 +138,24 @@ def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, 
     where = None if masked is None or not len(masked[0]) else \
         (torch.from_numpy(masked[0]), torch.from_numpy(masked[1]))
     if q.shape[1] == 1:
-        logits = qs[:, 0] @ items[:, 0].t()
-        if where is not None:
-            logits = logits.index_put(where, torch.tensor(_MASKED))
+        if where is None:
+            logits = qs[:, 0] @ items[:, 0].t()
+        else:
+            # the mask rides in the matmul as a constant bias: an index_put on the logits copied the whole
+            # [n, k] block forward and again in its backward (measured: masking cost 45 us of a 230 us event)
+            bias = _mask_bias.view(len(q), len(items))
+            bias.index_put_(where, torch.tensor(_MASKED))
+            try:
+                logits = torch.addmm(bias, qs[:, 0], items[:, 0].t())
+            finally:  # addmm's backward does not read its bias: the buffer is clean again at once
+                bias.index_put_(where, torch.tensor(0.0))
         ce = F.cross_entropy(logits, target, reduction="none")
         return ce, ce[:, None]
     f, n = q.shape[1], q.shape[0]
     neg_f = torch.bmm(qs.transpose(0, 1), items.permute(1, 2, 0))  # [F, n, k]
     if where is not None:
-        neg_f = neg_f.index_put((torch.arange(f).repeat_interleave(len(where[0])), where[0].repeat(f),
-                                 where[1].repeat(f)), torch.tensor(_MASKED))
+        neg_f.index_put_((torch.arange(f).repeat_interleave(len(where[0])), where[0].repeat(f),
+                          where[1].repeat(f)), torch.tensor(_MASKED))
     combined = F.cross_entropy(torch.logsumexp(neg_f + log_gates.t()[:, :, None], dim=0), target, reduction="none")
     per = F.cross_entropy(neg_f.reshape(f * n, -1), target.repeat(f), reduction="none").view(f, n).t()
     return combined, per

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mfli import metrics
-from mfli.learner.loss import full_softmax, item_item_softmax, mixture_softmax, negative_bias, seen_pairs
+from mfli.learner.loss import full_softmax, item_item_softmax, mixture_softmax, negative_bias, seen_columns, seen_pairs
 from mfli.learner.state import LearnerState, StepStats
 from mfli.retrieval.query_model import gap_buckets
 
@@ -138,8 +138,9 @@ class Stepper:
                 L.weights.get("positive", torch.zeros(s.facets))[None, :] * torch.from_numpy(positive)[:, None].float()
             if full:  # live rows are sorted, so each target's column is found by bisection
                 items_t = subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)
+                masked = seen_columns(win, tgt, uni) if s.mask_seen_negatives else None
                 combined, ce = full_softmax(q, log_gates, items_t, torch.from_numpy(np.searchsorted(uni, tgt)),
-                                            s.temperature, seen_pairs(win, tgt, uni) if s.mask_seen_negatives else None)
+                                            s.temperature, masked)
             else:
                 neg_rows = np.concatenate([tgt[neg_pos], uni])
                 negs = torch.cat([e[torch.from_numpy(neg_pos)], subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)])
