@@ -33,11 +33,12 @@ class QueryEncoder(nn.Module):
     """Window of item context vectors → per-facet queries and log gates."""
 
     def __init__(self, input_dim: int, dim: int, facets: int, horizon: int, heads: int = 2,
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, out_dim: int | None = None) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
         self.dim, self.facets, self.horizon, self.heads = dim, facets, horizon, heads
+        self.out_dim = out_dim or dim  # the item vectors' width; ``dim`` is the encoder's own
         self.inp = nn.Linear(input_dim, dim)
         self.ln_in = nn.LayerNorm(dim)
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim) for _ in range(4))
@@ -48,7 +49,7 @@ class QueryEncoder(nn.Module):
         self.ln_ff = nn.LayerNorm(dim)
         self.ff1, self.ff2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.ln_out = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, facets * dim)
+        self.out = nn.Linear(dim, facets * self.out_dim)
         self.gate = nn.Linear(dim, facets)
         self.dropout = dropout
         self.gen: torch.Generator | None = None  # the learner's, so dropout replays with the learner's state
@@ -93,7 +94,7 @@ class QueryEncoder(nn.Module):
         y = q0 + self.drop(self.wo(o))
         y = y + self.drop(self.ff2(F.gelu(self.ff1(self.ln_ff(y)), approximate="tanh")))
         y = self.ln_out(y)
-        q = F.normalize(self.out(y).view(b, self.facets, self.dim), dim=2)
+        q = F.normalize(self.out(y).view(b, self.facets, self.out_dim), dim=2)
         return q, torch.log_softmax(self.gate(y), dim=1)
 
     def weights(self) -> dict[str, np.ndarray]:
@@ -113,8 +114,8 @@ class QueryTower:
         s = self.settings = settings
         with torch.random.fork_rng():  # initial weights depend on the seed only, not on global RNG use
             torch.manual_seed(s.seed)
-            self.encoder = QueryEncoder(s.facets * s.dim, s.dim, s.facets, s.history, s.encoder_heads,
-                                        s.encoder_dropout)
+            self.encoder = QueryEncoder(s.facets * s.dim, s.encoder_dim or s.dim, s.facets, s.history,
+                                        s.encoder_heads, s.encoder_dropout, out_dim=s.dim)
         self.encoder.gen = gen
         self.optimizer = torch.optim.Adam(self.encoder.parameters(), lr=s.encoder_learning_rate)
         self._decay = torch.tensor(s.recency_decay) ** torch.arange(s.history - 1, -1, -1, dtype=torch.float32)

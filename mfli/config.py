@@ -126,6 +126,8 @@ class ModelSettings(BaseModel):
         "encoder", description="'encoder': causal attention over the last H items (learner/encoder.py); "
         "'mean': the recency-weighted mean of the history's vectors (the pre-issue-11 query, an ablation)")
     encoder_heads: int = Field(2, ge=1, description="attention heads of the query encoder")
+    encoder_dim: int = Field(0, ge=0, description="the query encoder's own width (attention, feed-forward); "
+                             "0 = dim. Its input is the F*dim item vectors and its output F queries of dim")
     mask_seen_negatives: bool = Field(
         True, description="leave the items of an event's history window out of its softmax negatives: the "
         "server excludes a user's history from answers, so ranking them low is capacity spent on nothing "

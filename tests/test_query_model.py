@@ -18,8 +18,8 @@ from mfli.storage.index.reader import LmdbIndex
 from mfli.storage.index.writer import IndexWriter
 
 
-def _trained(facets: int = 3, steps: int = 12) -> MFLILearner:
-    learner = MFLILearner(ModelSettings(facets=facets, dim=16, history=8, warmup_events=500,
+def _trained(facets: int = 3, steps: int = 12, encoder_dim: int = 0) -> MFLILearner:
+    learner = MFLILearner(ModelSettings(facets=facets, dim=16, encoder_dim=encoder_dim, history=8, warmup_events=500,
                                         level_interval_events=500, uniform_negatives=64, negatives=32,
                                         objective_weights=[[1.0, 0.0, 0.0], [0.3, 1.0, 0.0], [0.3, 0.0, 1.0]][:facets]))
     rng = np.random.default_rng(0)
@@ -31,9 +31,10 @@ def _trained(facets: int = 3, steps: int = 12) -> MFLILearner:
     return learner
 
 
-@pytest.mark.parametrize("facets", [1, 3])
-def test_numpy_encoder_equals_the_learners_for_the_same_history(facets):
-    learner = _trained(facets)
+@pytest.mark.parametrize("facets,encoder_dim", [(1, 0), (3, 0), (1, 8), (3, 24)])
+def test_numpy_encoder_equals_the_learners_for_the_same_history(facets, encoder_dim):
+    """Also with an encoder narrower or wider than the item vectors (``encoder_dim``)."""
+    learner = _trained(facets, encoder_dim=encoder_dim)
     model = learner.query_model()
     users = np.arange(20)
     q, g, has = learner.user_queries(users)

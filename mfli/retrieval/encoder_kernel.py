@@ -130,13 +130,14 @@ def encoder_forward(context: np.ndarray, gaps: np.ndarray, horizon: int, heads: 
         hidden[j] = np.float32(0.5) * t * (np.float32(1.0) + np.tanh(c * (t + np.float32(0.044715) * t * t * t)))
     y = y + _vecmat(hidden, ff2) + ff2_b
     y = _layer_norm_row(y, ln_out_w, ln_out_b)
-    q = (_vecmat(y, out) + out_b).reshape(facets, dim)
+    d_out = out.shape[1] // facets  # the item vectors' width (the encoder's own may differ)
+    q = (_vecmat(y, out) + out_b).reshape(facets, d_out)
     for f in range(facets):
         norm = np.float32(0.0)
-        for j in range(dim):
+        for j in range(d_out):
             norm += q[f, j] * q[f, j]
         norm = max(np.sqrt(norm), np.float32(1e-12))
-        for j in range(dim):
+        for j in range(d_out):
             q[f, j] /= norm
     g = _vecmat(y, gate) + gate_b
     m = g.max()
