@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
         html_stats = snapshot_stats(learner.snapshot(), settings.index, seed=model.seed)
     ours = prequential(learner, data, cut, args.batch, settings)
-    anchors = anchor_streams(data, cut, sasrec_epochs=args.sasrec_epochs)
+    anchors = anchor_streams(data, cut, sasrec_epochs=args.sasrec_epochs, sasrec_dim=model.dim,
+                             sasrec_history=model.history)
     report["streaming"] = summarise(data, ours, anchors, n_boot=args.bootstrap)
     rows = report["streaming"]["methods"]
     sys.stdout.write(_stream_table(f"{data.name}: streaming protocol, {report['streaming']['events_scored']} "

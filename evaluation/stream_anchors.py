@@ -25,8 +25,12 @@ KS = (20, 50, 100)
 
 
 def anchor_streams(data: Interactions, cut: int, sasrec_epochs: int = 12,
-                   popularity_half_life: float | None = None) -> dict[str, StreamResult]:
-    """Per-event ranks of each anchor over the test period (same events as :func:`prequential`)."""
+                   popularity_half_life: float | None = None, sasrec_dim: int = 64,
+                   sasrec_history: int = 50) -> dict[str, StreamResult]:
+    """Per-event ranks of each anchor over the test period (same events as :func:`prequential`).
+
+    ``sasrec_dim``/``sasrec_history``: the eval passes the model's own d and H, so SASRec gets the same
+    width and window as the model it is compared with."""
     users, _ = dense_rows(data.users)
     items, n_items = dense_rows(data.items)
     out: dict[str, StreamResult] = {}
@@ -41,7 +45,7 @@ def anchor_streams(data: Interactions, cut: int, sasrec_epochs: int = 12,
         for u, i in zip(users[:cut].tolist(), items[:cut].tolist(), strict=True):
             seqs.setdefault(u, []).append(i)
         n_train = int(items[:cut].max()) + 1
-        sasrec = SASRecAnchor(n_train, SASRecSettings(epochs=sasrec_epochs))
+        sasrec = SASRecAnchor(n_train, SASRecSettings(epochs=sasrec_epochs, d=sasrec_dim, max_len=sasrec_history))
         stats = sasrec.fit([np.asarray(v) for v in seqs.values()])
         log.info("SASRec anchor: %d epochs, %.0f s", stats["epochs_run"], stats["seconds"])
         out["SASRec (frozen)"] = score_stream(lambda u, h: sasrec.scores(h, n_items), users, items, cut, n_items,
