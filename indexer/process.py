@@ -38,7 +38,7 @@ from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
 from mfli.indexer.check import check_index
 from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, wait_for_broker
 from mfli.kafka.offsets import lag_of, offset_key
-from mfli.lifecycle import stop_on_signals
+from mfli.lifecycle import stop_on_signals, take_single_writer_lock
 from mfli.retrieval.query_model import QueryModel
 from mfli.storage.index.writer import IndexWriter
 
@@ -122,17 +122,7 @@ class IndexerLoop:
         self._lag_at = 0.0  # monotonic time lag was last exported
 
     def _take_lock(self) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another indexer already writes {self.path}") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._lock_fh = fh
+        self._lock_fh = take_single_writer_lock(self.path, LOCK_FILE, "indexer")
 
     def _consumer(self, writer):
         k = self.settings.kafka

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -20,6 +21,8 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +88,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def take_single_writer_lock(directory: Path, lock_name: str, what: str) -> IO[str]:
+    """An exclusive ``flock`` on ``directory/lock_name`` holding our pid, kept for the process's life.
+
+    LMDB allows one writer transaction at a time but not two writer *processes* that each believe they
+    own the offsets stored beside the data; the indexer and a replica's applier take this at start and
+    exit with a clear message when another process holds it. Returns the open file (keep a reference:
+    closing it releases the lock)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fh = open(directory / lock_name, "a+")  # noqa: SIM115 - held open for the process's life
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise SystemExit(f"another {what} already writes {directory}") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh

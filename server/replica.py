@@ -26,7 +26,6 @@ Metrics (lag, event-to-visible freshness, applied version) are on ``replication.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -40,6 +39,7 @@ import orjson
 from mfli import metrics
 from mfli.config import Settings, load_settings
 from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, make_consumer, wait_for_broker
+from mfli.lifecycle import take_single_writer_lock
 from mfli.storage.index import changes as W
 from mfli.storage.index.copy import IndexCopy
 from mfli.storage.users_lmdb import USER_STATE_TOPIC_CONFIGS, UsersStore
@@ -143,16 +143,7 @@ class ReplicaApplier:
         self._stop = True
 
     def _take_lock(self) -> None:
-        fh = open(self.data_dir / LOCK_FILE, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another replica applier already writes {self.data_dir}") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._lock_fh = fh
+        self._lock_fh = take_single_writer_lock(self.data_dir, LOCK_FILE, "replica applier")
 
     def _consumer(self):
         from kafka import TopicPartition

@@ -25,6 +25,8 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_limits
 
+from mfli.retrieval.kernels import _insert
+
 #: facets with more clusters than this are routed through a two-level tree
 GROUP_ABOVE = 4096
 
@@ -107,17 +109,9 @@ def _dot(a: np.ndarray, i: int, q: np.ndarray, f: int) -> np.float32:
 @njit(cache=True, nogil=True, inline="always")
 def _keep(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v: np.float32) -> int:
     """Insert ``(i, v)`` into the descending top list ``idx/vals`` (earlier wins ties); returns the fill."""
-    size = idx.shape[0]
-    if filled == size and v <= vals[size - 1]:
+    if filled == idx.shape[0] and v <= vals[filled - 1]:
         return filled
-    at = filled if filled < size else size - 1
-    while at > 0 and vals[at - 1] < v:
-        idx[at] = idx[at - 1]
-        vals[at] = vals[at - 1]
-        at -= 1
-    idx[at] = i
-    vals[at] = v
-    return filled + 1 if filled < size else filled
+    return _insert(idx, vals, filled, i, v)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
