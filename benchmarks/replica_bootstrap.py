@@ -32,7 +32,7 @@ def _replica_version(path: Path) -> int:
 
 def measure(settings: Settings, state: Path, items: int, sup, env: dict[str, str], port: int) -> dict:
     """Returns publish and bootstrap seconds (and per 100k items) for a catalogue of ``items``."""
-    from mfli.benchmarks.serve import synthetic_catalogue
+    from mfli.benchmarks.workloads import synthetic_catalogue
     from mfli.indexer.publish_changes import attach
     from mfli.storage.index.compare import compare_indexes
     from mfli.storage.index.writer import IndexWriter
