@@ -36,7 +36,7 @@ from mfli import metrics
 from mfli.config import Settings
 from mfli.deltas import CodebookSnapshot, DeltaBatch, decode_message
 from mfli.indexer.check import check_index
-from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, wait_for_broker
+from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, wait_for_broker, wait_for_partitions
 from mfli.kafka.offsets import lag_of, offset_key
 from mfli.lifecycle import stop_on_signals, take_single_writer_lock
 from mfli.retrieval.query_model import QueryModel
@@ -139,14 +139,8 @@ class IndexerLoop:
             request_timeout_ms=k.request_timeout_ms, reconnect_backoff_max_ms=k.reconnect_backoff_max_ms,
             auto_offset_reset="earliest", max_partition_fetch_bytes=16 << 20, fetch_max_bytes=64 << 20,
         )
-        deadline = time.monotonic() + 30
-        parts = consumer.partitions_for_topic(k.item_updates_topic)
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = consumer.partitions_for_topic(k.item_updates_topic)
-        if not parts:
-            raise SystemExit(f"topic {k.item_updates_topic} has no partitions")
-        tps = [TopicPartition(k.item_updates_topic, p) for p in sorted(parts)]
+        parts = wait_for_partitions(consumer, k.item_updates_topic)
+        tps = [TopicPartition(k.item_updates_topic, p) for p in parts]
         consumer.assign(tps)
         for tp in tps:
             stored = writer.offsets.get(offset_key(tp.topic, tp.partition))
@@ -155,7 +149,7 @@ class IndexerLoop:
             else:
                 consumer.seek(tp, stored)
         log.info("indexer consuming %s partitions %s from stored offsets %s", k.item_updates_topic,
-                 sorted(parts), writer.offsets)
+                 parts, writer.offsets)
         return consumer
 
     def _export_lag(self, consumer) -> None:

@@ -38,7 +38,14 @@ import orjson
 
 from mfli import metrics
 from mfli.config import Settings, load_settings
-from mfli.kafka.clients import BrokerHealth, bootstrap_of, ensure_topics, make_consumer, wait_for_broker
+from mfli.kafka.clients import (
+    BrokerHealth,
+    bootstrap_of,
+    ensure_topics,
+    make_consumer,
+    wait_for_broker,
+    wait_for_partitions,
+)
 from mfli.lifecycle import take_single_writer_lock
 from mfli.storage.index import changes as W
 from mfli.storage.index.copy import IndexCopy
@@ -154,15 +161,9 @@ class ReplicaApplier:
         ensure_topics(k.bootstrap_servers, k, [k.user_state_topic], configs=USER_STATE_TOPIC_CONFIGS)
         consumer = make_consumer(k, None, client_id=f"{k.client_id}-replica", auto_offset_reset="none",
                                  max_partition_fetch_bytes=max(k.max_partition_fetch_bytes, 16 << 20))
-        deadline = time.monotonic() + 30
-        parts = consumer.partitions_for_topic(k.user_state_topic)
-        while not parts and time.monotonic() < deadline:
-            time.sleep(0.2)
-            parts = consumer.partitions_for_topic(k.user_state_topic)
-        if not parts:
-            raise SystemExit(f"topic {k.user_state_topic} has no partitions")
+        parts = wait_for_partitions(consumer, k.user_state_topic)
         self.index_tp = TopicPartition(k.index_changes_topic, 0)
-        self.user_tps = [TopicPartition(k.user_state_topic, p) for p in sorted(parts)]
+        self.user_tps = [TopicPartition(k.user_state_topic, p) for p in parts]
         consumer.assign([self.index_tp, *self.user_tps])
         self._seek(consumer)
         return consumer

@@ -187,3 +187,17 @@ def ensure_topics(bootstrap: str, kafka: KafkaSettings, topics: Iterable[str], p
             log.info("created topics %s with %d partitions", missing, count)
     finally:
         admin.close()
+
+
+def wait_for_partitions(consumer, topic: str, timeout_s: float = 30.0) -> list[int]:
+    """The sorted partition ids of ``topic``, waiting up to ``timeout_s`` for its metadata (a topic just
+    created by another process may not be in the consumer's first metadata response); exits with a clear
+    message if it still has none."""
+    deadline = time.monotonic() + timeout_s
+    parts = consumer.partitions_for_topic(topic)
+    while not parts and time.monotonic() < deadline:
+        time.sleep(0.2)
+        parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise SystemExit(f"topic {topic} has no partitions")
+    return sorted(parts)
