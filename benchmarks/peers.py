@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,7 +78,7 @@ def mips_to_l2(base: np.ndarray, radius: float | None = None) -> tuple[np.ndarra
         math.sqrt(r2)
 
 
-class Peer:
+class Peer(ABC):
     """One ANN library configured for MIPS; subclasses fill in build/search/churn."""
 
     name = "peer"
@@ -85,27 +86,33 @@ class Peer:
     secondary_name = ""  # a second search parameter tried from a short list (the fastest is kept)
     secondary: tuple = (None,)
 
+    @abstractmethod
     def build(self, cat: Catalogue) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def set_params(self, primary: int, secondary=None) -> None:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def grid(self, want: int) -> list[int]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def search(self, x: np.ndarray, want: int) -> np.ndarray:
         """Labels (indices into the catalogue) of up to ``want`` candidates for one query ``x``."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def nbytes(self) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def churn(self, cat: Catalogue, changed: np.ndarray, deleted: np.ndarray, added: np.ndarray) -> tuple[float, str]:
         """Absorb a churn batch into the built index: ``cat`` is the catalogue after it (labels of
         ``changed`` rows keep their label, ``deleted`` labels leave, ``added`` labels are new, at the end).
         Returns (seconds, how)."""
-        raise NotImplementedError
+        ...
 
 
 class HnswlibPeer(Peer):
