@@ -114,7 +114,7 @@ def start_server(root: Path, settings, *extra_args: str, ready_timeout_s: float 
             if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                 return proc, base
         except httpx.HTTPError:
-            pass
+            pass  # not listening yet: poll again until the deadline
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
             raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")

@@ -246,7 +246,7 @@ class _FaissIvf(Peer):
         return base
 
     def _churned(self, cat, base) -> None:
-        pass
+        """Hook after a churn batch is added (the fast-scan peer re-reads its refine vectors); none here."""
 
 
 class FaissIvfFlatPeer(_FaissIvf):

@@ -74,7 +74,7 @@ def measure(settings: Settings, state: Path, items: int, sup, env: dict[str, str
                 if status == 200:
                     ready = time.perf_counter() - t0
             except httpx.HTTPError:
-                pass
+                pass  # the replica's HTTP worker is not up yet: poll again
         time.sleep(0.1)
     child.stop()
     same = compare_indexes(path, data / "index.lmdb", s.index.map_size, wait_s=5).ok if copied else False
