@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mfli.config import Settings
-from mfli.evaluation.streaming_anchors import target_ranks
 from mfli.learner.learner import MFLILearner
-from mfli.retrieval.base import Query
+from mfli.retrieval.base import Query, target_ranks
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
 from mfli.retrieval.memory import MemoryIndexView
 from mfli.retrieval.query_model import combine

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mfli.evaluation.bootstrap import rank_metrics
+from mfli.retrieval.base import target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +41,6 @@ class StreamResult:
         """HR@K and NDCG@20; ties count for the target unless ``pessimistic`` (then against it).
         Count-based scorers (Markov, popularity) tie a lot, so the two can differ by a point."""
         return rank_metrics(self.ranks + self.ties if pessimistic else self.ranks, ks)
-
-
-def target_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rank, ties) of each target among its row's candidates: candidates scored strictly above it,
-    and other candidates scored equal to it (``excluded`` must not contain the target)."""
-    rows = np.arange(len(targets))
-    t = scores[rows, targets][:, None]
-    above = (scores > t).sum(axis=1)
-    ties = (scores == t).sum(axis=1) - 1
-    for r, ex in enumerate(excluded):
-        if ex.size:
-            above[r] -= int((scores[r, ex] > t[r]).sum())
-            ties[r] -= int((scores[r, ex] == t[r]).sum())
-    return above, ties
 
 
 def score_stream(score: ScoreFn, users: np.ndarray, items: np.ndarray, cut: int, n_items: int,

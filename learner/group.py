@@ -188,7 +188,7 @@ class RankProcess:
             from mfli.learner.probe import PrequentialProbe
 
             path = settings.learner.probe_path
-            self.probe = PrequentialProbe(path.with_name(f"{path.name}.rank{rank}"), rank_label=rank)
+            self.probe = PrequentialProbe(path.with_name(f"{path.name}.rank{rank}"))
         self._last_flush = self._last_ckpt = time.monotonic()
         self._dirty = False
         self.stop_requested = False
@@ -284,6 +284,8 @@ class RankProcess:
             if producer is not None:
                 producer.close()
         self.users.close()
+        if self.probe is not None:
+            self.probe.close()
 
 
 def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_seconds: float = 0.0,

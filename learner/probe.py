@@ -22,6 +22,7 @@ from typing import IO
 import numpy as np
 
 from mfli.learner.learner import MFLILearner
+from mfli.retrieval.base import target_ranks
 from mfli.retrieval.query_model import combine
 
 MISS = 1 << 30  # rank of an event that cannot be scored (new user, new item)
@@ -30,7 +31,7 @@ MISS = 1 << 30  # rank of an event that cannot be scored (new user, new item)
 class PrequentialProbe:
     """Appends ``{"id", "user", "rank"}`` per event to ``path`` (rank = live items scored above it)."""
 
-    def __init__(self, path: Path, rank_label: int = 0) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._out: IO[str] = self.path.open("a", encoding="utf-8")
@@ -38,7 +39,6 @@ class PrequentialProbe:
         # user -> their events (item id, ts), oldest first: the probe's own histories, so a user's second
         # event in a batch is scored with the first in its window even if the learner has not seen the user
         self._hist: dict[str, list[tuple[str, int]]] = {}
-        self.rank_label = rank_label
 
     def score(self, learner: MFLILearner, event_ids: list[str], user_ids: list[str], item_ids: list[str],
               ts: np.ndarray) -> np.ndarray:
@@ -54,8 +54,7 @@ class PrequentialProbe:
         excluded: list[np.ndarray] = []
         for i in range(n):
             hist = self._hist.setdefault(user_ids[i], [])
-            rows = [(ids.get(x), t) for x, t in hist if x in ids]
-            rows = [(r, t) for r, t in rows if r is not None and live[r]][-h:]
+            rows = [(r, t) for x, t in hist if x in ids and live[r := ids.get(x)]][-h:]
             if rows:
                 win[i, h - len(rows):] = [r for r, _ in rows]
                 win_ts[i, h - len(rows):] = [t for _, t in rows]
@@ -74,15 +73,9 @@ class PrequentialProbe:
             facet = np.einsum("bfd,nfd->bnf", q, vec)
             scores = combine(facet, g[:, None, :], learner.settings.temperature) + learner.prior()[None, :]
             scores[:, ~live[: len(learner.items)]] = -np.inf
-            tgt = target[ok]
-            t = scores[np.arange(len(ok)), tgt]
-            above = (scores > t[:, None]).sum(axis=1)
-            for r, i in enumerate(ok.tolist()):
-                ex = excluded[i]
-                ranks[i] = above[r] - int((scores[r, ex] > t[r]).sum()) if ex.size else above[r]
+            ranks[ok], _ = target_ranks(scores, target[ok], [excluded[i] for i in ok.tolist()])
         for i in range(n):
-            self._out.write(json.dumps({"id": event_ids[i], "user": user_ids[i], "rank": int(ranks[i]),
-                                        "r": self.rank_label}) + "\n")
+            self._out.write(json.dumps({"id": event_ids[i], "user": user_ids[i], "rank": int(ranks[i])}) + "\n")
         self._out.flush()
         return ranks
 

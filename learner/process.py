@@ -161,6 +161,8 @@ class LearnerProcess:
             self.stream.close()
             self.producer.close()
             self.users.close()
+            if self.probe is not None:
+                self.probe.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ def test_probe_ranks_each_event_with_the_model_before_the_step(tmp_path):
 def _write(path, ranks, users, prefix="ml-1m-"):
     with open(path, "w") as f:
         for row, (r, u) in enumerate(zip(ranks, users, strict=True)):
-            f.write(json.dumps({"id": f"{prefix}{row}", "user": u, "rank": r, "r": 0}) + "\n")
+            f.write(json.dumps({"id": f"{prefix}{row}", "user": u, "rank": r}) + "\n")
 
 
 def test_compare_pairs_events_by_id_across_rank_files(tmp_path, capsys):
@@ -93,7 +93,7 @@ def test_compare_pairs_events_by_id_across_rank_files(tmp_path, capsys):
     _write(tmp_path / "b.jsonl.rank0", b[:half].tolist(), users[:half])
     with open(tmp_path / "b.jsonl.rank1", "w") as f:
         for row in range(half, n):
-            f.write(json.dumps({"id": f"ml-1m-{row}", "user": users[row], "rank": int(b[row]), "r": 1}) + "\n")
+            f.write(json.dumps({"id": f"ml-1m-{row}", "user": users[row], "rank": int(b[row])}) + "\n")
     rep = compare(str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.rank*"), from_row=1_000)
     assert rep["events"] == 3_000 and rep["only_a"] == 0 and rep["only_b"] == 0
     expected = float((a[1_000:] < 20).mean() - (b[1_000:] < 20).mean())

@@ -217,3 +217,19 @@ def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     scale = np.abs(flat).max(axis=1) / 127.0 if flat.size else np.zeros(flat.shape[0], np.float32)
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     return np.rint(flat / scale[:, None]).astype(np.int8), scale
+
+
+def target_ranks(scores: np.ndarray, targets: np.ndarray, excluded: list[np.ndarray]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(rank, ties) of each target among its row's candidates: candidates scored strictly above it,
+    and other candidates scored equal to it (``excluded`` must not contain the target). Used by the evaluation's
+    streaming protocol and by the learner's prequential probe, so both rank alike."""
+    rows = np.arange(len(targets))
+    t = scores[rows, targets][:, None]
+    above = (scores > t).sum(axis=1)
+    ties = (scores == t).sum(axis=1) - 1
+    for r, ex in enumerate(excluded):
+        if ex.size:
+            above[r] -= int((scores[r, ex] > t[r]).sum())
+            ties[r] -= int((scores[r, ex] == t[r]).sum())
+    return above, ties
