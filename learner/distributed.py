@@ -31,7 +31,9 @@ own batch, which is the data-parallel approximation every sharded trainer makes.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +85,30 @@ def init_group(backend: str, rank: int, world: int, init_method: str, timeout_s:
     instead of waiting forever, and its supervisor restarts the group from the last checkpoint."""
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
+
+
+def leave_group() -> None:
+    """Leave the process group cleanly, on every rank, after the last collective.
+
+    The barrier comes first: a rank that tears its sockets down while a peer still finishes the last
+    collective breaks the peer's transport. Then the group is destroyed while the interpreter is fully
+    alive: gloo's worker threads left to interpreter finalisation can abort the process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#179291), and the group launcher reads
+    a non-zero exit after a clean stop as a crashed rank. Callers then leave with :func:`exit_now`.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def exit_now(code: int) -> None:
+    """End a rank process once its state is durable (checkpoint written, consumer closed, group left),
+    without the C++ static teardown that can still race gloo's threads: flush logs and streams, then
+    ``os._exit``."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class GroupSync:

@@ -50,7 +50,7 @@ from mfli.consumers.stream import EventStream
 from mfli.kafka.clients import make_producer
 from mfli.kafka.offsets import offsets_from_json, offsets_to_json
 from mfli.learner.checkpoint import DEDUPE_IDS_KEPT, write_atomic
-from mfli.learner.distributed import DistributedLearner, init_group
+from mfli.learner.distributed import DistributedLearner, init_group, leave_group
 from mfli.learner.publisher import Publisher
 from mfli.storage.users_lmdb import UsersStore
 
@@ -319,7 +319,7 @@ def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_s
     finally:
         proc.close()
         metrics.UP.labels(process="learner").set(0)
-    torch.distributed.destroy_process_group()
+    leave_group()
     return 0
 
 

@@ -39,6 +39,7 @@ from mfli.kafka.clients import make_producer, wait_for_broker
 from mfli.kafka.offsets import offsets_from_json, offsets_to_json
 from mfli.learner import group
 from mfli.learner.checkpoint import DEDUPE_IDS_KEPT, read_checkpoint, save_checkpoint
+from mfli.learner.distributed import exit_now
 from mfli.learner.learner import MFLILearner
 from mfli.learner.publisher import Publisher
 from mfli.lifecycle import stop_on_signals
@@ -196,7 +197,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         init = args.init_method or "env://"
         if not wait_for_broker(settings.kafka, "learner", lambda: False):
             return 0
-        return group.rank_main(settings, rank, world, init, args.max_seconds, _env_int("LOCAL_RANK"))
+        code = group.rank_main(settings, rank, world, init, args.max_seconds, _env_int("LOCAL_RANK"))
+        exit_now(code)  # the rank's state is durable and the group left: skip the teardown that races gloo
     if workers > 1:
         stop = stop_on_signals()
         extra = ["--max-seconds", str(args.max_seconds)] if args.max_seconds else []
