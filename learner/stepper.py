@@ -93,7 +93,7 @@ class Stepper:
             # negatives: other events' items in the batch (a random subset when the batch is large) and a
             # uniform sample of the live catalogue shared by the batch
             live = cat.live_rows()
-            full = s.uniform_negatives >= len(live)
+            full = len(live) <= max(s.uniform_negatives, s.full_softmax_items)
             if full:
                 # the whole catalogue fits: a full softmax (no sampling, nothing to correct)
                 uni, n_in = live, 0
