@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int) -> NoReturn:
     """End a rank process once its state is durable (checkpoint written, consumer closed, group left),
     without the C++ static teardown that can still race gloo's threads: flush logs and streams, then
     ``os._exit``."""
