@@ -21,10 +21,17 @@ STEPS, BATCH, USERS, ITEMS = 40, 48, 40, 90
 def settings() -> ModelSettings:
     """A small model on which the group's step is exactly the union's: F=1, a full softmax (the catalogue
     is smaller than ``uniform_negatives``), no replay, no in-batch quantised term. The codebooks start,
-    add their second level and run usage upkeep inside the run, so the upkeep broadcast is exercised."""
+    add their second level and run usage upkeep inside the run, so the upkeep broadcast is exercised.
+
+    The group and one learner sum the same gradients in a different order, so they agree to float rounding
+    (~1e-7) -- unless an item sits on a near-tie of a codeword assignment, where that rounding flips the
+    code and the codebook then differs by 1e-3..1e-2 (seeds 7 and 8 have such a tie at the default
+    temperature 0.1; 7 had none at 0.05). The seed is one without a tie; the ranks must still be bit-equal
+    to each other, and the single learner runs on one thread like the ranks, so the sums are the same on
+    any machine."""
     return ModelSettings(facets=1, dim=16, history=8, levels=2, codewords=8, warmup_events=400,
                          level_interval_events=400, usage_interval_steps=3, dead_code_window=2, replay_ratio=0.0,
-                         quantised_loss=False, uniform_negatives=4096, seed=7)
+                         quantised_loss=False, uniform_negatives=4096, seed=9)
 
 
 def stream(seed: int = 3) -> list[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
