@@ -27,10 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import orjson
 
 from mfli.lifecycle import free_port
+from mfli.orchestration.supervisor import wait_http
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,10 @@ def start_server(root: Path, settings, *extra_args: str, ready_timeout_s: float 
                              "--port", str(port),
                              *extra_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout_s
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass  # not listening yet: poll again until the deadline
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
+    if wait_http(f"{base}/readyz", ready_timeout_s, alive=lambda: proc.poll() is None):
+        return proc, base
+    proc.kill()
+    raise RuntimeError(f"mfli serve did not become ready: {proc.stderr.read().decode()[-2000:]}")
 
 
 _WRK_SCRIPT = """

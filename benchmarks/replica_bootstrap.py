@@ -13,6 +13,7 @@ dominates, so the per-100k figure means something only for a large catalogue).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -68,13 +69,11 @@ def measure(settings: Settings, state: Path, items: int, sup, env: dict[str, str
         if copied is None and _replica_version(data / "index.lmdb") == version:
             copied = time.perf_counter() - t0
         if ready is None:
-            try:
+            with contextlib.suppress(httpx.HTTPError):  # the replica's HTTP worker is not up yet: poll again
                 status = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code
                 up = up if up is not None else time.perf_counter() - t0  # the HTTP worker answers
                 if status == 200:
                     ready = time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass  # the replica's HTTP worker is not up yet: poll again
         time.sleep(0.1)
     child.stop()
     same = compare_indexes(path, data / "index.lmdb", s.index.map_size, wait_s=5).ok if copied else False

@@ -12,13 +12,14 @@ leftover learner or server would hold its ports and files against the next run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,14 +173,15 @@ def scrape(url: str, timeout_s: float = 1.0) -> dict[str, float]:
     return out
 
 
-def wait_http(url: str, timeout_s: float, ok: Sequence[int] = (200,)) -> bool:
-    """Poll ``url`` until it answers with one of ``ok`` or the timeout passes."""
+def wait_http(url: str, timeout_s: float, ok: Sequence[int] = (200,),
+              alive: Callable[[], bool] | None = None) -> bool:
+    """Poll ``url`` until it answers with one of ``ok``; False once the timeout passes or ``alive()`` says
+    the process that should answer has died (no point waiting out the deadline for a corpse). Connection
+    errors mean "not listening yet"."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
+    while time.monotonic() < deadline and (alive is None or alive()):
+        with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=1.0).status_code in ok:
                 return True
-        except httpx.HTTPError:
-            pass
         time.sleep(0.2)
     return False

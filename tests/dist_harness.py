@@ -27,8 +27,8 @@ def settings() -> ModelSettings:
     (~1e-7) -- unless an item sits on a near-tie of a codeword assignment, where that rounding flips the
     code and the codebook then differs by 1e-3..1e-2 (seeds 7 and 8 have such a tie at the default
     temperature 0.1; 7 had none at 0.05). The seed is one without a tie; the ranks must still be bit-equal
-    to each other, and the single learner runs on one thread like the ranks, so the sums are the same on
-    any machine."""
+    to each other, and the single learner runs on one thread like the ranks, so its sums do not depend
+    on the machine's core count."""
     return ModelSettings(facets=1, dim=16, history=8, levels=2, codewords=8, warmup_events=400,
                          level_interval_events=400, usage_interval_steps=3, dead_code_window=2, replay_ratio=0.0,
                          quantised_loss=False, uniform_negatives=4096, seed=9)
