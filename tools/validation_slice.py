@@ -13,12 +13,14 @@ import argparse
 import logging
 import time
 
+import numpy as np
 import torch
 
 from mfli.config import load_settings
-from mfli.evaluation.bootstrap import rank_metrics
+from mfli.evaluation.bootstrap import paired_bootstrap, rank_metrics
 from mfli.evaluation.prequential import prequential
 from mfli.evaluation.run import fresh
+from mfli.evaluation.stream_anchors import anchor_streams
 from mfli.evaluation.training import train
 from mfli.sources.movielens import Interactions, load_movielens
 
@@ -30,6 +32,9 @@ def main() -> None:
     parser.add_argument("dataset", help="MovieLens directory")
     parser.add_argument("--events", type=int, default=30_000, help="validation events scored")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--anchors", action="store_true",
+                        help="also score the streaming anchors (online popularity, online Markov, SASRec trained "
+                        "on the slice's training part and frozen, the model's d and H) on the same events")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -44,9 +49,21 @@ def main() -> None:
     t = time.time()
     train(learner, sub, lo, 1, 1024)
     rate = lo / (time.time() - t)
-    m = rank_metrics(prequential(learner, sub, lo, 1024, settings, index=False).ranks["exact"])
+    ours = prequential(learner, sub, lo, 1024, settings, index=False)
+    m = rank_metrics(ours.ranks["exact"])
     log.info("%s validation slice [%d, %d): train %.0f events/s; HR@20 %.4f HR@50 %.4f HR@100 %.4f (n %d)",
              data.name, lo, hi, rate, m["HR@20"], m["HR@50"], m["HR@100"], m["n"])
+    if args.anchors:
+        users = np.unique(ours.users, return_inverse=True)[1]
+        hits = (ours.ranks["exact"] < 20).astype(np.float64)
+        for name, res in anchor_streams(sub, lo, sasrec_dim=settings.model.dim,
+                                        sasrec_history=settings.model.history).items():
+            if not np.array_equal(res.positions, ours.positions):
+                raise RuntimeError(f"anchor {name!r} scored other events than the model")
+            a = rank_metrics(res.ranks)
+            c = paired_bootstrap(hits, (res.ranks < 20).astype(np.float64), users)
+            log.info("  anchor %-16s HR@20 %.4f HR@50 %.4f HR@100 %.4f; model / anchor HR@20 %.3f [%.3f, %.3f]",
+                     name, a["HR@20"], a["HR@50"], a["HR@100"], c["ratio"], c["ratio_lo"], c["ratio_hi"])
 
 
 if __name__ == "__main__":
