@@ -252,12 +252,20 @@ class DistributedLearner(MFLILearner):
         users = self.users.rows_for(list(user_ids))
         all_rows, new = self.items.rows_for(all_ids, self.gen)
         live = self.items.live[all_rows]
-        start = sum(counts[: self.rank])
-        items, mine_live = all_rows[start:start + counts[self.rank]], live[start:start + counts[self.rank]]
-        if not mine_live.all():
-            users, items, values, ts = users[mine_live], items[mine_live], values[mine_live], ts[mine_live]
-        stats = self._stepper.step(users, items, np.asarray(values, np.float32), np.asarray(ts, np.int64),
-                                   group_items=all_rows[live])
+        values, ts = np.asarray(values, np.float32), np.asarray(ts, np.int64)
+        offsets = np.cumsum([0, *counts])
+        size = self.settings.step_events
+        # as many steps as one learner would take on the union (ModelSettings.step_events); every rank
+        # cuts its own events into that many consecutive parts, so all ranks take the same steps
+        parts = -(-sum(counts) // size) if size else 1
+        stats = StepStats()
+        for j in range(parts):
+            cut = [np.array_split(np.arange(offsets[r], offsets[r + 1]), parts)[j] for r in range(self.world)]
+            group = np.concatenate(cut)
+            mine = cut[self.rank][live[cut[self.rank]]]
+            local = mine - offsets[self.rank]
+            stats.merge(self._stepper.step(users[local], all_rows[mine], values[local], ts[local],
+                                           group_items=all_rows[group[live[group]]]))
         stats.new_items, stats.new_users = len(new), len(self.users) - n_users
         stats.seconds["bookkeeping"] += time.perf_counter() - t0 - sum(stats.seconds.values())
         return stats, [m["control"] for m in metas]

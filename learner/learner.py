@@ -75,7 +75,14 @@ class MFLILearner:
         live = self.items.live[items]
         if not live.all():  # events on deleted items are dropped: the item has left the catalogue
             users, items, values, ts = users[live], items[live], values[live], ts[live]
-        stats = self._stepper.step(users, items, values, ts)
+        size = self.settings.step_events
+        if size and len(items) > size:  # consecutive steps, in stream order (ModelSettings.step_events)
+            stats = StepStats()
+            for a in range(0, len(items), size):
+                stats.merge(self._stepper.step(users[a:a + size], items[a:a + size], values[a:a + size],
+                                               ts[a:a + size]))
+        else:
+            stats = self._stepper.step(users, items, values, ts)
         stats.new_items, stats.new_users = len(new), len(self.users) - n_users
         stats.seconds["bookkeeping"] += time.perf_counter() - t0 - sum(stats.seconds.values())
         return stats

@@ -38,6 +38,18 @@ class StepStats:
     losses: dict[str, float] = field(default_factory=dict)  # "f{facet}/{objective}/{kind}" -> value
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
+    def merge(self, other: StepStats) -> None:
+        """Add a later step of the same ``learn`` call: counts and seconds add up, losses are the
+        latest step's (what the metrics export after each step anyway)."""
+        self.events += other.events
+        self.trained += other.trained
+        self.new_items += other.new_items
+        self.new_users += other.new_users
+        self.loss = other.loss
+        self.losses.update(other.losses)
+        for phase, seconds in other.seconds.items():
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
 
 class LearnerState(Protocol):
     """The learner's state a training step reads and writes (see the module docstring)."""
