@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-row", type=int, default=0,
                         help="with --compare-probes: only events whose id ends in a row number >= this")
     add_source_arguments(parser, events=False)
-    parser.add_argument("--batch", type=int, default=1024, help="events per learner step")
+    parser.add_argument("--batch", type=int, default=1024,
+                        help="events per micro-batch: scored together, then learned (in steps of model.step_events)")
     parser.add_argument("--json", default=None, help="write the numbers here")
     parser.add_argument("--plot", default=None, help="PNG of streaming HR@100 over time")
     parser.add_argument("--report", default=None,
