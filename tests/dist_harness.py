@@ -7,6 +7,7 @@ model fingerprint to OUT. The test runs one learner on the union of the same bat
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def settings() -> ModelSettings:
     on the machine's core count."""
     return ModelSettings(facets=1, dim=16, history=8, levels=2, codewords=8, warmup_events=400,
                          level_interval_events=400, usage_interval_steps=3, dead_code_window=2, replay_ratio=0.0,
-                         quantised_loss=False, uniform_negatives=4096, seed=9)
+                         quantised_loss=False, uniform_negatives=4096, seed=9,
+                         step_events=int(os.environ.get("HARNESS_STEP_EVENTS", "0")))
 
 
 def stream(seed: int = 3) -> list[tuple[list[str], list[str], np.ndarray, np.ndarray]]:

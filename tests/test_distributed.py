@@ -21,10 +21,10 @@ from mfli.learner.learner import MFLILearner
 HARNESS = Path(dist_harness.__file__)
 
 
-def _run_group(tmp_path: Path, world: int) -> list[dict]:
+def _run_group(tmp_path: Path, world: int, step_events: int = 0) -> list[dict]:
     init = tmp_path / "init"
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_STEP_EVENTS": str(step_events)}
     procs = [subprocess.Popen([sys.executable, str(HARNESS), str(r), str(world), str(init), str(outs[r])], env=env)
              for r in range(world)]
     for p in procs:
@@ -61,6 +61,17 @@ def test_two_ranks_hold_one_model_equal_to_a_single_learner_on_the_union(tmp_pat
     fresh = model_fingerprint(MFLILearner(dist_harness.settings()))
     moved = [k for k in fresh if k.startswith("encoder.") and not torch.allclose(fresh[k], r0[k], atol=1e-3)]
     assert moved
+
+
+def test_a_group_cuts_each_batch_into_the_steps_one_learner_would_take(tmp_path: Path) -> None:
+    """model.step_events in a group: every batch of 48 events is learned in ceil(48 / 20) = 3 steps on
+    every rank, also when one rank holds none of a batch's events, and the ranks stay bit-equal."""
+    r0, r1 = _run_group(tmp_path, 2, step_events=20)
+    assert int(r0["step"]) == int(r1["step"]) == 3 * dist_harness.STEPS
+    for key, value in r0.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, r1[key]) or key == "comm_bytes", f"ranks differ on {key}"
+    assert bool((r0["acc"] > 0).all())
 
 
 HANG = """
