@@ -47,7 +47,7 @@ import torch.distributed as dist
 from mfli import metrics
 from mfli.config import ModelSettings
 from mfli.events import ItemEvent
-from mfli.learner.learner import MFLILearner
+from mfli.learner.learner import MFLILearner, step_parts
 from mfli.learner.state import StepStats
 from mfli.learner.stepper import RowGrads
 
@@ -254,15 +254,14 @@ class DistributedLearner(MFLILearner):
         live = self.items.live[all_rows]
         values, ts = np.asarray(values, np.float32), np.asarray(ts, np.int64)
         offsets = np.cumsum([0, *counts])
-        size = self.settings.step_events
-        # as many steps as one learner would take on the union (ModelSettings.step_events); every rank
-        # cuts its own events into that many consecutive parts, so all ranks take the same steps
-        parts = -(-sum(counts) // size) if size else 1
+        # as many steps as one learner would take on the union; every rank cuts its own events into that
+        # many consecutive parts, so all ranks take the same steps
+        parts = step_parts(sum(counts), self.settings.step_events)
+        cuts = [np.array_split(np.arange(offsets[r], offsets[r + 1]), parts) for r in range(self.world)]
         stats = StepStats()
         for j in range(parts):
-            cut = [np.array_split(np.arange(offsets[r], offsets[r + 1]), parts)[j] for r in range(self.world)]
-            group = np.concatenate(cut)
-            mine = cut[self.rank][live[cut[self.rank]]]
+            group = np.concatenate([c[j] for c in cuts])
+            mine = cuts[self.rank][j][live[cuts[self.rank][j]]]
             local = mine - offsets[self.rank]
             stats.merge(self._stepper.step(users[local], all_rows[mine], values[local], ts[local],
                                            group_items=all_rows[group[live[group]]]))

@@ -29,6 +29,13 @@ from mfli.learner.stepper import Stepper
 from mfli.retrieval.snapshot import ItemSnapshot
 
 
+def step_parts(events: int, step_events: int) -> int:
+    """How many optimisation steps a micro-batch of ``events`` takes (``ModelSettings.step_events``: at
+    most that many events a step; 0 = one step). A data-parallel group takes as many for the union of its
+    ranks' batches, so a one-rank group steps exactly as a single learner does."""
+    return max(1, -(-events // step_events)) if step_events else 1
+
+
 class MFLILearner:
     """Multifaceted item embeddings + RQ codebooks, trained one micro-batch at a time."""
 
@@ -75,12 +82,11 @@ class MFLILearner:
         live = self.items.live[items]
         if not live.all():  # events on deleted items are dropped: the item has left the catalogue
             users, items, values, ts = users[live], items[live], values[live], ts[live]
-        size = self.settings.step_events
-        if size and len(items) > size:  # consecutive steps, in stream order (ModelSettings.step_events)
+        parts = step_parts(len(items), self.settings.step_events)
+        if parts > 1:  # consecutive steps of near-equal size, in stream order
             stats = StepStats()
-            for a in range(0, len(items), size):
-                stats.merge(self._stepper.step(users[a:a + size], items[a:a + size], values[a:a + size],
-                                               ts[a:a + size]))
+            for part in np.array_split(np.arange(len(items)), parts):
+                stats.merge(self._stepper.step(users[part], items[part], values[part], ts[part]))
         else:
             stats = self._stepper.step(users, items, values, ts)
         stats.new_items, stats.new_users = len(new), len(self.users) - n_users

@@ -225,16 +225,16 @@ def test_a_row_no_step_touched_can_still_be_marked_and_drained():
 
 
 def test_a_micro_batch_larger_than_step_events_is_learned_as_consecutive_steps():
-    """step_events splits a micro-batch into steps in stream order: the same state, step for step, as
-    handing the learner those parts one by one (and the stats add up over the parts)."""
+    """step_events splits a micro-batch into ceil(n / step_events) near-equal steps in stream order: the
+    same state, step for step, as handing the learner those parts one by one (the stats add up)."""
     users, items, values, ts, tags = clustered_stream(n_events=900)
     split = MFLILearner(small_settings(step_events=200))
     whole = MFLILearner(small_settings(step_events=0))
     for learner in (split, whole):
         learner.upsert_items(tags)
     stats = split.learn_columns(users, items, values, ts)
-    parts = [whole.learn_columns(users[a:a + 200], items[a:a + 200], values[a:a + 200], ts[a:a + 200])
-             for a in range(0, 900, 200)]
+    parts = [whole.learn_columns(users[a:a + 180], items[a:a + 180], values[a:a + 180], ts[a:a + 180])
+             for a in range(0, 900, 180)]
     assert split.step == whole.step == 5
     assert stats.events == 900 and stats.trained == sum(p.trained for p in parts) > 0
     assert stats.loss == parts[-1].loss
