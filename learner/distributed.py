@@ -254,17 +254,17 @@ class DistributedLearner(MFLILearner):
         live = self.items.live[all_rows]
         values, ts = np.asarray(values, np.float32), np.asarray(ts, np.int64)
         offsets = np.cumsum([0, *counts])
-        # as many steps as one learner would take on the union; every rank cuts its own events into that
-        # many consecutive parts, so all ranks take the same steps
-        parts = step_parts(sum(counts), self.settings.step_events)
-        cuts = [np.array_split(np.arange(offsets[r], offsets[r + 1]), parts) for r in range(self.world)]
+        # as many steps as one learner would take on the union's live events; every rank cuts its own live
+        # events into that many consecutive parts, so all ranks take the same steps
+        parts = step_parts(int(live.sum()), self.settings.step_events)
+        cuts = [np.array_split(offsets[r] + np.flatnonzero(live[offsets[r]:offsets[r + 1]]), parts)
+                for r in range(self.world)]
         stats = StepStats()
         for j in range(parts):
-            group = np.concatenate([c[j] for c in cuts])
-            mine = cuts[self.rank][j][live[cuts[self.rank][j]]]
+            mine = cuts[self.rank][j]
             local = mine - offsets[self.rank]
             stats.merge(self._stepper.step(users[local], all_rows[mine], values[local], ts[local],
-                                           group_items=all_rows[group[live[group]]]))
+                                           group_items=all_rows[np.concatenate([c[j] for c in cuts])]))
         stats.new_items, stats.new_users = len(new), len(self.users) - n_users
         stats.seconds["bookkeeping"] += time.perf_counter() - t0 - sum(stats.seconds.values())
         return stats, [m["control"] for m in metas]
