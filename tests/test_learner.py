@@ -211,6 +211,31 @@ def test_masked_history_negatives_do_not_move_the_loss(facets):
     assert unmasked[0] > base[0] + 0.1
 
 
+def test_the_fused_masked_cross_entropy_has_autograd_s_values_and_gradients():
+    """learner/loss.py ``MaskedCrossEntropy`` (logits, softmax and their gradient in one buffer) against
+    autograd on the plain expression, with masked pairs, in float64."""
+    from mfli.learner.loss import MaskedCrossEntropy
+
+    g = torch.Generator().manual_seed(1)
+    qs = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    items = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.tensor([0, 3, 3, 8, 1, 2])
+    ev, col = torch.tensor([0, 0, 2, 5]), torch.tensor([4, 7, 1, 8])
+    w = torch.randn(6, dtype=torch.float64, generator=g)
+    fused = MaskedCrossEntropy.apply(qs, items, target, ev, col)
+    logits = (qs @ items.t()).index_put((ev, col), torch.tensor(-1.0e4, dtype=torch.float64))
+    plain = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    assert torch.allclose(fused, plain, atol=1e-10)
+    got = torch.autograd.grad((fused * w).sum(), (qs, items))
+    want = torch.autograd.grad((plain * w).sum(), (qs, items))
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda a, b: MaskedCrossEntropy.apply(a, b, target, ev, col), (qs, items))
+    # with a bound on |logit| the row-max pass is skipped: the same values
+    bounded = MaskedCrossEntropy.apply(qs, items, target, ev, col, float((qs @ items.t()).abs().max()) + 1)
+    assert torch.allclose(bounded, plain, atol=1e-10)
+
+
 def test_a_row_no_step_touched_can_still_be_marked_and_drained():
     """Found by the fuzz test on a loaded machine: an item created by an event whose user had no history
     yet is never touched by a step, yet the publisher's prior refresh may mark it changed."""
