@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from mfli.allocator import keep_large_blocks
 from mfli.config import ModelSettings
 from mfli.deltas import CodebookSnapshot, ItemDelta
 from mfli.events import InteractionEvent, ItemEvent
@@ -44,6 +45,7 @@ class MFLILearner:
         # (measured: ml-100k embeddings differed by 1e-6 between identical runs). Deterministic kernels
         # make restore-and-continue equal never stopping and the eval reproducible, at no measured cost.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        keep_large_blocks()  # mfli/allocator.py: the step's large blocks stay in the heap
         self.settings = s = settings
         self.gen = torch.Generator().manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)

@@ -113,8 +113,8 @@ class MaskedCrossEntropy(torch.autograd.Function):
     ``[n, k]`` block five times beyond the product: the mask bias copied into ``addmm``'s output, the
     log-softmax output, a zero-filled gradient for the target pick, and the two softmax backward blocks.
     Here one ``[n, k]`` buffer holds the logits and becomes the softmax in place, and the backward writes
-    one more block, the logits' gradient. Measured at 384-event steps (+ replay) on ml-1m (3,883 items, one thread): the
-    softmax's share of the step fell from ~37 % to ~27 %.
+    one more block, the logits' gradient. Measured (forward + backward, 768 events x 3,883 items x d 96,
+    one thread, 10 repeats): ~31 ms -> ~23 ms.
 
     Masked entries get ``-1e4`` (as :func:`negative_bias`): their probability is 0, so they get no
     gradient. ``qs`` ``[n, d]`` the tempered queries, ``items`` ``[k, d]``; returns the loss per event ``[n]``.
