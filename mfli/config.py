@@ -168,15 +168,15 @@ class ModelSettings(BaseModel):
         "0 = off. 1 measured on an ml-1m validation slice: HR@20 .3918 -> .4246 at half the throughput")
     replay_capacity: int = Field(100_000, ge=0, description="newest training examples the replay buffer holds")
     step_events: int = Field(
-        512, ge=0, description="events per optimisation step: a larger micro-batch is learned in consecutive "
+        384, ge=0, description="events per optimisation step: a larger micro-batch is learned in consecutive "
         "steps of at most this many events, in stream order (0 = one step per micro-batch). The ingest batch "
         "(2,048) is sized for Kafka; the model learns more from more, smaller steps, but every step also pays "
         "for the whole catalogue under a full softmax (its gradient, the rows' Adagrad, the encoder's Adam). "
-        "Measured, validation slices (streaming HR@20, exact, 1,024-event micro-batches) and `mfli bench learn "
-        "--runs 1 --events 100000` on a quiet 2-core box: one step per batch .4521 ml-1m / .3048 ml-100k, "
-        "5,911 events/s; 512: .4609 / .3118, 5,007; 256: .4676 / .3130 (ml-latest-small .1124 -> .1233), "
-        "4,196; 128: .4656. 512 keeps the learner at its 5k events/s floor; 256 answers better and is the "
-        "setting for a learner with the CPU to spare")
+        "Measured, validation slices (streaming HR@20, exact, 1,024-event micro-batches): one step per batch "
+        ".4521 ml-1m / .3048 ml-100k; 512: .4609 / .3118; 384: .4658 / .3155; 256: .4676 / .3130 (ml-latest-small "
+        ".1124 -> .1233); 128: .4656 ml-1m. `mfli bench learn --runs 3 --events 100000` on a quiet 2-core box "
+        "(fused softmax and window attention, allocator thresholds): 512: 6,621 events/s, 384: 5,361, 256: 4,536. "
+        "384 is the smallest step that keeps the learner above its 5k events/s floor")
 
     @model_validator(mode="after")
     def _weights_shape(self) -> ModelSettings:
