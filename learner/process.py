@@ -35,7 +35,7 @@ from kafka.errors import KafkaError
 from mfli import metrics
 from mfli.config import Settings
 from mfli.consumers.stream import Batch, EventStream
-from mfli.kafka.clients import make_producer, wait_for_broker
+from mfli.kafka.clients import BrokerHealth, bootstrap_of, make_producer, wait_for_broker
 from mfli.kafka.offsets import offsets_from_json, offsets_to_json
 from mfli.learner import group
 from mfli.learner.checkpoint import DEDUPE_IDS_KEPT, read_checkpoint, save_checkpoint
@@ -212,6 +212,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     proc = LearnerProcess(settings)
     metrics.READY.labels(process="learner").set(1)
+    # An idle learner raises no KafkaError while its broker hangs (an empty poll is not an error, and with
+    # everything checkpointed there is nothing to commit), so readiness also follows a background probe,
+    # as the indexer's does (found by tests/test_broker_outage.py once the learner got faster).
+    health = BrokerHealth(bootstrap_of(settings.kafka)).start()
+    ready = True
     started = time.monotonic()
     backoff = 0.0
     try:
@@ -224,14 +229,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 backoff = min(max(0.5, backoff * 2), settings.kafka.reconnect_backoff_max_ms / 1000)
                 log.warning("Kafka error (%s); retrying in %.1f s", exc, backoff)
                 metrics.READY.labels(process="learner").set(0)
+                ready = False
                 time.sleep(backoff)
                 continue
-            if backoff:
-                backoff = 0.0
-                metrics.READY.labels(process="learner").set(1)
+            backoff = 0.0
+            if ready != health.ok:
+                ready = health.ok
+                metrics.READY.labels(process="learner").set(1 if ready else 0)
             if args.max_seconds and time.monotonic() - started >= args.max_seconds:
                 break
     finally:
+        health.stop()
         proc.close()
         metrics.UP.labels(process="learner").set(0)
     return 0
