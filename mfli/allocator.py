@@ -6,7 +6,7 @@ above its mmap threshold with a fresh ``mmap`` and unmaps them on free, so every
 to zero-fill new pages: in the profile, element-wise ops on those blocks ran 3-4x slower than on reused
 memory. Raising the mmap threshold to its 64-bit maximum (32 MB) and the trim threshold keeps the blocks
 in the heap across steps. Measured: ``mfli bench learn --runs 3 --events 100000`` at 384-event steps,
-4,946 -> ~5,450 events/s. The cost is resident memory the size of one step's working set, held between
+4,946 -> 5,361 events/s. The cost is resident memory the size of one step's working set, held between
 steps. A no-op where glibc's ``mallopt`` is not available (macOS, musl).
 """
 
