@@ -40,6 +40,10 @@ class ChangePublisher:
         self._lock = threading.Lock()
         self._acked = -1  # highest version whose records (and all before) Kafka acknowledged
         self._failed = False
+        #: commits enqueued and not yet handed to the producer, *including* the one the thread holds between
+        #: taking it off the queue and recording it in flight (an empty queue alone let ``idle`` be true
+        #: while a commit's records were still being sent: found as a flaky replica test under load)
+        self._pending = 0
         self.sent_versions = 0
         self._thread = threading.Thread(target=self._run, name="index-changes", daemon=True)
 
@@ -52,6 +56,8 @@ class ChangePublisher:
         return self
 
     def enqueue(self, version: int, msgs: list[W.Message]) -> None:
+        with self._lock:
+            self._pending += 1
         self._queue.put((version, msgs))
 
     def _run(self) -> None:
@@ -70,6 +76,7 @@ class ChangePublisher:
                 self._failed = True
             with self._lock:
                 self._inflight.append((version, futures))
+                self._pending -= 1
             self.sent_versions += 1
             metrics.INDEX_CHANGES_PUBLISHED.inc(len(futures))
 
@@ -104,7 +111,7 @@ class ChangePublisher:
         """Everything queued was handed to the producer and acknowledged."""
         self.acked()
         with self._lock:
-            return self._queue.empty() and not self._inflight
+            return self._pending == 0 and not self._inflight
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Send what is queued, wait for acknowledgements, then clear the acknowledged outbox entries."""

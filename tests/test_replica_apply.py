@@ -116,6 +116,36 @@ def _replay(copy: IndexCopy, log, states: dict, primary_dbs=None) -> list[int]:
     return committed
 
 
+def test_the_publisher_is_not_idle_while_it_holds_a_commit_it_has_not_sent(tmp_path):
+    """``idle()`` must stay false from the moment a commit is enqueued until its records are in flight,
+    including while the sending thread holds it between the queue and the producer (an empty queue alone
+    had made it true there: the fixture above then read a log missing the last commit under load)."""
+    import threading
+
+    class SlowProducer(CapturingProducer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside, self.release = threading.Event(), threading.Event()
+
+        def send(self, topic, key=None, value=None, headers=None, partition=None):
+            self.inside.set()
+            assert self.release.wait(30)
+            return super().send(topic, key, value, headers, partition)
+
+    settings = _settings(tmp_path)
+    writer = IndexWriter(tmp_path / "primary", settings.index)
+    producer = SlowProducer()
+    publisher = attach(writer, settings, producer=producer)
+    assert publisher.idle()
+    publisher.enqueue(1, [W.Message(b"k", b"v")])  # one commit: the queue is empty once the thread takes it
+    assert producer.inside.wait(30), "the publisher never started sending"
+    assert not publisher.idle(), "idle while a commit was still being handed to the producer"
+    producer.release.set()
+    _drain(publisher)
+    assert producer.log == [(b"k", b"v", [])]
+    writer.close()
+
+
 @pytest.fixture
 def primary(tmp_path):
     settings = _settings(tmp_path)
