@@ -155,10 +155,10 @@ def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, 
     """:func:`mixture_softmax` when the negatives are the whole live catalogue: plain cross-entropy.
 
     ``items`` ``[k, F, d]`` holds every live item once and ``target`` ``[n]`` is each event's column in
-    it. Nothing is sampled, so there is no log-Q and no self-mask to build: the fused cross-entropy
-    kernel does the softmax (measured: a third of the learner's step went to the ``[n, k]`` bias, mask
-    and hand-written log-sum-exp on ml-1m). ``masked``: (event, column) pairs left out of the softmax
-    (:func:`seen_pairs`). Returns (combined ``[n]``, per facet ``[n, F]``).
+    it. Nothing is sampled, so there is no log-Q and no self-mask to build: one facet goes through
+    :class:`MaskedCrossEntropy`, several through torch's cross-entropy kernel. ``masked``: (event,
+    column) pairs left out of the softmax (:func:`seen_pairs`). Returns (combined ``[n]``, per facet
+    ``[n, F]``).
     """
     qs = q / temperature
     where = None if masked is None or not len(masked[0]) else \
