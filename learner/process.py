@@ -213,10 +213,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     proc = LearnerProcess(settings)
     metrics.READY.labels(process="learner").set(1)
     # An idle learner raises no KafkaError while its broker hangs (an empty poll is not an error, and with
-    # everything checkpointed there is nothing to commit), so readiness also follows a background probe,
-    # as the indexer's does (found by tests/test_broker_outage.py once the learner got faster).
-    health = BrokerHealth(bootstrap_of(settings.kafka)).start()
-    ready = True
+    # everything checkpointed there is nothing to commit), and its loop may sit blocked in a call to the
+    # hung broker, so readiness also follows a background probe that sets the gauge from its own thread
+    # (found by tests/test_broker_outage.py once the learner got faster).
+    failing = False  # the loop's own view: the last run_once raised a KafkaError
+
+    def probe_changed(ok: bool) -> None:
+        metrics.READY.labels(process="learner").set(1 if ok and not failing else 0)
+
+    health = BrokerHealth(bootstrap_of(settings.kafka), on_change=probe_changed).start()
     started = time.monotonic()
     backoff = 0.0
     try:
@@ -228,14 +233,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 # offsets only move with a checkpoint and unacknowledged deltas were put back.
                 backoff = min(max(0.5, backoff * 2), settings.kafka.reconnect_backoff_max_ms / 1000)
                 log.warning("Kafka error (%s); retrying in %.1f s", exc, backoff)
+                failing = True
                 metrics.READY.labels(process="learner").set(0)
-                ready = False
                 time.sleep(backoff)
                 continue
-            backoff = 0.0
-            if ready != health.ok:
-                ready = health.ok
-                metrics.READY.labels(process="learner").set(1 if ready else 0)
+            if failing:
+                failing, backoff = False, 0.0
+                metrics.READY.labels(process="learner").set(1 if health.ok else 0)
             if args.max_seconds and time.monotonic() - started >= args.max_seconds:
                 break
     finally:

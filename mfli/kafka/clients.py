@@ -117,8 +117,12 @@ class BrokerHealth:
     """Background probe (:func:`broker_answers` every ``interval_s``) for processes whose main loop cannot
     tell a hung broker from a quiet topic (an idle ``poll`` returns nothing in both cases)."""
 
-    def __init__(self, bootstrap: str, interval_s: float = 2.0, timeout_s: float = 2.0) -> None:
+    def __init__(self, bootstrap: str, interval_s: float = 2.0, timeout_s: float = 2.0,
+                 on_change: Callable[[bool], None] | None = None) -> None:
         self.ok = True
+        #: called from the probe thread when the answer changes: for a process whose main loop may itself
+        #: be blocked on the hung broker (the learner's poll or commit), so it cannot read ``ok`` in time
+        self._on_change = on_change
         self._bootstrap, self._interval, self._timeout = bootstrap, interval_s, timeout_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="broker-health", daemon=True)
@@ -136,7 +140,9 @@ class BrokerHealth:
             if ok != self.ok:
                 (log.info if ok else log.warning)("Kafka at %s %s", self._bootstrap,
                                                   "answers again" if ok else "does not answer (not ready)")
-            self.ok = ok
+                self.ok = ok
+                if self._on_change is not None:
+                    self._on_change(ok)
 
 
 def wait_for_broker(kafka: KafkaSettings, process: str, stopping: Callable[[], bool] = lambda: False) -> bool:
