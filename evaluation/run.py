@@ -62,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--static-only", action="store_true", help="only the static protocol (no streaming)")
     parser.add_argument("--sasrec-epochs", type=int, default=12, help="SASRec anchor epochs (0 = skip it)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="streaming protocol: also retrain the model with seeds seed+1 .. seed+N-1 on the same "
+                        "events and report each seed and the seed mean against the anchors (a single run carries "
+                        "the learner's own optimisation noise, which the bootstrap over users does not see)")
     parser.add_argument("--beta", type=float, default=None, help="skip tuning: use this prior weight")
     parser.add_argument("--half-life", type=float, default=None, help="skip tuning: prior half-life (events)")
 
@@ -139,8 +143,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     ours = prequential(learner, data, cut, args.batch, settings)
     anchors = anchor_streams(data, cut, sasrec_epochs=args.sasrec_epochs, sasrec_dim=model.dim,
                              sasrec_history=model.history)
-    report["streaming"] = summarise(data, ours, anchors, n_boot=args.bootstrap)
-    rows = report["streaming"]["methods"]
+    report["streaming"] = summarise(data, ours, anchors, n_boot=args.bootstrap,
+                                    more_seeds=_more_seeds(model, settings, data, cut, args))
+    rows = dict(report["streaming"]["methods"])
+    if "seeds" in report["streaming"]:
+        seeds = report["streaming"]["seeds"]
+        for k, per in enumerate(seeds["per_seed"]):
+            per["seed"] = model.seed + k
+        rows[f"mfli index, {seeds['count']}-seed mean"] = seeds["mean_model"]
     sys.stdout.write(_stream_table(f"{data.name}: streaming protocol, {report['streaming']['events_scored']} "
                                    f"events (prior beta={beta:g}, half-life={hl:g} events)", rows))
     for line in report["streaming"]["comparisons_text"]:
@@ -160,6 +170,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         write_report(args.report, eval_report(report, sizes, (settings.index.b_low, settings.index.b_upp), counts))
         log.info("wrote %s", args.report)
     return 0
+
+
+def _more_seeds(model: ModelSettings, settings: Settings, data: Interactions, cut: int,
+                args: argparse.Namespace) -> list[ModelStream]:
+    """The streaming protocol again for seeds ``seed+1 .. seed+N-1`` (same prior, same events, no static block)."""
+    out = []
+    for k in range(1, max(1, getattr(args, "seeds", 1) or 1)):
+        learner = fresh(model.model_copy(update={"seed": model.seed + k}), data)
+        train(learner, data, cut, 1, args.batch)
+        out.append(prequential(learner, data, cut, args.batch, settings))
+        log.info("seed %d: streaming HR@20 (index) %.4f", model.seed + k, float((out[-1].ranks["index"] < 20).mean()))
+    return out
 
 
 def _write(args: argparse.Namespace, report: dict, t0: float) -> int:

@@ -51,9 +51,25 @@ def test_eval_is_reproducible_and_reports_every_anchor_on_the_same_events(tmp_pa
         assert c["diff"] == pytest.approx(methods["mfli index"]["HR@20"] - methods[name]["HR@20"], abs=1e-9)
     assert stream["index_over_exact_hr@20"] > 0.97
     assert (tmp_path / "r0.png").stat().st_size > 10_000
-    # seeded: the same prior gives the same streaming numbers
+    # seeded: the same prior gives the same streaming numbers; --seeds 2 adds a retrained seed beside them
     b = reports[1]
-    rerun = dict(args.__dict__, json=str(tmp_path / "r2.json"), plot=None)
+    rerun = dict(args.__dict__, json=str(tmp_path / "r2.json"), plot=None, seeds=2)
     assert evaluate.run(argparse.Namespace(**rerun), load_settings()) == 0
     c = orjson.loads((tmp_path / "r2.json").read_bytes())
+    seeds = c["streaming"].pop("seeds")
+    text_b, text_c = b["streaming"]["comparisons_text"], c["streaming"]["comparisons_text"]
+    assert text_c[:len(text_b)] == text_b and len(text_c) > len(text_b)
+    c["streaming"]["comparisons_text"] = text_b
     assert _strip_timings(b["streaming"]) == _strip_timings(c["streaming"])
+    per = seeds["per_seed"]
+    assert [p["seed"] for p in per] == [0, 1] and seeds["count"] == 2
+    assert per[0]["HR@20"] == b["streaming"]["methods"]["mfli index"]["HR@20"]
+    assert per[1]["HR@20"] != per[0]["HR@20"]  # another seed is another model
+    assert seeds["mean_model"]["HR@20"] == pytest.approx((per[0]["HR@20"] + per[1]["HR@20"]) / 2, abs=1e-12)
+    rows_b = b["streaming"]["methods"]
+    best = b["streaming"]["best_anchor"]
+    assert per[1]["ratio_to_best_anchor"] == pytest.approx(per[1]["HR@20"] / rows_b[best]["HR@20"], rel=1e-9)
+    for name, comp in seeds["vs_anchors"].items():
+        d = comp["HR@20"]
+        assert d["lo"] <= d["diff"] <= d["hi"], name
+        assert d["diff"] == pytest.approx(seeds["mean_model"]["HR@20"] - rows_b[name]["HR@20"], abs=1e-9)
