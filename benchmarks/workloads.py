@@ -311,6 +311,8 @@ def train_learned(spec: StreamSpec, model_settings) -> tuple[ItemSnapshot, list[
         topic = torch.from_numpy(world.item_topic)
         start = norm((topic_dir[topic] + group_dir[topic // spec.topics_per_group]) / 2)
         learner.items.emb[: spec.n_items] = norm(start + 0.2 * norm(torch.randn(spec.n_items, width, generator=gen)))
+        if learner.items.avg.shape[0]:  # the served average starts where the rows start
+            learner.items.avg[: spec.n_items] = learner.items.emb[: spec.n_items]
     upsert_s = time.perf_counter() - t0
     user_ids = np.array([f"u{u}" for u in range(spec.users)], dtype=object)
     ms_per_event, done, t1 = 50, 0, time.perf_counter()

@@ -112,7 +112,7 @@ def tune_prior(learner: MFLILearner, data: Interactions, lo: int, hi: int, batch
         sel, tgt = idx[has], items[idx[has]]
         if sel.size:
             q, g = learner.window_queries(win[sel], win_ts[sel])
-            vectors = learner.items.vectors().numpy()
+            vectors = learner.serving_vectors()
             model = combine(np.einsum("bfd,nfd->bnf", q, vectors), g[:, None, :], s.temperature)
             model[:, ~learner.items.live[: len(vectors)]] = -np.inf
             ex = [e for e, h in zip(excl, has, strict=True) if h]

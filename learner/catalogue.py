@@ -16,8 +16,11 @@ from mfli.learner.ids import IdMap
 class ItemCatalogue:
     """Rows, vectors ``[cap, F*d]`` and per-row state of every item the learner has seen."""
 
-    def __init__(self, facets: int, dim: int, levels: int, capacity: int = 1024, context: bool = False) -> None:
+    def __init__(self, facets: int, dim: int, levels: int, capacity: int = 1024, context: bool = False,
+                 average: bool = False) -> None:
         self.facets, self.dim, self.levels = facets, dim, levels
+        # optional moving average of ``emb`` (``model.serving_average``): what is published and indexed
+        self.avg = torch.zeros(capacity if average else 0, facets * dim)
         # optional separate input table of the query encoder (``encoder_input='separate'``) and its Adagrad
         self.ctx = torch.zeros(capacity if context else 0, facets * dim)
         self.ctx_acc = torch.zeros(capacity if context else 0)
@@ -53,6 +56,10 @@ class ItemCatalogue:
             ctx, ctx_acc = torch.zeros(cap, self.ctx.shape[1]), torch.zeros(cap)
             ctx[:n], ctx_acc[:n] = self.ctx, self.ctx_acc
             self.ctx, self.ctx_acc = ctx, ctx_acc
+        if self.avg.shape[0]:
+            avg = torch.zeros(cap, self.avg.shape[1])
+            avg[:n] = self.avg
+            self.avg = avg
 
     def rows_for(self, item_ids: list[str], gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ``item_ids``; unseen ids get rows (random start) and become live."""
@@ -80,6 +87,8 @@ class ItemCatalogue:
     def _init_rows(self, rows: torch.Tensor, gen: torch.Generator) -> None:
         self.emb[rows] = self.normalise(torch.randn(len(rows), self.facets * self.dim, generator=gen))
         self.acc[rows] = 0
+        if self.avg.shape[0]:
+            self.avg[rows] = self.emb[rows]
         if self.ctx.shape[0]:
             self.ctx[rows] = self.normalise(torch.randn(len(rows), self.facets * self.dim, generator=gen))
             self.ctx_acc[rows] = 0
@@ -98,6 +107,28 @@ class ItemCatalogue:
             self.emb[row] = self.normalise((start + 0.2 * self.normalise(noise[None])[0])[None])[0]
         else:
             self.emb[row] = self.normalise(noise[None])[0]
+        if self.avg.shape[0]:
+            self.avg[row] = self.emb[row]
+
+    @torch.no_grad()
+    def average(self, rows: torch.Tensor, decay: float) -> None:
+        """Move the rows' moving average towards their new vectors (after an update of ``emb[rows]``).
+        Only updated rows move: a row no step touches has not changed, and keeps its average."""
+        if self.avg.shape[0]:
+            self.avg[rows] = torch.lerp(self.avg[rows], self.emb[rows], 1.0 - decay)
+
+    def serving_table(self) -> torch.Tensor:
+        """``[n, F*d]`` per-facet unit rows that answers use: the normalised moving average when there is
+        one (an average of unit vectors is shorter than 1), else the trained rows themselves."""
+        n = len(self)
+        return self.normalise(self.avg[:n]) if self.avg.shape[0] else self.emb[:n]
+
+    def serving_vectors(self, rows: np.ndarray | None = None) -> torch.Tensor:
+        """:meth:`vectors` of the :meth:`serving_table`."""
+        if not self.avg.shape[0]:
+            return self.vectors(rows)
+        data = self.avg[: len(self)] if rows is None else self.avg[torch.as_tensor(rows)]
+        return self.normalise(data).view(-1, self.facets, self.dim)
 
     def normalise(self, flat: torch.Tensor) -> torch.Tensor:
         """Per-facet L2 normalisation of ``[n, F*d]`` rows."""
@@ -138,7 +169,7 @@ class ItemCatalogue:
                 "codes": self.codes[:n].clone(), "live": self.live[:n].copy(),
                 "tags": [list(t) for t in self.tags], "tag_names": self.tag_names.state(),
                 "tag_rows": [list(t) for t in self.tag_rows],
-                "ctx": self.ctx[:n].clone(), "ctx_acc": self.ctx_acc[:n].clone()}
+                "ctx": self.ctx[:n].clone(), "ctx_acc": self.ctx_acc[:n].clone(), "avg": self.avg[:n].clone()}
 
     def load_state(self, state: dict) -> None:
         self.ids = IdMap.from_state(state["ids"])
@@ -151,3 +182,6 @@ class ItemCatalogue:
         self.tag_rows = [list(t) for t in state["tag_rows"]]
         if self.ctx.shape[0] and "ctx" in state:
             self.ctx[:n], self.ctx_acc[:n] = state["ctx"], state["ctx_acc"]
+        if self.avg.shape[0]:  # a checkpoint without an average (older, or taken with it off) starts it here
+            avg = state.get("avg")
+            self.avg[:n] = avg if avg is not None and len(avg) == n else self.emb[:n]

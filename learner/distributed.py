@@ -291,4 +291,9 @@ def model_fingerprint(learner: MFLILearner) -> dict[str, torch.Tensor]:
            "popularity": torch.from_numpy(learner.popularity.values(n).copy())}
     for name, p in learner.tower.encoder.named_parameters():
         out[f"encoder.{name}"] = p.detach().clone()
+    if learner.items.avg.shape[0]:
+        out["avg"] = learner.items.avg[:n].clone()
+    if learner.tower.average is not None:
+        for name, p in learner.tower.average.named_parameters():
+            out[f"average.{name}"] = p.detach().clone()
     return out

@@ -19,6 +19,7 @@ mixture-of-softmaxes combination (:func:`mfli.retrieval.query_model.combine`).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -161,6 +162,10 @@ class QueryTower:
             torch.manual_seed(s.seed)
             self.encoder = QueryEncoder(s.facets * s.dim, s.encoder_dim or s.dim, s.facets, s.history,
                                         s.encoder_heads, s.encoder_dropout, out_dim=s.dim)
+        # the served encoder (``model.serving_average``): a moving average of the trained one's weights
+        self.average = copy.deepcopy(self.encoder).eval() if s.serving_average > 0 and not self.mean else None
+        if self.average is not None:
+            self.average.requires_grad_(False)
         self.encoder.gen = gen
         self.optimizer = torch.optim.Adam(self.encoder.parameters(), lr=s.encoder_learning_rate)
         self._decay = torch.tensor(s.recency_decay) ** torch.arange(s.history - 1, -1, -1, dtype=torch.float32)
@@ -181,32 +186,55 @@ class QueryTower:
         self.encoder.train(train)
         return self.encoder(rows, window, gaps)
 
+    @property
+    def serving(self) -> QueryEncoder:
+        """The encoder answers come from: the moving average when there is one."""
+        return self.average if self.average is not None else self.encoder
+
     @torch.no_grad()
     def infer(self, table: torch.Tensor, window: np.ndarray, window_ts: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
-        """Queries for windows of item rows over a whole ``[n, F*d]`` table (evaluation, snapshots)."""
+        """Queries of the :attr:`serving` encoder for windows of item rows over a whole ``[n, F*d]`` table
+        (evaluation, snapshots, the users store)."""
         uniq, inv = np.unique(window[window >= 0], return_inverse=True)
         idx = np.full(window.shape, -1, dtype=np.int64)
         idx[window >= 0] = inv
-        q, g = self.queries(table[torch.from_numpy(uniq)], torch.from_numpy(idx),
-                            torch.from_numpy(gap_buckets(window_ts)), train=False)
+        rows, widx = table[torch.from_numpy(uniq)], torch.from_numpy(idx)
+        gaps = torch.from_numpy(gap_buckets(window_ts))
+        if self.mean:
+            q, g = self.queries(rows, widx, gaps, train=False)
+        else:
+            enc = self.serving
+            enc.train(False)
+            q, g = enc(rows, widx, gaps)
         return q.numpy(), g.numpy()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> None:
-        if not self.mean:
-            self.optimizer.step()
+        if self.mean:
+            return
+        self.optimizer.step()
+        if self.average is not None:
+            w = 1.0 - self.settings.serving_average
+            with torch.no_grad():
+                for a, p in zip(self.average.parameters(), self.encoder.parameters(), strict=True):
+                    a.lerp_(p, w)
 
     def query_model(self, version: int) -> QueryModel:
         s = self.settings
-        return QueryModel(version=version, weights={} if self.mean else self.encoder.weights(), facets=s.facets,
+        return QueryModel(version=version, weights={} if self.mean else self.serving.weights(), facets=s.facets,
                           dim=s.dim, heads=s.encoder_heads, tau=s.temperature)
 
     def state(self) -> dict:
-        return {"encoder": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict()}
+        out = {"encoder": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.average is not None:
+            out["average"] = self.average.state_dict()
+        return out
 
     def load_state(self, state: dict) -> None:
         self.encoder.load_state_dict(state["encoder"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.average is not None:  # without a saved average it starts from the trained weights
+            self.average.load_state_dict(state.get("average") or self.encoder.state_dict())

@@ -49,7 +49,8 @@ class MFLILearner:
         self.settings = s = settings
         self.gen = torch.Generator().manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)
-        self.items = ItemCatalogue(s.facets, s.dim, s.levels, context=s.encoder_input == "separate")
+        self.items = ItemCatalogue(s.facets, s.dim, s.levels, context=s.encoder_input == "separate",
+                                   average=s.serving_average > 0)
         self.users = UserHistories(s.history)
         self.rq = ResidualQuantizer(s.facets, s.levels, s.dim, s.codewords, s.overuse_penalty,
                                     s.dead_code_window)
@@ -161,8 +162,9 @@ class MFLILearner:
         self._grow_versions()
         out: list[ItemDelta] = []
         if len(rows):
-            vec = self.items.vectors(rows).numpy().astype(np.float32)
-            codes = self.rq.encode(self.items.vectors(rows)).numpy().astype(np.int32)
+            served = self.items.serving_vectors(rows)
+            vec = served.numpy().astype(np.float32)
+            codes = self.rq.encode(served).numpy().astype(np.int32)
             prior = self.prior(rows)
             for i, r in enumerate(rows.tolist()):
                 out.append(ItemDelta(item_id=self.items.ids.id_of(r), row=r, version=int(self.row_version[r]),
@@ -209,9 +211,15 @@ class MFLILearner:
         return self.tower.infer(self._context_table(), window, window_ts)
 
     def _context_table(self) -> torch.Tensor:
-        """What the encoder reads per history item: the indexed vectors, or the separate context table."""
-        table = self.items.ctx if self.settings.encoder_input == "separate" else self.items.emb
-        return table[: len(self.items)]
+        """What the served encoder reads per history item: the indexed (served) vectors, or the separate
+        context table."""
+        if self.settings.encoder_input == "separate":
+            return self.items.ctx[: len(self.items)]
+        return self.items.serving_table()
+
+    def serving_vectors(self) -> np.ndarray:
+        """``[n, F, d]`` float32 item vectors that answers are scored with (``model.serving_average``)."""
+        return self.items.serving_vectors().numpy().astype(np.float32)
 
     def query_model(self):
         """The query encoder's weights as the server runs them (versioned by the learner step)."""
@@ -226,7 +234,7 @@ class MFLILearner:
     def snapshot(self, with_tags: bool = False) -> ItemSnapshot:
         """A consistent copy of all item state for the retrievers (codes re-encoded with today's codebooks)."""
         n = len(self.items)
-        vec = self.items.vectors()
+        vec = self.items.serving_vectors()
         return ItemSnapshot(
             item_ids=np.asarray(self.items.ids.ids(), dtype=object),
             vectors=vec.numpy().astype(np.float32).copy(),

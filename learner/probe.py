@@ -69,7 +69,7 @@ class PrequentialProbe:
         ok = np.flatnonzero((win[:, -1] >= 0) & (target >= 0))
         if len(ok):
             q, g = learner.window_queries(win[ok], win_ts[ok])
-            vec = learner.items.vectors().numpy()
+            vec = learner.serving_vectors()
             facet = np.einsum("bfd,nfd->bnf", q, vec)
             scores = combine(facet, g[:, None, :], learner.settings.temperature) + learner.prior()[None, :]
             scores[:, ~live[: len(learner.items)]] = -np.inf

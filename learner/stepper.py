@@ -239,6 +239,7 @@ class Stepper:
         upd[torch.from_numpy(~cat.live[g.rows])] = 0
         new = cat.normalise(old - upd)
         cat.emb[rows_t] = new
+        cat.average(rows_t, s.serving_average)
         if g.codebook_grad is not None:
             rq.adagrad += g.codebook_grad.pow(2)
             rq.codebooks -= s.codebook_learning_rate * g.codebook_grad / (rq.adagrad.sqrt() + _EPS)

@@ -178,6 +178,13 @@ class ModelSettings(BaseModel):
         "(fused softmax and window attention, allocator thresholds): 512: 6,621 events/s, 384: 5,361, 256: 4,536. "
         "384 is the smallest step that keeps the learner above its 5k events/s floor")
 
+    serving_average: float = Field(
+        0.9, ge=0, lt=1, description="decay per optimisation step of an exponential moving average of the item "
+        "vectors and the encoder's weights; what the learner publishes, indexes and scores with (training "
+        "continues on the raw weights). 0 = serve the raw weights. An online learner's weights carry the noise "
+        "of its last few steps; averaging them over ~1/(1-decay) steps removes it at the cost of one lerp per "
+        "step (see the README's averaging table)")
+
     @model_validator(mode="after")
     def _weights_shape(self) -> ModelSettings:
         if len(self.objective_weights) < self.facets:

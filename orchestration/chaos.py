@@ -491,7 +491,7 @@ def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict
         ids = [learner.items.ids.id_of(r) for r in np.flatnonzero(live).tolist()]
         rows = view.rows_of(ids)
         missing = int((rows < 0).sum())
-        learned = learner.items.vectors(np.flatnonzero(live)).numpy()
+        learned = learner.items.serving_vectors(np.flatnonzero(live)).numpy()
         stored = view.vectors(rows[rows >= 0]) if (rows >= 0).any() else np.empty((0,) + learned.shape[1:])
         max_diff = float(np.abs(stored - learned[rows >= 0]).max()) if stored.size else 0.0
         indexed = view.n_live()

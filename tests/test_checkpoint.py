@@ -41,8 +41,11 @@ def test_restore_and_continue_equals_never_stopping(tmp_path):
 
     a, b = straight.state_dict(), resumed.state_dict()
     assert straight.rq.active == 2
-    for key in ("emb", "acc", "codes"):
+    for key in ("emb", "acc", "codes", "avg"):
         assert torch.equal(a["items"][key], b["items"][key]), key
+    assert a["items"]["avg"].shape == a["items"]["emb"].shape  # the served average crosses the checkpoint
+    for key, value in a["tower"]["average"].items():
+        assert torch.equal(value, b["tower"]["average"][key]), key
     assert torch.equal(straight.rq.codebooks, resumed.rq.codebooks)
     assert torch.equal(straight.rq.adagrad, resumed.rq.adagrad)
     np.testing.assert_array_equal(straight.prior(), resumed.prior())

@@ -266,3 +266,42 @@ def test_a_micro_batch_larger_than_step_events_is_learned_as_consecutive_steps()
     assert torch.equal(split.items.emb, whole.items.emb)
     for a, b in zip(split.tower.encoder.parameters(), whole.tower.encoder.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_answers_come_from_a_moving_average_of_the_trained_weights():
+    """``model.serving_average``: steps move the raw rows and encoder; what is published, indexed and
+    queried is their per-step moving average (rows normalised per facet); 0 serves the raw weights."""
+    cols = clustered_stream(n_events=2_000, seed=5)
+    # sampled negatives, so that a step leaves some rows untouched
+    learner = MFLILearner(small_settings(serving_average=0.9, full_softmax_items=0, uniform_negatives=32))
+    feed(learner, cols, 0, 1_000)
+    cat, tower = learner.items, learner.tower
+    avg0, enc0 = cat.avg[: len(cat)].clone(), {k: v.clone() for k, v in tower.average.state_dict().items()}
+    step0 = learner.step
+    feed(learner, cols, 1_000, 1_256)
+    assert learner.step == step0 + 1
+    n = len(avg0)  # rows created by the step start their average at their first vector
+    touched = torch.from_numpy(learner.row_version[:n] == learner.step)
+    assert 0 < int(touched.sum()) < n
+    expect = torch.where(touched[:, None], 0.9 * avg0 + 0.1 * cat.emb[:n], avg0)
+    torch.testing.assert_close(cat.avg[:n], expect, rtol=0, atol=1e-6)
+    raw = tower.encoder.state_dict()
+    for k, v in tower.average.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * enc0[k] + 0.1 * raw[k], rtol=0, atol=1e-6)
+    # (wk.bias never gets a gradient: a constant over the window's positions, the softmax ignores it)
+    moved = [k for k, v in tower.average.state_dict().items() if not torch.equal(v, raw[k])]
+    assert len(moved) >= len(raw) - 1
+    n = len(cat)
+    served = cat.normalise(cat.avg[:n]).view(n, learner.settings.facets, -1).numpy()
+    snap = learner.snapshot()
+    np.testing.assert_allclose(snap.vectors, served, atol=1e-6)
+    assert not np.allclose(snap.vectors, cat.vectors().numpy(), atol=1e-3)
+    for d in learner.drain_changed()[:10]:
+        np.testing.assert_allclose(d.vectors, served[d.row], atol=1e-6)
+    weights = learner.query_model().weights
+    for k, v in tower.average.state_dict().items():
+        np.testing.assert_array_equal(weights[k], v.numpy())
+    off = MFLILearner(small_settings(serving_average=0.0))
+    feed(off, cols, 0, 1_000)
+    assert off.items.avg.shape[0] == 0 and off.tower.average is None
+    np.testing.assert_array_equal(off.snapshot().vectors, off.items.vectors().numpy())

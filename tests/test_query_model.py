@@ -40,7 +40,7 @@ def test_numpy_encoder_equals_the_learners_for_the_same_history(facets, encoder_
     users = np.arange(20)
     q, g, has = learner.user_queries(users)
     assert has.all()
-    vectors = learner.items.vectors().numpy()
+    vectors = learner.serving_vectors()  # what the server holds: the published (averaged) vectors
     for u in users.tolist():
         rows, ts = learner.users.items_of(u)
         nq, ng = model.query(vectors[rows].reshape(len(rows), -1), np.asarray(ts))
