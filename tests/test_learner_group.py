@@ -162,7 +162,7 @@ def test_sigkill_of_one_rank_restarts_the_group_and_loses_nothing(kafka_settings
         with LmdbIndex(tmp_path / "index", MAP).view() as view:
             rows = view.rows_of(ids)
             assert (rows >= 0).all(), f"{int((rows < 0).sum())} live items missing from the index"
-            diff = np.abs(view.vectors(rows) - learner.items.vectors(live).numpy()).max()
+            diff = np.abs(view.vectors(rows) - learner.items.serving_vectors(live).numpy()).max()
         assert diff < 1e-3, diff
     finally:
         for proc in (launcher, indexer):

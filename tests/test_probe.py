@@ -18,7 +18,7 @@ def _oracle_ranks(learner, users, items, ts, seen):
     """Per event, one at a time: the window from the user's history, the score of every live item, the
     count of live items the user has not seen scored above the target."""
     out = []
-    vec = learner.items.vectors().numpy()[:, 0, :]
+    vec = learner.serving_vectors()[:, 0, :]  # what answers are scored with (model.serving_average)
     prior = learner.prior()
     live = learner.items.live[: len(learner.items)]
     windows: dict[str, list[tuple[int, int]]] = {}
