@@ -176,7 +176,7 @@ def _more_seeds(model: ModelSettings, settings: Settings, data: Interactions, cu
                 args: argparse.Namespace) -> list[ModelStream]:
     """The streaming protocol again for seeds ``seed+1 .. seed+N-1`` (same prior, same events, no static block)."""
     out = []
-    for k in range(1, max(1, getattr(args, "seeds", 1) or 1)):
+    for k in range(1, getattr(args, "seeds", 1) or 1):
         learner = fresh(model.model_copy(update={"seed": model.seed + k}), data)
         train(learner, data, cut, 1, args.batch)
         out.append(prequential(learner, data, cut, args.batch, settings))

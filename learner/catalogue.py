@@ -124,18 +124,16 @@ class ItemCatalogue:
         else:
             self.avg[rows] = torch.lerp(self.avg[rows], self.emb[rows], 1.0 - decay)
 
-    def serving_table(self) -> torch.Tensor:
-        """``[n, F*d]`` per-facet unit rows that answers use: the normalised moving average when there is
-        one (an average of unit vectors is shorter than 1), else the trained rows themselves."""
-        n = len(self)
-        return self.normalise(self.avg[:n]) if self.avg.shape[0] else self.emb[:n]
+    def serving_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[u, F*d]`` per-facet unit rows that answers use for ``rows``: the normalised moving average
+        when there is one (an average of unit vectors is shorter than 1), else the trained rows. Only the
+        asked rows are normalised: a query reads its window's items, not the catalogue."""
+        return self.normalise(self.avg[rows]) if self.avg.shape[0] else self.emb[rows]
 
     def serving_vectors(self, rows: np.ndarray | None = None) -> torch.Tensor:
-        """:meth:`vectors` of the :meth:`serving_table`."""
-        if not self.avg.shape[0]:
-            return self.vectors(rows)
-        data = self.avg[: len(self)] if rows is None else self.avg[torch.as_tensor(rows)]
-        return self.normalise(data).view(-1, self.facets, self.dim)
+        """:meth:`vectors` of the :meth:`serving_rows` (all rows if ``rows`` is None)."""
+        idx = torch.arange(len(self)) if rows is None else torch.as_tensor(rows)
+        return self.serving_rows(idx).view(-1, self.facets, self.dim)
 
     def normalise(self, flat: torch.Tensor) -> torch.Tensor:
         """Per-facet L2 normalisation of ``[n, F*d]`` rows."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -192,14 +193,14 @@ class QueryTower:
         return self.average if self.average is not None else self.encoder
 
     @torch.no_grad()
-    def infer(self, table: torch.Tensor, window: np.ndarray, window_ts: np.ndarray
+    def infer(self, context: Callable[[torch.Tensor], torch.Tensor], window: np.ndarray, window_ts: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray]:
-        """Queries of the :attr:`serving` encoder for windows of item rows over a whole ``[n, F*d]`` table
-        (evaluation, snapshots, the users store)."""
+        """Queries of the :attr:`serving` encoder for windows of item rows (evaluation, snapshots, the
+        users store); ``context`` maps item rows to their ``[u, F*d]`` context vectors."""
         uniq, inv = np.unique(window[window >= 0], return_inverse=True)
         idx = np.full(window.shape, -1, dtype=np.int64)
         idx[window >= 0] = inv
-        rows, widx = table[torch.from_numpy(uniq)], torch.from_numpy(idx)
+        rows, widx = context(torch.from_numpy(uniq)), torch.from_numpy(idx)
         gaps = torch.from_numpy(gap_buckets(window_ts))
         if self.mean:
             q, g = self.queries(rows, widx, gaps, train=False)

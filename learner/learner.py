@@ -203,19 +203,19 @@ class MFLILearner:
         q = np.zeros((n, s.facets, s.dim), np.float32)
         g = np.full((n, s.facets), -np.log(s.facets), np.float32)
         if has.any():
-            q[has], g[has] = self.tower.infer(self._context_table(), win[has], win_ts[has])
+            q[has], g[has] = self.tower.infer(self._context_rows, win[has], win_ts[has])
         return q, g, has
 
     def window_queries(self, window: np.ndarray, window_ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Queries for explicit ``[n, H]`` windows (-1 padded, each with its newest item)."""
-        return self.tower.infer(self._context_table(), window, window_ts)
+        return self.tower.infer(self._context_rows, window, window_ts)
 
-    def _context_table(self) -> torch.Tensor:
-        """What the served encoder reads per history item: the indexed (served) vectors, or the separate
-        context table."""
+    def _context_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """What the served encoder reads for history items ``rows``: their indexed (served) vectors, or
+        their rows of the separate context table."""
         if self.settings.encoder_input == "separate":
-            return self.items.ctx[: len(self.items)]
-        return self.items.serving_table()
+            return self.items.ctx[rows]
+        return self.items.serving_rows(rows)
 
     def serving_vectors(self) -> np.ndarray:
         """``[n, F, d]`` float32 item vectors that answers are scored with (``model.serving_average``)."""
