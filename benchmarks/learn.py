@@ -5,7 +5,8 @@ as in ``mfli eval``) and streams the first ``--events`` ratings of the dataset i
 ``learn_columns`` in micro-batches of ``--batch`` (the ingest batch size by default), one pass. The
 clock covers only the learner (the log is loaded before it starts). Reported: median events/s over
 ``--runs`` runs and the step time broken down by phase (query pooling, forward, backward, optimiser,
-quantisation, bookkeeping) in microseconds per event. ``torch.set_num_threads(2)`` on this 2-core box.
+quantisation, bookkeeping) in microseconds per event. Threads: ``learner.threads`` (what ``mfli learn`` runs
+with) unless ``--threads`` says otherwise.
 Target >= 5k events/s with the sequence encoder, full softmax and replay (issue 11; the mean-pooled
 query of before did 21k).
 """
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events", type=int, default=0, help="events per run (0 = the whole log)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=0, help="events per step (0 = ingest.batch_size)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = learner.threads)")
     parser.add_argument("--workers", default="", help="e.g. 1,2: the data-parallel group at these sizes instead "
                         "(benchmarks/learn_group.py: events/s, CPU per 1k events, collectives, bytes/event, "
                         "an 8-rank projection); one run per size")
@@ -102,6 +103,7 @@ def run_workers(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     if args.workers:
         return run_workers(args, settings)
+    args.threads = args.threads or settings.learner.threads
     torch.set_num_threads(args.threads)
     data = load_movielens(args.dataset)
     n = len(data) if args.events <= 0 else min(args.events, len(data))

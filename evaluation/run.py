@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if getattr(args, "dataset", None) is None:
         raise SystemExit("mfli eval: --dataset is required (or --compare-probes A B)")
-    torch.set_num_threads(2)
+    torch.set_num_threads(settings.learner.threads)  # the model trains as `mfli learn` does; SASRec sets its own
     t0 = time.perf_counter()
     data = load_interactions(spec_from_args(args, path=args.dataset))
     cut = temporal_cut(len(data))

@@ -13,9 +13,12 @@ always sits at the last position).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,16 +124,32 @@ def training_windows(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, max_len + 1), dtype=np.int64)
 
 
+def _own_threads(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` with the anchor's torch thread count and give the previous one back: the anchor
+    trains best on every core, while the model beside it in the same run keeps ``learner.threads``."""
+
+    @functools.wraps(method)
+    def wrapper(self: SASRecAnchor, *args: Any, **kwargs: Any) -> Any:
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.settings.threads)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
 class SASRecAnchor:
     """Train SASRec on per-user training sequences, then score histories (frozen)."""
 
     def __init__(self, n_items: int, settings: SASRecSettings | None = None) -> None:
         self.n_items = int(n_items)
         self.settings = settings or SASRecSettings()
-        torch.set_num_threads(self.settings.threads)
         torch.manual_seed(self.settings.seed)
         self.model = SASRecModel(self.n_items, self.settings)
 
+    @_own_threads
     def fit(self, sequences: list[np.ndarray], epochs: int | None = None, log_every: int = 1,
             val: tuple[list[np.ndarray], np.ndarray] | None = None) -> dict:
         """Train on each user's training items in time order (rows < ``n_items``).
@@ -200,6 +219,7 @@ class SASRecAnchor:
                 out[r, h - hist.size:] = hist + 1
         return torch.from_numpy(out)
 
+    @_own_threads
     @torch.no_grad()
     def scores(self, histories: list[np.ndarray], n_items: int | None = None) -> np.ndarray:
         """float32 (len(histories), n_items) next-item scores; history = items before the event,

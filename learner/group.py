@@ -141,6 +141,7 @@ class RankProcess:
             raise ValueError("the learner process trains encoder_input='shared' only")
         self.settings, self.rank, self.world = settings, rank, world
         ls, k = settings.learner, settings.kafka
+        torch.set_num_threads(ls.threads)
         self.learner = DistributedLearner(settings.model, rank, world)
         self.ckpt = GroupCheckpoint(Path(ls.checkpoint_dir) / GROUP_DIR, rank, world)
         self.offsets: dict[TopicPartition, int] = {}

@@ -29,6 +29,7 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
@@ -59,6 +60,7 @@ class LearnerProcess:
                              "encoder on the indexed vectors, so the learner process only trains 'shared'")
         self.settings = settings
         ls = settings.learner
+        torch.set_num_threads(ls.threads)
         self.ckpt_path = Path(ls.checkpoint_dir) / CHECKPOINT_NAME
         self.offsets: dict[TopicPartition, int] = {}
         recent_ids: list[str] = []

@@ -222,6 +222,11 @@ class LearnerSettings(BaseModel):
         "server computes queries with the newest version it has")
     users_path: Path = Path("var/users.lmdb")
     metrics_port: int = Field(9101, ge=0, description="a data-parallel rank serves on this + its rank on the machine")
+    threads: int = Field(
+        1, ge=1, description="torch intra-op threads of a learner process (each rank of a group). 1 after a "
+        "measurement on a 2-core box (`mfli bench learn --runs 3 --events 100000 --threads N`): the step's "
+        "tensors are small, so a second thread costs more in synchronisation than it saves (1 thread 5,641 "
+        "events/s, 2 threads 4,718)")
     # --- data-parallel group (issue 14, learner/group.py) ---
     workers: int = Field(1, ge=1, description="learner ranks `mfli learn` starts on this machine (one model, "
                          "kept identical by torch.distributed; each rank owns events partitions p % N == rank)")

@@ -87,10 +87,12 @@ def test_sasrec_learns_a_cycle_and_scores_unseen_rows_low() -> None:
     # one thread: on a shared 2-core box two OpenMP threads make these tiny batches ~10x slower
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)  # the model's count in the same run: the anchor must hand it back
         model = SASRecAnchor(n, SASRecSettings(max_len=10, epochs=10, patience=2, val_k=1, threads=1))
         t0 = time.perf_counter()
         stats = model.fit(train, val=val)
         assert time.perf_counter() - t0 < 30
+        assert torch.get_num_threads() == 2
         assert stats["val_hr"] and stats["best_epoch"] == int(np.argmax(stats["val_hr"])) + 1
         histories, targets = [s[:-1] for s in seqs], np.array([s[-1] for s in seqs])
         assert model.hit_rate(histories, targets, k=1) > 0.9, stats  # seen items excluded, as in the protocol
@@ -100,6 +102,7 @@ def test_sasrec_learns_a_cycle_and_scores_unseen_rows_low() -> None:
         odd = model.scores([np.array([3, n + 2, 4]), np.array([], dtype=np.int64)], n_items=n + 5)
         assert np.all(odd[1, :n] == 0)  # empty history: no preference
         np.testing.assert_allclose(odd[0], model.scores([np.array([3, 4])], n_items=n + 5)[0], rtol=1e-5)
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 

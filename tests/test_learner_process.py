@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from mfli.deltas import CodebookSnapshot, DeltaBatch
 from mfli.kafka.clients import make_producer
@@ -47,8 +48,11 @@ def _run_until(proc: LearnerProcess, events: int, timeout_s: float = 60.0) -> No
 def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path):
     settings = _settings(kafka_settings, tmp_path)
     n = _produce(settings, 3_000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     proc = LearnerProcess(settings)
     try:
+        assert torch.get_num_threads() == settings.learner.threads == 1  # learner.threads, not the default
         _run_until(proc, n)
         proc.checkpoint()
         users = proc.users.users()
@@ -57,6 +61,7 @@ def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path)
         stored = offsets_to_json(proc.offsets)
     finally:
         proc.close()
+        torch.set_num_threads(threads)
     assert users == 50
     assert applied == n, "every event reaches the users store exactly once"
     assert {f"{tp.topic}:{tp.partition}": off for tp, off in committed.items()} == stored
