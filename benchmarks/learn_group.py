@@ -79,7 +79,7 @@ def rank_main(rank: int, world: int, init: str, dataset: str, n: int, batch: int
             rows_u = learner.users.rows_for(u.tolist())
             rows_i = np.asarray([learner.items.ids.get(x) if learner.items.ids.get(x) is not None else -1
                                  for x in it.tolist()], np.int64)
-            win, win_ts, _ = learner.users.advance_windows(rows_u, np.maximum(rows_i, 0), ts[sl], commit=False)
+            win, win_ts, _, _ = learner.users.advance_windows(rows_u, np.maximum(rows_i, 0), ts[sl], commit=False)
             win, win_ts = learner.users.keep_only(win, win_ts, learner.items.live[np.maximum(win, 0)])
             idx, excl, running = [], [], {}
             for j, (uu, ii) in enumerate(zip(u.tolist(), rows_i.tolist(), strict=True)):

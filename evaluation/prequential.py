@@ -58,7 +58,7 @@ def _batches(learner: MFLILearner, data: Interactions, cut: int, hi: int, batch:
         ids_u, ids_i = data.users[start:end], data.items[start:end]
         users = learner.users.rows_for(ids_u.tolist())
         items, _ = learner.items.rows_for(ids_i.tolist(), learner.gen)
-        win, win_ts, _ = learner.users.advance_windows(users, items, data.ts[start:end], commit=False)
+        win, win_ts, _, _ = learner.users.advance_windows(users, items, data.ts[start:end], commit=False)
         win, win_ts = learner.users.keep_only(win, win_ts, learner.items.live[np.maximum(win, 0)])
         # "has an earlier event" is the protocol's rule (a deleted history can empty a window: then a miss)
         scored = np.zeros(len(ids_u), dtype=bool)

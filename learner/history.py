@@ -14,10 +14,16 @@ from mfli.learner.ids import IdMap
 
 
 class UserHistories:
-    """Last ``H`` (item row, ts) per user, oldest first."""
+    """Last ``keep`` (item row, ts) per user, oldest first; queries read the last ``horizon`` (H) of them.
 
-    def __init__(self, horizon: int) -> None:
+    Why keep more than H: the items a user engaged with are left out of their answers (the server
+    excludes what the users store holds, ``model.seen_items``), so each training event leaves the same
+    items out of its softmax negatives; a window of H would push down items seen earlier than that,
+    which no answer shows anyway."""
+
+    def __init__(self, horizon: int, keep: int = 0) -> None:
         self.horizon = horizon
+        self.keep = max(horizon, keep)
         self.users = IdMap()
         self._items: list[list[int]] = []
         self._ts: list[list[int]] = []
@@ -32,12 +38,14 @@ class UserHistories:
             self._ts.append([])
         return rows
 
-    def advance_windows(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, commit: bool = True
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Like :meth:`advance`, for the sequence encoder: each event's last-H history as a left-padded
-        ``[n, H]`` window of item rows (-1 = padding, newest last), the matching ``[n, H]`` event times
-        (ms) and ``has_history``."""
-        horizon = self.horizon
+    def advance_windows(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, commit: bool = True,
+                        with_seen: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Append the events to their users' histories, returning what each event is scored with: its
+        last-H history as a left-padded ``[n, H]`` window of item rows (-1 = padding, newest last), the
+        matching ``[n, H]`` event times (ms), ``has_history``, and with ``with_seen`` the ``[n, S]``
+        left-padded rows of every kept item before the event (S = the longest; else None). Events of
+        one call see the earlier ones of the same user."""
+        horizon, keep = self.horizon, self.keep
         rows = np.full((len(users), horizon), -1, dtype=np.int64)
         times = np.zeros((len(users), horizon), dtype=np.int64)
         has = np.zeros(len(users), dtype=bool)
@@ -46,18 +54,36 @@ class UserHistories:
             touched = set(users.tolist())
             store_items = {u: list(self._items[u]) for u in touched}
             store_ts = {u: list(self._ts[u]) for u in touched}
+        lengths: list[int] = []
+        flat: list[int] = []
         for i, (u, item, t) in enumerate(zip(users.tolist(), items.tolist(), ts.tolist(), strict=True)):
             hist, hts = store_items[u], store_ts[u]
             if hist:
                 has[i] = True
-                rows[i, horizon - len(hist):] = hist
-                times[i, horizon - len(hist):] = hts
+                w = min(len(hist), horizon)
+                rows[i, horizon - w:] = hist[-w:]
+                times[i, horizon - w:] = hts[-w:]
+            if with_seen:
+                lengths.append(len(hist))
+                flat.extend(hist)
             hist.append(item)
             hts.append(t)
-            if len(hist) > horizon:
+            if len(hist) > keep:
                 del hist[0]
                 del hts[0]
-        return rows, times, has
+        return rows, times, has, (self._pad_left(lengths, flat) if with_seen else None)
+
+    @staticmethod
+    def _pad_left(lengths: list[int], flat: list[int]) -> np.ndarray:
+        """Rows of ``flat`` cut by ``lengths``, right-aligned in a -1-padded ``[n, max length]`` block."""
+        n_per = np.asarray(lengths, dtype=np.int64)
+        width = int(n_per.max()) if n_per.size else 0
+        out = np.full((n_per.size, width), -1, dtype=np.int64)
+        if flat:
+            ev = np.repeat(np.arange(n_per.size), n_per)
+            offset = np.repeat(np.cumsum(n_per) - n_per, n_per)
+            out[ev, width - np.repeat(n_per, n_per) + np.arange(len(flat)) - offset] = flat
+        return out
 
     def windows_now(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The users' current windows (what their next event will be scored with): rows, times, has."""
@@ -67,8 +93,9 @@ class UserHistories:
         for i, u in enumerate(user_rows.tolist()):
             hist = self._items[u]
             if hist:
-                rows[i, horizon - len(hist):] = hist
-                times[i, horizon - len(hist):] = self._ts[u]
+                w = min(len(hist), horizon)
+                rows[i, horizon - w:] = hist[-w:]
+                times[i, horizon - w:] = self._ts[u][-w:]
         return rows, times, (rows[:, -1] >= 0)
 
     @staticmethod
@@ -81,6 +108,11 @@ class UserHistories:
         return np.where(keep, rows, -1), np.where(keep, times, 0)
 
     def items_of(self, user_row: int) -> tuple[list[int], list[int]]:
+        """The user's window: the last H item rows and their times, oldest first."""
+        return self._items[user_row][-self.horizon:], self._ts[user_row][-self.horizon:]
+
+    def seen_of(self, user_row: int) -> tuple[list[int], list[int]]:
+        """Every kept item row (the last ``keep``) and their times, oldest first: what answers exclude."""
         return list(self._items[user_row]), list(self._ts[user_row])
 
     def reset(self) -> None:

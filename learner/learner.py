@@ -51,7 +51,7 @@ class MFLILearner:
         self.rng = np.random.default_rng(s.seed)
         self.items = ItemCatalogue(s.facets, s.dim, s.levels, context=s.encoder_input == "separate",
                                    average=s.serving_average > 0)
-        self.users = UserHistories(s.history)
+        self.users = UserHistories(s.history, s.seen_kept)
         self.rq = ResidualQuantizer(s.facets, s.levels, s.dim, s.codewords, s.overuse_penalty,
                                     s.dead_code_window)
         self.freq = DecayedCounts(s.logq_half_life_events)  # log-Q sampling-probability estimate
@@ -186,11 +186,12 @@ class MFLILearner:
         return CodebookSnapshot(version=self.rq.version, codebooks=self.rq.codebooks.numpy().copy())
 
     def user_history(self, user_id: str) -> tuple[list[str], list[int]]:
-        """The user's recent item ids and event times (ms), oldest first: what the users store keeps."""
+        """The user's kept item ids and event times (ms), oldest first: what the users store keeps (the
+        last ``seen_kept``; queries read the last H of them)."""
         row = self.users.users.get(user_id)
         if row is None:
             return [], []
-        items, ts = self.users.items_of(row)
+        items, ts = self.users.seen_of(row)
         return [self.items.ids.id_of(r) for r in items], ts
 
     def user_queries(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -76,7 +76,7 @@ class UsersCopy:
     """The replica's users LMDB: whole records from ``mfli.user-state``, one transaction per poll."""
 
     def __init__(self, path: Path, settings: Settings) -> None:
-        self.store = UsersStore(path, history=settings.model.history)
+        self.store = UsersStore(path, history=settings.model.seen_kept)
         self.offsets = self.store.offsets()
         self.bad = 0
         self.last_applied_ts: int | None = None

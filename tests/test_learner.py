@@ -7,6 +7,7 @@ from prometheus_client import REGISTRY
 
 from mfli.config import ModelSettings
 from mfli.events import ItemEvent
+from mfli.learner.history import UserHistories
 from mfli.learner.learner import MFLILearner
 from mfli.learner.quantizer import auto_codewords
 from mfli.retrieval.base import pool_query
@@ -157,11 +158,43 @@ def test_event_objects_and_columns_train_identically():
     assert a.user_history("u1") == b.user_history("u1")
 
 
-def test_user_history_keeps_the_last_h_items_oldest_first():
-    learner = MFLILearner(small_settings(history=3))
-    learner.learn_columns(["u"] * 5, list("abcde"), np.ones(5, np.float32), np.arange(5) * 10)
-    assert learner.user_history("u") == (["c", "d", "e"], [20, 30, 40])
+def test_user_history_keeps_the_seen_items_and_queries_read_the_last_h():
+    learner = MFLILearner(small_settings(history=3, seen_items=4))
+    learner.learn_columns(["u"] * 6, list("abcdef"), np.ones(6, np.float32), np.arange(6) * 10)
+    assert learner.user_history("u") == (["c", "d", "e", "f"], [20, 30, 40, 50])  # what the users store keeps
+    window, times = learner.users.items_of(learner.users.users.get("u"))
+    assert [learner.items.ids.id_of(r) for r in window] == ["d", "e", "f"] and times == [30, 40, 50]
     assert learner.user_history("nobody") == ([], [])
+    assert MFLILearner(small_settings(history=3, seen_items=0)).users.keep == 3  # never fewer than H
+
+
+def test_advance_windows_reports_every_kept_item_before_each_event():
+    """Events of one call see the same user's earlier ones; the seen block is right-aligned, -1 padded."""
+    h = UserHistories(horizon=2, keep=3)
+    h.rows_for(["u", "v"])
+    win, _, has, seen = h.advance_windows(np.array([0, 0, 1, 0, 0]), np.array([10, 11, 20, 12, 13]),
+                                          np.arange(5), with_seen=True)
+    assert seen is not None and seen.tolist() == [[-1, -1, -1], [-1, -1, 10], [-1, -1, -1], [-1, 10, 11],
+                                                  [10, 11, 12]]
+    assert win.tolist() == [[-1, -1], [-1, 10], [-1, -1], [10, 11], [11, 12]] and has.tolist() == [0, 1, 0, 1, 1]
+    assert h.seen_of(0)[0] == [11, 12, 13] and h.items_of(0)[0] == [12, 13]
+    assert h.advance_windows(np.array([1]), np.array([21]), np.array([9]))[3] is None
+
+
+@pytest.mark.parametrize("seen_items", [10, 0])
+def test_an_event_leaves_every_item_its_user_saw_out_of_its_softmax(seen_items):
+    """Answers exclude the kept seen items, so training must not push them down: an item the user engaged
+    with before the query window gets no gradient from the user's event (with ``seen_items`` 0 only the
+    window is left out, and the older item is an ordinary negative)."""
+    learner = MFLILearner(small_settings(facets=1, objective_weights=[[1.0, 0.0, 0.0]], history=1,
+                                         seen_items=seen_items, replay_ratio=0.0, serving_average=0.0))
+    learner.upsert_items([ItemEvent(item_id=i) for i in "abcdefgh"])
+    learner.learn_columns(["u", "u"], ["a", "b"], np.ones(2, np.float32), np.array([0, 10]))
+    a = learner.items.ids.get("a")
+    before = learner.items.emb[a].clone()
+    learner.learn_columns(["u"], ["c"], np.ones(1, np.float32), np.array([20]))  # window [b], seen [a, b]
+    moved = float((learner.items.emb[a] - before).norm())
+    assert (moved < 1e-6) if seen_items else (moved > 1e-4), moved
 
 
 def test_separate_input_table_trains_and_checkpoints():

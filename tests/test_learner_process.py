@@ -57,6 +57,10 @@ def test_learns_publishes_and_checkpoints_with_offsets(kafka_settings, tmp_path)
         proc.checkpoint()
         users = proc.users.users()
         applied = sum(proc.users.history(u)[2] for u in proc.users.user_ids(1000))
+        # the store keeps what answers exclude (model.seen_items), not only the query window
+        kept = {u: proc.users.history(u)[0] for u in proc.users.user_ids(1000)}
+        assert max(map(len, kept.values())) > settings.model.history
+        assert all(ids == proc.learner.user_history(u)[0] for u, ids in kept.items())
         committed = {tp: proc.stream._consumer.committed(tp) for tp in proc.offsets}
         stored = offsets_to_json(proc.offsets)
     finally:
