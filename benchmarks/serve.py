@@ -81,7 +81,7 @@ def write_lmdb(snapshot: ItemSnapshot, index_path: Path, users_path: Path | None
         writer.close()
     if users_path is None:
         return
-    users = UsersStore(users_path, history=settings.model.seen_kept)
+    users = UsersStore(users_path, history=settings.model.history, keep=settings.model.seen_kept)
     try:
         events = [
             InteractionEvent(event_id=f"u{u}-{j}", user_id=f"u{u}", item_id=str(snapshot.item_ids[r]),

@@ -159,7 +159,7 @@ class RankProcess:
             held = [int(r) for r in model.get("held_rows", [])]
             log.info("rank %d/%d restored group checkpoint %d at step %d (%d events)", rank, world, self.seq,
                      self.learner.step, self.learner.events_seen)
-        self.users = UsersStore(ls.users_path, history=settings.model.seen_kept)
+        self.users = UsersStore(ls.users_path, history=settings.model.history, keep=settings.model.seen_kept)
         probe = KafkaConsumer(bootstrap_servers=k.bootstrap_servers.split(","))
         try:
             owned = owned_partitions(probe, k.events_topic, rank, world)

@@ -77,7 +77,7 @@ class LearnerProcess:
                      self.learner.events_seen, stored)
         else:
             self.learner = MFLILearner(settings.model)
-        self.users = UsersStore(ls.users_path, history=settings.model.seen_kept)
+        self.users = UsersStore(ls.users_path, history=settings.model.history, keep=settings.model.seen_kept)
         self.stream = EventStream(settings, group_id=settings.kafka.learner_group)
         # The de-duplication window is part of the state: without it, a duplicate whose original sits
         # before the checkpoint and whose copy sits after it would be learned twice after a restart.

@@ -446,8 +446,8 @@ def verify_replicas(settings: Settings, state: Path, replicas: list[str]) -> dic
 
 
 def _expected_windows(produced: list[InteractionEvent], history: int) -> dict[str, list[str]]:
-    """Each user's last ``history`` event ids by time, as the users store must hold them (it keeps
-    ``model.seen_kept``: the query window and the seen items answers exclude)."""
+    """Each user's last ``history`` event ids by time, as the users store must hold them (its H-event
+    window; older kept items carry no event id)."""
     per_user: dict[str, list[tuple[int, str]]] = {}
     for ev in produced:
         per_user.setdefault(ev.user_id, []).append((ev.ts, ev.event_id))
@@ -464,7 +464,7 @@ def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict
     checks: dict[str, dict] = {}
     distinct = len({ev.event_id for ev in produced})
     store = UsersStore(settings.learner.users_path, history=settings.model.history, readonly=True)
-    expected = _expected_windows(produced, settings.model.seen_kept)
+    expected = _expected_windows(produced, settings.model.history)
     applied = wrong = 0
     for user, event_ids in expected.items():
         applied += store.history(user)[2]

@@ -76,7 +76,7 @@ class UsersCopy:
     """The replica's users LMDB: whole records from ``mfli.user-state``, one transaction per poll."""
 
     def __init__(self, path: Path, settings: Settings) -> None:
-        self.store = UsersStore(path, history=settings.model.seen_kept)
+        self.store = UsersStore(path, history=settings.model.history, keep=settings.model.seen_kept)
         self.offsets = self.store.offsets()
         self.bad = 0
         self.last_applied_ts: int | None = None
@@ -118,7 +118,7 @@ def _valid_user(value: bytes) -> bool:
     try:
         rec = orjson.loads(value)
         return isinstance(rec, dict) and all(isinstance(rec.get(k), list) for k in ("i", "t", "e")) and \
-            len(rec["i"]) == len(rec["t"]) == len(rec["e"]) and isinstance(rec.get("v"), int)
+            len(rec["i"]) == len(rec["t"]) >= len(rec["e"]) and isinstance(rec.get("v"), int)  # ids: newest H only
     except orjson.JSONDecodeError:
         return False
 

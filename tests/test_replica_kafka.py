@@ -73,7 +73,7 @@ def test_replica_follows_the_writer_and_the_users_store_over_kafka(settings):
     publisher = attach(writer, settings)
     cb, v, codes, prior = _catalogue(800, seed=9)
     writer.apply(_batch(range(400), v, codes, prior), {"t:0": 1}, [CodebookSnapshot(1, cb)])
-    users = UsersStore(settings.learner.users_path)
+    users = UsersStore(settings.learner.users_path, history=5, keep=15)  # records longer than their event ids
     from mfli.kafka.clients import make_producer
 
     producer = make_producer(settings.kafka)

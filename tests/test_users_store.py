@@ -24,6 +24,24 @@ def test_window_keeps_newest_h_in_time_order(tmp_path):
     assert applied == 4
 
 
+def test_keeps_older_seen_items_without_their_event_ids(tmp_path):
+    """Beyond the H-event window the store keeps up to ``keep`` older items (what answers leave out),
+    without event ids: replays of the window still change nothing, and a late event older than the
+    full window is still dropped."""
+    store = UsersStore(tmp_path / "users", history=3, keep=5)
+    store.apply([ev(i) for i in range(4)])
+    store.apply([ev(i) for i in range(4, 7)])
+    items, ts, applied = store.history("u1")
+    assert items == ["i2", "i3", "i4", "i5", "i6"] and ts == sorted(ts) and applied == 7
+    assert store.event_ids("u1") == ["e4", "e5", "e6"]
+    raw = store.records(["u1"])["u1"]
+    assert store.apply([ev(5), ev(6), ev(1)]) == 0  # a replay and an event older than the window
+    assert store.records(["u1"])["u1"] == raw
+    store.apply([ev(7)])
+    assert store.history("u1")[0] == ["i3", "i4", "i5", "i6", "i7"]
+    assert UsersStore(tmp_path / "other", history=3, keep=0).keep == 3
+
+
 def test_replaying_a_window_changes_nothing(tmp_path):
     store = UsersStore(tmp_path / "users", history=3)
     batch = [ev(i) for i in range(5)] + [ev(i, user="u2") for i in range(2)]

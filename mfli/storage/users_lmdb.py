@@ -7,12 +7,15 @@ before any training touches the embeddings.
 Layout (one LMDB environment, single writer = the learner process, any number of readers)
 -----------------------------------------------------------------------------------------
 ``users``  user_id (utf-8) → orjson ``{"i": [item ids], "t": [ts ms], "e": [event ids], "v": n}``,
-           the last H events sorted by time (oldest first); ``v`` counts events applied to the user.
+           the user's last ``keep`` events sorted by time (oldest first: the seen items answers leave
+           out, ``model.seen_items``); ``e`` holds the event ids of the newest H only (the query window,
+           and the de-duplication window below), so a long record stays cheap to parse on every
+           request; ``v`` counts events applied to the user.
 ``meta``   ``b"version"`` → int64 bumped per write transaction;
            ``b"offsets"`` → orjson ``{"topic:partition": next offset}`` the store reflects.
 
-Idempotency: applying an event whose ``event_id`` is already in the user's window is a no-op, and an
-event older than a full window is dropped (it would be evicted anyway), so replaying the uncommitted
+Idempotency: applying an event whose ``event_id`` is already in the user's H-event window is a no-op,
+and an event older than a full window is dropped, so replaying the uncommitted
 tail after a crash leaves the store exactly as it was (docs/design.md §Delivery: at-least-once in, exactly-once state).
 """
 
@@ -40,9 +43,11 @@ _OFFSETS = b"offsets"
 class UsersStore:
     """Recent history per user in LMDB. Open with ``readonly=True`` in the server."""
 
-    def __init__(self, path: str | Path, history: int = 50, map_size: int = 4 << 30, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, history: int = 50, map_size: int = 4 << 30, readonly: bool = False,
+                 keep: int = 0) -> None:
         self.path = Path(path)
         self.window = history
+        self.keep = max(history, keep)  # events kept per user: the window plus older seen items
         self.readonly = readonly
         if not readonly:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -82,7 +87,9 @@ class UsersStore:
 
     def _merge(self, rec: dict, events: list[InteractionEvent]) -> None:
         known = set(rec["e"])
-        entries = list(zip(rec["t"], rec["i"], rec["e"], strict=True))
+        n_win = len(rec["e"])  # the newest n_win entries carry their event ids
+        older_t, older_i = rec["t"][: len(rec["t"]) - n_win], rec["i"][: len(rec["i"]) - n_win]
+        entries = list(zip(rec["t"][len(older_t):], rec["i"][len(older_i):], rec["e"], strict=True))
         full = len(entries) >= self.window
         oldest = entries[0][0] if entries else None
         for ev in events:
@@ -92,9 +99,12 @@ class UsersStore:
             entries.append((ev.ts, ev.item_id, ev.event_id))
             rec["v"] += 1
         entries.sort(key=lambda e: e[0])  # stable: equal timestamps keep arrival order
-        entries = entries[-self.window :]
-        rec["t"] = [e[0] for e in entries]
-        rec["i"] = [e[1] for e in entries]
+        evicted, entries = entries[: -self.window], entries[-self.window :]
+        older = self.keep - len(entries)  # room for items older than the window
+        t = (older_t + [e[0] for e in evicted])[-older:] if older > 0 else []
+        i = (older_i + [e[1] for e in evicted])[-older:] if older > 0 else []
+        rec["t"] = t + [e[0] for e in entries]
+        rec["i"] = i + [e[1] for e in entries]
         rec["e"] = [e[2] for e in entries]
 
     def put_records(self, records: Mapping[bytes, bytes | None], offsets: Mapping[str, int] | None = None) -> int:
@@ -120,14 +130,15 @@ class UsersStore:
             return {bytes(k).decode(): bytes(v) for k, v in cur.getmulti(keys)}
 
     def event_ids(self, user_id: str) -> list[str]:
-        """Event ids in the user's window (the chaos run compares stores by them)."""
+        """Event ids in the user's H-event window (the chaos run compares stores by them)."""
         with self.env.begin() as txn:
             raw = txn.get(user_id.encode(), db=self._users)
         return [] if raw is None else list(orjson.loads(raw)["e"])
 
     # --- readers ----------------------------------------------------------------------------------
     def history(self, user_id: str) -> tuple[list[str], list[int], int]:
-        """(item ids oldest first, their ts in ms, events applied) — empty for an unknown user."""
+        """(every kept item id oldest first, their ts in ms, events applied) — empty for an unknown user.
+        Queries read the newest H of them; answers leave them all out."""
         with self.env.begin() as txn:
             raw = txn.get(user_id.encode(), db=self._users)
         if raw is None:
