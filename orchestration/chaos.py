@@ -298,7 +298,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             summary["checks"]["replicas"] = verify_replicas(settings, state, replicas)
         # A kill leaves no traceback; one in a log is a crash of its own (e.g. a server that could not
         # start), which the end state alone can hide.
-        tracebacks = {p.stem: _our_tracebacks(p.read_text(errors="replace"))
+        tracebacks = {p.stem: our_tracebacks(p.read_text(errors="replace"))
                       for p in sorted((state / "logs").glob("*.log")) if p.stem in processes}
         summary["checks"]["logs"] = {"ok": not any(tracebacks.values()),
                                      "tracebacks": {name: len(t) for name, t in tracebacks.items()}}
@@ -315,12 +315,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if summary["ok"] else 1
 
 
-def _our_tracebacks(text: str) -> list[str]:
+_CHAINED = ("During handling of the above exception, another exception occurred:",
+            "The above exception was the direct cause of the following exception:")
+
+
+def our_tracebacks(text: str) -> list[str]:
     """Tracebacks in a process log, except those kafka-python's network layer logs about its own sockets
-    (a recv on a socket it just closed, handled inside the client, seen after broker hangs)."""
+    (a recv on a socket it just closed, handled inside the client, seen after broker hangs; or a closed
+    socket re-registered while a process shuts down). A chained traceback ("During handling of the
+    above exception ...") belongs to the log record that started the chain, so it is counted with it."""
     lines = text.splitlines()
-    return [lines[i - 1] if i else "" for i, line in enumerate(lines)
-            if line.startswith("Traceback (most recent call last):") and not (i and " kafka.net." in lines[i - 1])]
+    out: list[str] = []
+    record = ""  # the log line that started the current chain of tracebacks
+    for i, line in enumerate(lines):
+        if not line.startswith("Traceback (most recent call last):"):
+            continue
+        chained = any(lines[j] in _CHAINED for j in range(max(0, i - 2), i))
+        if not chained:
+            record = lines[i - 1] if i else ""
+            if " kafka.net." not in record:
+                out.append(record)
+    return out
 
 
 def _events_applied(settings: Settings) -> int:

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from mfli.orchestration.chaos import our_tracebacks
+
 pytestmark = pytest.mark.slow
 
 
@@ -42,3 +44,15 @@ def test_chaos_run_loses_nothing(tmp_path):
         assert replica["index_equal"] and replica["users_with_other_event_ids"] == 0, replica
         assert replica["items"] > 500 and replica["users"] == 300
     assert proc.returncode == 0
+
+
+def test_log_check_counts_our_tracebacks_once_per_record_and_not_kafka_nets():
+    """A chained traceback belongs to the record that started it: ours count once, and kafka-python's
+    network layer logging its own closed sockets (even as a chain) counts not at all."""
+    ours = ("t ERROR mfli.server: boom\nTraceback (most recent call last):\n  File a\nValueError\n\n"
+            "During handling of the above exception, another exception occurred:\n\n"
+            "Traceback (most recent call last):\n  File b\nKeyError\n")
+    theirs = ours.replace("mfli.server: boom", "kafka.net.selector: Unhandled exception in task")
+    assert our_tracebacks(ours) == ["t ERROR mfli.server: boom"]
+    assert our_tracebacks(theirs) == []
+    assert our_tracebacks("Traceback (most recent call last):\nX") == [""]

@@ -31,6 +31,7 @@ from mfli.events import InteractionEvent
 from mfli.kafka.broker import EmbeddedBroker
 from mfli.kafka.clients import ensure_topics, make_producer
 from mfli.lifecycle import free_port
+from mfli.orchestration.chaos import our_tracebacks
 from mfli.orchestration.produce import produce_records
 from mfli.orchestration.supervisor import Supervisor, pipeline_env
 from mfli.sources.synthetic import SyntheticStream
@@ -78,19 +79,6 @@ def _users_applied(path: Path, highwaters: dict[str, int]) -> bool:
         return all(offsets.get(k, 0) >= hw for k, hw in highwaters.items())
     finally:
         store.close()
-
-
-def _our_tracebacks(text: str) -> list[str]:
-    """Tracebacks in a log, except those kafka-python's network layer logs about its own sockets (seen once
-    after the broker hang: a recv on a socket it had just closed, logged and handled inside the client)."""
-    lines = text.splitlines()
-    out = []
-    for i, line in enumerate(lines):
-        if line.startswith("Traceback (most recent call last):"):
-            before = lines[i - 1] if i else ""
-            if " kafka.net." not in before:
-                out.append(before)
-    return out
 
 
 def _ready(port: int) -> int | None:
@@ -238,4 +226,4 @@ def test_three_replicas_converge_to_the_primary_and_answer_identically(tmp_path)
             sup.stop_all()
             for name, child in sup.children.items():
                 if child.proc is not None:
-                    assert not _our_tracebacks(child.log_path.read_text(errors="replace")), (name, child.log_tail(40))
+                    assert not our_tracebacks(child.log_path.read_text(errors="replace")), (name, child.log_tail(40))
