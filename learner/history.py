@@ -39,12 +39,13 @@ class UserHistories:
         return rows
 
     def advance_windows(self, users: np.ndarray, items: np.ndarray, ts: np.ndarray, commit: bool = True,
-                        with_seen: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+                        with_seen: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
         """Append the events to their users' histories, returning what each event is scored with: its
         last-H history as a left-padded ``[n, H]`` window of item rows (-1 = padding, newest last), the
-        matching ``[n, H]`` event times (ms), ``has_history``, and with ``with_seen`` the ``[n, S]``
-        left-padded rows of every kept item before the event (S = the longest; else None). Events of
-        one call see the earlier ones of the same user."""
+        matching ``[n, H]`` event times (ms), ``has_history``, and with ``with_seen`` every kept item
+        before each event as (event index, item row) pairs (else None). Events of one call see the
+        earlier ones of the same user."""
         horizon, keep = self.horizon, self.keep
         rows = np.full((len(users), horizon), -1, dtype=np.int64)
         times = np.zeros((len(users), horizon), dtype=np.int64)
@@ -71,19 +72,10 @@ class UserHistories:
             if len(hist) > keep:
                 del hist[0]
                 del hts[0]
-        return rows, times, has, (self._pad_left(lengths, flat) if with_seen else None)
-
-    @staticmethod
-    def _pad_left(lengths: list[int], flat: list[int]) -> np.ndarray:
-        """Rows of ``flat`` cut by ``lengths``, right-aligned in a -1-padded ``[n, max length]`` block."""
-        n_per = np.asarray(lengths, dtype=np.int64)
-        width = int(n_per.max()) if n_per.size else 0
-        out = np.full((n_per.size, width), -1, dtype=np.int64)
-        if flat:
-            ev = np.repeat(np.arange(n_per.size), n_per)
-            offset = np.repeat(np.cumsum(n_per) - n_per, n_per)
-            out[ev, width - np.repeat(n_per, n_per) + np.arange(len(flat)) - offset] = flat
-        return out
+        if not with_seen:
+            return rows, times, has, None
+        seen = (np.repeat(np.arange(len(lengths), dtype=np.int64), lengths), np.asarray(flat, dtype=np.int64))
+        return rows, times, has, seen
 
     def windows_now(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The users' current windows (what their next event will be scored with): rows, times, has."""

@@ -71,14 +71,19 @@ def mixture_softmax(q: torch.Tensor, log_gates: torch.Tensor, pos: torch.Tensor,
     return combined, torch.logaddexp(pos_1, neg_1) - pos_1
 
 
-def seen_pairs(window: np.ndarray, target: np.ndarray, neg_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(event i, negative column j) pairs where negative j is an item in event i's history window (and
-    not the event's own item): the server never returns those (it excludes the history), so training
-    them as negatives would spend capacity on answers nobody sees. Handles repeated negatives."""
-    n, h = window.shape
-    ev = np.repeat(np.arange(n), h)
-    rows = window.reshape(-1)
-    keep = (rows >= 0) & (rows != np.repeat(target, h))
+def window_pairs(window: np.ndarray, first_event: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(event, item row) for every item in ``[n, h]`` -1-padded windows; events numbered from ``first_event``."""
+    ev, j = np.nonzero(window >= 0)
+    return ev.astype(np.int64) + first_event, window[ev, j]
+
+
+def seen_pairs(ev: np.ndarray, rows: np.ndarray, target: np.ndarray, neg_rows: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(event i, negative column j) pairs where negative j is an item event i's user engaged with before
+    (``(ev, rows)``: :func:`window_pairs`, or every kept item, ``learner/history.py``), and not the
+    event's own item: the server never returns those (it excludes them), so training them as negatives
+    would spend capacity on answers nobody sees. Handles repeated negatives."""
+    keep = rows != target[ev]
     ev, rows = ev[keep], rows[keep]
     order = np.argsort(neg_rows, kind="stable")
     ordered = neg_rows[order]
@@ -90,13 +95,13 @@ def seen_pairs(window: np.ndarray, target: np.ndarray, neg_rows: np.ndarray) -> 
     return np.repeat(ev, cnt), order[start + np.arange(int(cnt.sum()))]
 
 
-def seen_columns(window: np.ndarray, target: np.ndarray, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def seen_columns(ev: np.ndarray, rows: np.ndarray, target: np.ndarray, columns: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`seen_pairs` when the negatives are distinct and sorted (the full softmax's live rows): a
-    history item's column comes from a row -> column table, with no sort and no repeats to expand
+    seen item's column comes from a row -> column table, with no sort and no repeats to expand
     (measured: 24 ms -> a few ms for 4,096 events x 50 history items)."""
-    keep = (window >= 0) & (window != target[:, None])
-    ev, j = np.nonzero(keep)
-    rows = window[ev, j]
+    keep = rows != target[ev]
+    ev, rows = ev[keep], rows[keep]
     if not len(rows) or not len(columns):
         return np.empty(0, np.int64), np.empty(0, np.int64)
     table = np.full(int(max(columns[-1], rows.max())) + 1, -1, dtype=np.int64)

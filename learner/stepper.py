@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from mfli import metrics
-from mfli.learner.loss import full_softmax, item_item_softmax, mixture_softmax, negative_bias, seen_columns, seen_pairs
+from mfli.learner.loss import (
+    full_softmax,
+    item_item_softmax,
+    mixture_softmax,
+    negative_bias,
+    seen_columns,
+    seen_pairs,
+    window_pairs,
+)
 from mfli.learner.state import LearnerState, StepStats
 from mfli.retrieval.query_model import gap_buckets
 
@@ -79,8 +87,16 @@ class Stepper:
         if len(sel):
             tgt = items[sel]
             win, gaps = win[sel], gap_buckets(win_ts[sel])
-            # what each event's softmax leaves out: every item its user engaged with before (kept ones)
-            seen_rows = seen[sel] if seen is not None else win
+            # what each event's softmax leaves out: every item its user engaged with before (kept ones), as
+            # (event, item row) pairs numbered by position in ``sel``
+            if seen is not None:
+                at = np.full(len(users), -1, dtype=np.int64)
+                at[sel] = np.arange(len(sel))
+                mine = at[seen[0]] >= 0
+                mask_ev, mask_rows = at[seen[0][mine]], seen[1][mine]
+            else:
+                mask_ev, mask_rows = window_pairs(win)
+            n_new = len(sel)
             positive = np.nan_to_num(values[sel], nan=-np.inf) >= s.positive_threshold
             if s.replay_ratio > 0 and len(L.replay):
                 # recent examples learned again (learner/replay.py); sampled before this batch joins
@@ -92,11 +108,9 @@ class Stepper:
                 tgt, positive = np.concatenate([tgt, rt[ok]]), np.concatenate([positive, rp[ok]])
             else:
                 L.replay.add(win, gaps, tgt, positive)
-            # replayed examples leave out their window (what they were scored with)
-            width = max(seen_rows.shape[1], win.shape[1])
-            mask_rows = np.full((len(tgt), width), -1, dtype=np.int64)
-            mask_rows[:len(seen_rows), width - seen_rows.shape[1]:] = seen_rows
-            mask_rows[len(seen_rows):, width - win.shape[1]:] = win[len(seen_rows):]
+            if len(tgt) > n_new:  # replayed examples leave out their window (what they were scored with)
+                rep_ev, rep_rows = window_pairs(win[n_new:], first_event=n_new)
+                mask_ev, mask_rows = np.concatenate([mask_ev, rep_ev]), np.concatenate([mask_rows, rep_rows])
             # negatives: other events' items in the batch (a random subset when the batch is large) and a
             # uniform sample of the live catalogue shared by the batch
             live = cat.live_rows()
@@ -145,7 +159,7 @@ class Stepper:
                 L.weights.get("positive", torch.zeros(s.facets))[None, :] * torch.from_numpy(positive)[:, None].float()
             if full:  # live rows are sorted, so each target's column is found by bisection
                 items_t = subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)
-                masked = seen_columns(mask_rows, tgt, uni) if s.mask_seen_negatives else None
+                masked = seen_columns(mask_ev, mask_rows, tgt, uni) if s.mask_seen_negatives else None
                 combined, ce = full_softmax(q, log_gates, items_t, torch.from_numpy(np.searchsorted(uni, tgt)),
                                             s.temperature, masked)
             else:
@@ -154,7 +168,7 @@ class Stepper:
                 bias = negative_bias(torch.from_numpy(tgt), torch.from_numpy(neg_rows),
                                      logq[torch.from_numpy(neg_rows)])
                 if s.mask_seen_negatives:
-                    ev, col = seen_pairs(mask_rows, tgt, neg_rows)
+                    ev, col = seen_pairs(mask_ev, mask_rows, tgt, neg_rows)
                     bias[torch.from_numpy(ev), torch.from_numpy(col)] = _MASKED_BIAS
                 combined, ce = mixture_softmax(q, log_gates, e, negs, pos_logq, bias, s.temperature)
             loss = combined.mean() + s.facet_loss_weight * (ce * w_event).mean(0).sum()

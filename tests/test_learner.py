@@ -169,13 +169,14 @@ def test_user_history_keeps_the_seen_items_and_queries_read_the_last_h():
 
 
 def test_advance_windows_reports_every_kept_item_before_each_event():
-    """Events of one call see the same user's earlier ones; the seen block is right-aligned, -1 padded."""
+    """Events of one call see the same user's earlier ones; seen items come as (event, item row) pairs."""
     h = UserHistories(horizon=2, keep=3)
     h.rows_for(["u", "v"])
     win, _, has, seen = h.advance_windows(np.array([0, 0, 1, 0, 0]), np.array([10, 11, 20, 12, 13]),
                                           np.arange(5), with_seen=True)
-    assert seen is not None and seen.tolist() == [[-1, -1, -1], [-1, -1, 10], [-1, -1, -1], [-1, 10, 11],
-                                                  [10, 11, 12]]
+    assert seen is not None
+    pairs = list(zip(seen[0].tolist(), seen[1].tolist(), strict=True))
+    assert pairs == [(1, 10), (3, 10), (3, 11), (4, 10), (4, 11), (4, 12)]
     assert win.tolist() == [[-1, -1], [-1, 10], [-1, -1], [10, 11], [11, 12]] and has.tolist() == [0, 1, 0, 1, 1]
     assert h.seen_of(0)[0] == [11, 12, 13] and h.items_of(0)[0] == [12, 13]
     assert h.advance_windows(np.array([1]), np.array([21]), np.array([9]))[3] is None
@@ -216,12 +217,16 @@ def test_separate_input_table_trains_and_checkpoints():
 
 
 def test_seen_pairs_finds_every_history_item_among_repeated_negatives():
-    from mfli.learner.loss import seen_pairs
+    from mfli.learner.loss import seen_columns, seen_pairs, window_pairs
 
     window = np.array([[-1, 3, 5, 7], [2, 2, 9, 1]])
-    ev, col = seen_pairs(window, np.array([7, 4]), np.array([1, 3, 5, 7, 9, 3]))
+    ev, col = seen_pairs(*window_pairs(window), np.array([7, 4]), np.array([1, 3, 5, 7, 9, 3]))
     # event 0: 3 (columns 1 and 5) and 5 (column 2), never its own item 7; event 1: 9 and 1
     assert sorted(zip(ev.tolist(), col.tolist(), strict=True)) == [(0, 1), (0, 2), (0, 5), (1, 0), (1, 4)]
+    # distinct sorted negatives (the full softmax): the same pairs from the row -> column table
+    ev, col = seen_columns(*window_pairs(window), np.array([7, 4]), np.array([1, 3, 5, 7, 9]))
+    assert sorted(zip(ev.tolist(), col.tolist(), strict=True)) == [(0, 1), (0, 2), (1, 0), (1, 4)]
+    assert window_pairs(window, first_event=5)[0].tolist() == [5, 5, 5, 6, 6, 6, 6]
 
 
 @pytest.mark.parametrize("facets", [1, 3])
