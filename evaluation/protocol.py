@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mfli.sources.movielens import Interactions
+
 KS = (20, 50, 100)
 
 
@@ -23,6 +25,18 @@ def temporal_cut(n_events: int, train_fraction: float = 0.9) -> int:
     if not 0 < train_fraction < 1:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
     return int(round(n_events * train_fraction))
+
+
+def validation_slice(data: Interactions, events: int) -> tuple[Interactions, int, int]:
+    """The tuning recipe's slice, cut from the training period only (never the test period): the log up
+    to the slice's end, and the slice's bounds [lo, hi) — the ``events`` after the first 90 % of the
+    training period (``tools/validation_slice.py``, ``tools/seed_ensemble_slice.py``)."""
+    cut = temporal_cut(len(data))
+    lo = temporal_cut(cut)
+    hi = min(cut, lo + events)
+    sub = Interactions(data.name, data.users[:hi], data.items[:hi], data.values[:hi], data.ts[:hi], data.item_tags,
+                       data.item_titles)
+    return sub, lo, hi
 
 
 @dataclass

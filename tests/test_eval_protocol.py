@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from mfli.evaluation.protocol import build_test_set, rank_excluding, recall_at, temporal_cut
+from mfli.evaluation.protocol import build_test_set, rank_excluding, recall_at, temporal_cut, validation_slice
 from mfli.learner.counts import DecayedCounts, decayed_counts
+from mfli.sources.movielens import Interactions
 
 # (user, item) in time order: 9 training events, 1 cut, test events after
 TRAIN = [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u1", "c"), ("u2", "d"), ("u3", "b"), ("u3", "c"),
@@ -17,6 +18,16 @@ def test_temporal_cut_is_ninety_percent_and_validates():
     assert temporal_cut(1_000_209) == 900_188
     with pytest.raises(ValueError, match="train_fraction"):
         temporal_cut(10, 1.0)
+
+
+def test_validation_slice_lies_inside_the_training_period():
+    """The tuning slice: the events after 90 % of the training period, never past the test cut."""
+    n = 1_000
+    data = Interactions("t", np.arange(n) % 7, np.arange(n) % 11, np.ones(n, np.float32), np.arange(n, dtype=np.int64),
+                        {}, {})
+    sub, lo, hi = validation_slice(data, 50)
+    assert (lo, hi) == (810, 860) and len(sub) == 860 and np.array_equal(sub.items, data.items[:860])
+    assert validation_slice(data, 10_000)[2] == temporal_cut(n) == 900  # capped at the training period's end
 
 
 def test_test_users_need_training_history_and_an_unseen_test_item():

@@ -18,11 +18,12 @@ import torch
 
 from mfli.config import load_settings
 from mfli.evaluation.prequential import _batches
+from mfli.evaluation.protocol import validation_slice
 from mfli.evaluation.run import fresh
 from mfli.evaluation.training import train
 from mfli.retrieval.base import target_ranks
 from mfli.retrieval.query_model import combine
-from mfli.sources.movielens import Interactions, load_movielens
+from mfli.sources.movielens import load_movielens
 
 log = logging.getLogger("seed_ensemble_slice")
 KS = (20, 50, 100)
@@ -38,11 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     settings = load_settings()
     data = load_movielens(args.dataset)
-    cut = int(round(len(data) * 0.9))
-    lo = int(round(cut * 0.9))
-    hi = min(cut, lo + args.events)
-    sub = Interactions(data.name, data.users[:hi], data.items[:hi], data.values[:hi], data.ts[:hi], data.item_tags,
-                       data.item_titles)
+    sub, lo, hi = validation_slice(data, args.events)
     members = []
     for k in range(args.members):
         learner = fresh(settings.model.model_copy(update={"seed": k}), sub)

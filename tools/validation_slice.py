@@ -19,10 +19,11 @@ import torch
 from mfli.config import load_settings
 from mfli.evaluation.bootstrap import paired_bootstrap, rank_metrics
 from mfli.evaluation.prequential import prequential
+from mfli.evaluation.protocol import validation_slice
 from mfli.evaluation.run import fresh
 from mfli.evaluation.stream_anchors import anchor_streams
 from mfli.evaluation.training import train
-from mfli.sources.movielens import Interactions, load_movielens
+from mfli.sources.movielens import load_movielens
 
 log = logging.getLogger("validation_slice")
 
@@ -40,11 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = load_settings()
     data = load_movielens(args.dataset)
-    cut = int(round(len(data) * 0.9))
-    lo = int(round(cut * 0.9))
-    hi = min(cut, lo + args.events)
-    sub = Interactions(data.name, data.users[:hi], data.items[:hi], data.values[:hi], data.ts[:hi], data.item_tags,
-                       data.item_titles)
+    sub, lo, hi = validation_slice(data, args.events)
     learner = fresh(settings.model, sub)
     t = time.time()
     train(learner, sub, lo, 1, 1024)
