@@ -94,8 +94,8 @@ class Stepper:
                 at[sel] = np.arange(len(sel))
                 mine = at[seen[0]] >= 0
                 mask_ev, mask_rows = at[seen[0][mine]], seen[1][mine]
-            else:
-                mask_ev, mask_rows = window_pairs(win)
+            else:  # mask_seen_negatives off: nothing is left out
+                mask_ev = mask_rows = np.empty(0, np.int64)
             n_new = len(sel)
             positive = np.nan_to_num(values[sel], nan=-np.inf) >= s.positive_threshold
             if s.replay_ratio > 0 and len(L.replay):
@@ -108,7 +108,7 @@ class Stepper:
                 tgt, positive = np.concatenate([tgt, rt[ok]]), np.concatenate([positive, rp[ok]])
             else:
                 L.replay.add(win, gaps, tgt, positive)
-            if len(tgt) > n_new:  # replayed examples leave out their window (what they were scored with)
+            if s.mask_seen_negatives and len(tgt) > n_new:  # replayed examples leave out their window
                 rep_ev, rep_rows = window_pairs(win[n_new:], first_event=n_new)
                 mask_ev, mask_rows = np.concatenate([mask_ev, rep_ev]), np.concatenate([mask_rows, rep_rows])
             # negatives: other events' items in the batch (a random subset when the batch is large) and a
