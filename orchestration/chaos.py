@@ -326,15 +326,14 @@ def our_tracebacks(text: str) -> list[str]:
     above exception ...") belongs to the log record that started the chain, so it is counted with it."""
     lines = text.splitlines()
     out: list[str] = []
-    record = ""  # the log line that started the current chain of tracebacks
     for i, line in enumerate(lines):
         if not line.startswith("Traceback (most recent call last):"):
             continue
-        chained = any(lines[j] in _CHAINED for j in range(max(0, i - 2), i))
-        if not chained:
-            record = lines[i - 1] if i else ""
-            if " kafka.net." not in record:
-                out.append(record)
+        if any(lines[j] in _CHAINED for j in range(max(0, i - 2), i)):
+            continue  # counted (or not) with the record that started the chain
+        record = lines[i - 1] if i else ""
+        if " kafka.net." not in record:
+            out.append(record)
     return out
 
 
