@@ -32,6 +32,7 @@ from mfli.evaluation.protocol import temporal_cut
 from mfli.evaluation.static import static_eval
 from mfli.evaluation.stream_anchors import anchor_streams, summarise
 from mfli.evaluation.training import train
+from mfli.learner.ensemble import Ensemble, learner_for
 from mfli.learner.learner import MFLILearner
 from mfli.sources import add_source_arguments, load_interactions, spec_from_args
 from mfli.sources.movielens import Interactions
@@ -70,11 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--half-life", type=float, default=None, help="skip tuning: prior half-life (events)")
 
 
-def fresh(model: ModelSettings, data: Interactions) -> MFLILearner:
-    """A learner that knows the catalogue (upserted at time 0 with its tags): ratings are what streams."""
+def fresh(model: ModelSettings, data: Interactions) -> MFLILearner | Ensemble:
+    """A learner (an ensemble when ``model.members`` > 1) that knows the catalogue (upserted at time 0
+    with its tags): ratings are what streams."""
     from mfli.events import ItemEvent
 
-    learner = MFLILearner(model)
+    learner = learner_for(model)
     learner.upsert_items([ItemEvent(item_id=i, op="upsert", created_ts=0, tags=t) for i, t in data.item_tags.items()])
     return learner
 
@@ -209,6 +211,12 @@ def _ablations(model: ModelSettings, settings: Settings, data: Interactions, cut
     if model.replay_ratio > 0:
         variants["no replay"] = {"replay_ratio": 0.0}
     out: dict = {"default model (exact)": rank_metrics(main.ranks["exact"])}
+    base, base_name = main, "default"
+    if model.members > 1:
+        # the ensemble against one member; every other variant is then a change to that one member
+        variants = {"one member (no ensemble)": {"members": 1}} | {
+            f"one member, {name}": {"members": 1, **upd} for name, upd in variants.items()}
+    users = np.unique(main.users, return_inverse=True)[1]
     for name, upd in variants.items():
         learner = fresh(model.model_copy(update=upd), data)
         train(learner, data, cut, 1, args.batch)
@@ -216,12 +224,15 @@ def _ablations(model: ModelSettings, settings: Settings, data: Interactions, cut
         if not np.array_equal(res.positions, main.positions):
             raise RuntimeError(f"ablation {name!r} scored other events than the full model")
         out[name] = rank_metrics(res.ranks["exact"])
-        users = np.unique(main.users, return_inverse=True)[1]
+        out[name]["baseline"] = base_name
         out[name]["default_minus_this_hr@20"] = paired_bootstrap(
-            (main.ranks["exact"] < 20).astype(float), (res.ranks["exact"] < 20).astype(float), users,
+            (base.ranks["exact"] < 20).astype(float), (res.ranks["exact"] < 20).astype(float), users,
             n_boot=args.bootstrap)
         log.info("ablation %s: %s", name, out[name])
-    sys.stdout.write("\nablations (streaming, exact scoring; interval = default model minus variant, HR@20)\n")
+        if upd == {"members": 1}:
+            base, base_name = res, "one member"
+    sys.stdout.write("\nablations (streaming, exact scoring; interval = default model (after the ensemble "
+                     "row: one member) minus variant, HR@20)\n")
     for name, r in out.items():
         ci = r.get("default_minus_this_hr@20")
         extra = f"  diff {ci['diff']:+.4f} [{ci['lo']:+.4f}, {ci['hi']:+.4f}]" if ci else ""

@@ -46,6 +46,10 @@ class MFLILearner:
         # make restore-and-continue equal never stopping and the eval reproducible, at no measured cost.
         torch.use_deterministic_algorithms(True, warn_only=True)
         keep_large_blocks()  # mfli/allocator.py: the step's large blocks stay in the heap
+        if settings.members > 1:
+            raise ValueError(f"model.members={settings.members} is an ensemble of single learners: "
+                             "mfli.learner.ensemble.learner_for builds it (the evaluation runs it; the learner "
+                             "process trains members=1)")
         self.settings = s = settings
         self.gen = torch.Generator().manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)

@@ -45,7 +45,7 @@ def main() -> None:
         learner = fresh(settings.model.model_copy(update={"seed": k}), sub)
         train(learner, sub, lo, 1, 1024)
         members.append(learner)
-    names = [f"seed {k}" for k in range(args.members)] + ["ensemble"]
+    names = [f"seed {k}" for k in range(args.members)] + ["ensemble", "mixture"]
     hits = {name: np.zeros(len(KS)) for name in names}
     total = 0
     # _batches learns the first member after each batch; the others learn the same batch below
@@ -61,6 +61,7 @@ def main() -> None:
         if sel.size:
             excluded = [e for e, h in zip(excl, has, strict=True) if h]
             summed = 0.0
+            member_scores = []
             for name, learner in zip(names, members, strict=False):
                 q, gates = learner.window_queries(win[sel], win_ts[sel])
                 vectors = learner.serving_vectors()
@@ -69,8 +70,15 @@ def main() -> None:
                 above, _ = target_ranks(scores, tgt, excluded)
                 hits[name] += [(above < k).sum() for k in KS]
                 summed = summed + scores
+                member_scores.append(scores)
             above, _ = target_ranks(np.asarray(summed), tgt, excluded)
             hits["ensemble"] += [(above < k).sum() for k in KS]
+            # the members as facets of one model: mixture of softmaxes with uniform gates (combine's rule)
+            stacked = np.nan_to_num(np.stack(member_scores, axis=2), neginf=-1e4)
+            mixture = combine(stacked, np.full(stacked.shape, -np.log(len(member_scores)), np.float32),
+                              members[0].settings.temperature)
+            above, _ = target_ranks(mixture, tgt, excluded)
+            hits["mixture"] += [(above < k).sum() for k in KS]
         total += idx.size
         for other in members[1:]:
             other.learn_columns(sub.users[start:end], sub.items[start:end], sub.values[start:end], sub.ts[start:end])

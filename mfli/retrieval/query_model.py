@@ -10,6 +10,10 @@ Facets combine as a mixture of softmaxes: ``score = tau * log sum_f g_f exp(q_f 
 per-user gates ``g`` from the encoder. It is non-linear in the item (a facet counts only where it is
 the user's strongest reason), reduces to ``q . e`` for one facet, and is the very logit the learner's
 softmax is trained on, so training and serving rank identically.
+
+An ensemble (``model.members`` = K, :mod:`mfli.learner.ensemble`) is K independently trained encoders,
+each reading its own facet of the history's vectors and giving that facet's query; the weights of
+member j are named ``m{j}.<parameter>`` and the gates are uniform over members.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class QueryModel:
     dim: int
     heads: int
     tau: float
+    members: int = 1  # K encoders, member j reads and answers facets [j F/K, (j + 1) F/K)
 
     @classmethod
     def random(cls, facets: int, dim: int, horizon: int, heads: int = 2, tau: float = 0.05, seed: int = 0
@@ -67,15 +72,40 @@ class QueryModel:
         return cls(version=0, weights={k: v.astype(np.float32) for k, v in w.items()}, facets=facets, dim=dim,
                    heads=heads, tau=tau)
 
+    @classmethod
+    def ensemble(cls, parts: list[QueryModel], version: int) -> QueryModel:
+        """One model of K single-member ones (their facets side by side, gates uniform over members)."""
+        if len({(p.dim, p.heads, p.tau, p.facets, p.members) for p in parts}) != 1 or parts[0].members != 1:
+            raise ValueError("ensemble members must be single models of one shape")
+        weights = {f"m{j}.{name}": w for j, p in enumerate(parts) for name, w in p.weights.items()}
+        if any(not p.weights for p in parts):
+            weights = {}  # mean pooling: nothing to run
+        p0 = parts[0]
+        return cls(version=version, weights=weights, facets=p0.facets * len(parts), dim=p0.dim, heads=p0.heads,
+                   tau=p0.tau, members=len(parts))
+
+    def member_weights(self, j: int) -> dict[str, np.ndarray]:
+        if self.members == 1:
+            return self.weights
+        prefix = f"m{j}."
+        return {k[len(prefix):]: v for k, v in self.weights.items() if k.startswith(prefix)}
+
     @property
     def horizon(self) -> int:
-        return int(self.weights["pos_k"].shape[0])
+        return int(self.member_weights(0)["pos_k"].shape[0])
 
     @cached_property
-    def _fast(self) -> dict[str, np.ndarray]:
-        """Weights laid out for the per-request forward: transposed, contiguous, keys and values fused
-        into one matrix, for the compiled forward (:mod:`mfli.retrieval.encoder_kernel`)."""
-        w = self.weights
+    def _fast(self) -> list[dict[str, np.ndarray]]:
+        """Per member, weights laid out for the per-request forward: transposed, contiguous, keys and values
+        fused into one matrix, for the compiled forward (:mod:`mfli.retrieval.encoder_kernel`)."""
+        return [self._fast_of(w) for w in self._member_w]
+
+    @cached_property
+    def _member_w(self) -> list[dict[str, np.ndarray]]:
+        return [self.member_weights(j) for j in range(self.members)]
+
+    @staticmethod
+    def _fast_of(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t = {name[: -len(".weight")]: np.ascontiguousarray(w[name].T) for name in w if name.endswith(".weight")
              and w[name].ndim == 2}
         return {
@@ -95,14 +125,32 @@ class QueryModel:
         are used); ``ts_ms``: their event times. Shared-input models take the items' facet vectors
         flattened, ``[h, F * d]``.
         """
-        from mfli.retrieval.encoder_kernel import encoder_forward
-
-        w, f, h = self.weights, self._fast, self.horizon
+        h = self.horizon
         context, ts_ms = context[-h:], np.asarray(ts_ms[-h:], dtype=np.int64)
         if context.shape[0] == 0:
             raise ValueError("a query needs at least one history item")
+        context = np.ascontiguousarray(context, dtype=np.float32)
+        gaps = gap_buckets(ts_ms)
+        if self.members == 1:
+            return self._member_query(self.weights, self._fast[0], context, gaps, self.facets)
+        fast, ws = self._fast, self._member_w
+        per = self.facets // self.members
+        width = context.shape[1] // self.members
+        qs, gs = [], []
+        for j in range(self.members):
+            q, g = self._member_query(ws[j], fast[j],
+                                      np.ascontiguousarray(context[:, j * width:(j + 1) * width]), gaps, per)
+            qs.append(q)
+            gs.append(g)
+        return np.concatenate(qs), (np.concatenate(gs) - np.float32(np.log(self.members))).astype(np.float32)
+
+    def _member_query(self, w: dict[str, np.ndarray], f: dict[str, np.ndarray], context: np.ndarray,
+                      gaps: np.ndarray, facets: int) -> tuple[np.ndarray, np.ndarray]:
+        from mfli.retrieval.encoder_kernel import encoder_forward
+
+        h = self.horizon
         return encoder_forward(
-            np.ascontiguousarray(context, dtype=np.float32), gap_buckets(ts_ms), h, self.heads, self.facets,
+            context, gaps, h, self.heads, facets,
             f["inp"], f["inp_b"], w["ln_in.weight"], w["ln_in.bias"], f["kv"], f["kv_b"], f["pos_k"], f["pos_v"],
             w["gap_k"], f["wq"], f["wq_b"], f["wo"], f["wo_b"], w["ln_ff.weight"], w["ln_ff.bias"], f["ff1"],
             f["ff1_b"], f["ff2"], f["ff2_b"], w["ln_out.weight"], w["ln_out.bias"], f["out"], f["out_b"],
