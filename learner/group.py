@@ -8,6 +8,12 @@ events of its own. Rank 0 decides *when* to flush and checkpoint and any rank ma
 decisions travel in the same gather, so every rank acts at the same step. Rank 0 alone publishes
 deltas, codebooks and the encoder (its model is everyone's).
 
+**An ensemble group** (``model.members`` = K > 1, learner/members.py): the same ranks, partitions,
+checkpoint protocol and launcher, but rank r learns *member* r of the ensemble on every rank's events
+(gathered each step, rank order) and nothing else is exchanged while learning; at a flush every member
+sends rank 0 its state for the rows rank 0 publishes, as facet r. Each rank's file then holds its whole
+member, and ``model.pt`` only the publisher's held rows.
+
 **One checkpoint for the group** (``<checkpoint_dir>/group``): ``ckpt-<seq>/model.pt`` (rank 0: the model,
 the publisher's held rows) and ``ckpt-<seq>/rank-<r>.pt`` (every rank: its users' windows, replay buffer,
 negative-sampling generator, offsets of its partitions, de-duplication window). Every rank writes its
@@ -51,6 +57,7 @@ from mfli.kafka.clients import make_producer
 from mfli.kafka.offsets import offsets_from_json, offsets_to_json
 from mfli.learner.checkpoint import DEDUPE_IDS_KEPT, write_atomic
 from mfli.learner.distributed import DistributedLearner, init_group, leave_group
+from mfli.learner.members import EnsembleView, MemberLearner
 from mfli.learner.publisher import Publisher
 from mfli.storage.users_lmdb import UsersStore
 
@@ -142,7 +149,9 @@ class RankProcess:
         self.settings, self.rank, self.world = settings, rank, world
         ls, k = settings.learner, settings.kafka
         torch.set_num_threads(ls.threads)
-        self.learner = DistributedLearner(settings.model, rank, world)
+        # an ensemble group (learner/members.py): each rank learns one member on the group's events
+        self.learner: DistributedLearner | MemberLearner = MemberLearner(settings.model, rank, world) \
+            if settings.model.members > 1 else DistributedLearner(settings.model, rank, world)
         self.ckpt = GroupCheckpoint(Path(ls.checkpoint_dir) / GROUP_DIR, rank, world)
         self.offsets: dict[TopicPartition, int] = {}
         self.seq = 0
@@ -152,7 +161,10 @@ class RankProcess:
         restored = self.ckpt.load()
         if restored is not None:
             self.seq, model, mine = restored
-            self.learner.load_group_state(model["learner"], mine["learner"])
+            if isinstance(self.learner, MemberLearner):
+                self.learner.load_state_dict(mine["learner"])
+            else:
+                self.learner.load_group_state(model["learner"], mine["learner"])
             self.offsets = offsets_from_json(mine["offsets"])
             recent = list(mine.get("recent_event_ids", []))
             self.events_received = int(mine.get("events_received", 0))
@@ -172,7 +184,8 @@ class RankProcess:
         self.stream.dedupe.admit_many(recent)
         self.stream.seek_to(self.offsets)
         self.producer = make_producer(k) if rank == 0 else None
-        self.publisher = Publisher(settings, self.learner, self.producer, held=held) \
+        self.view = EnsembleView(self.learner) if isinstance(self.learner, MemberLearner) and rank == 0 else None
+        self.publisher = Publisher(settings, self.view or self.learner, self.producer, held=held) \
             if self.producer is not None else None
         # every rank publishes the user state it owns for server replicas (learner/publish_users.py); a
         # user's events all reach one rank, so each user's record has one writer
@@ -237,7 +250,20 @@ class RankProcess:
     def flush(self, everything: bool = False) -> None:
         """Rank 0 publishes what changed; the others forget it (rank 0's copy of the model is theirs)."""
         self._last_flush = time.monotonic()
-        if self.publisher is not None:
+        if isinstance(self.learner, MemberLearner):
+            # every member sends its state for the rows rank 0 is about to publish (learner/members.py)
+            plan = None
+            if self.publisher is not None and self.view is not None:
+                forced = self.publisher.prepare(everything)
+                plan = {"rows": self.view.plan_rows(), "model": self.publisher.model_due}
+            shared = self.learner.share_for_publish(plan)
+            if self.publisher is not None and self.view is not None and shared is not None and plan is not None:
+                self.view.install(plan["rows"], shared)
+                self.publisher.send(forced, everything)
+            else:
+                self.learner.changed.clear()
+                self.learner.deleted.clear()
+        elif self.publisher is not None:
             self.publisher.flush(everything)
         else:
             self.learner.changed.clear()
@@ -258,9 +284,11 @@ class RankProcess:
             model = None
             if self.rank == 0:
                 assert self.publisher is not None
-                model = {"learner": self.learner.model_state(), "held_rows": self.publisher.held_rows}
+                model = {"learner": None if isinstance(self.learner, MemberLearner) else self.learner.model_state(),
+                         "held_rows": self.publisher.held_rows}
             self.ckpt.write(self.seq, model, {
-                "learner": self.learner.rank_state(), "offsets": offsets_to_json(self.offsets),
+                "learner": self.learner.state_dict() if isinstance(self.learner, MemberLearner)
+                else self.learner.rank_state(), "offsets": offsets_to_json(self.offsets),
                 "recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
                 "events_received": self.events_received})
         except (OSError, KafkaError):

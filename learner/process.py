@@ -193,6 +193,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         log.error("no Kafka bootstrap servers: set MFLI_KAFKA__BOOTSTRAP_SERVERS or --bootstrap")
         return 2
     workers = args.workers or settings.learner.workers
+    if settings.model.members > 1:  # an ensemble trains as a group of one rank per member (learner/members.py)
+        if workers > 1 and workers != settings.model.members:
+            log.error("learner.workers=%d with model.members=%d: a group is either data-parallel or an ensemble "
+                      "(one rank per member)", workers, settings.model.members)
+            return 2
+        workers = settings.model.members
     rank = args.rank if args.rank is not None else _env_int("RANK")
     if rank is not None:  # one rank of a group: started by our launcher or by torchrun
         world = args.world or _env_int("WORLD_SIZE") or 1

@@ -71,6 +71,7 @@ class Publisher:
         # old ones, so they must still be published after a restart (else the index keeps a stale
         # vector until the item changes again; found by ``mfli chaos``).
         self._held: set[int] = set(held)
+        self.model_due = False  # decided by prepare(): the query encoder goes out with this flush
 
     @property
     def held_rows(self) -> list[int]:
@@ -87,10 +88,22 @@ class Publisher:
 
         On a Kafka error nothing is lost: the rows go back to the learner (:meth:`MFLILearner.requeue`),
         the codebook and the encoder are marked unsent, and the error propagates."""
+        return self.send(self.prepare(everything), everything)
+
+    def prepare(self, everything: bool = False) -> list[int]:
+        """The first half of :meth:`flush`: mark the rows this flush will drain (trending priors, held rows
+        due) and decide whether the query encoder goes out; returns the forced (held) rows. An ensemble
+        group gathers its members' state for exactly these rows between the halves (learner/members.py)."""
         self._mark_trending()
         forced = [self._held.pop() for _ in range(len(self._held) if everything else
                                                   min(HELD_PER_FLUSH, len(self._held)))]
         self.learner.mark_changed(forced)
+        self.model_due = self.learner.step != self._model_step and \
+            time.monotonic() - self._model_sent_at >= self.settings.learner.model_publish_interval_s
+        return forced
+
+    def send(self, forced: list[int], everything: bool = False) -> int:
+        """The second half of :meth:`flush`: drain, filter and publish."""
         deltas = self._significant(self.learner.drain_changed(), everything, np.asarray(forced, np.int64))
         try:
             sent = self._publish(deltas)
@@ -156,13 +169,12 @@ class Publisher:
             self.producer.send(self.topic, encode_codebook(CodebookSnapshot(version, snapshot.codebooks)),
                                partition=0)
             self._codebook_version = snapshot.version
-        now = time.monotonic()
-        if self.learner.step != self._model_step and \
-                now - self._model_sent_at >= self.settings.learner.model_publish_interval_s:
+        if self.model_due:
             # the query encoder, versioned like everything else on this topic; the server answers with it
             model = self.learner.query_model()
             self.producer.send(self.topic, encode_model(replace(model, version=self._next_version())), partition=0)
-            self._model_step, self._model_sent_at = self.learner.step, now
+            self._model_step, self._model_sent_at = self.learner.step, time.monotonic()
+            self.model_due = False
         if deltas:
             version = self._next_version()
             ingest_ms = int((self._window_start or time.time()) * 1000)

@@ -67,10 +67,51 @@ def union(batch, world: int):
         np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
 
 
+def ensemble_settings(world: int) -> ModelSettings:
+    """The same model as an ensemble of ``world`` members (``HARNESS_MEMBERS=1``: one member per rank)."""
+    return settings().model_copy(update={"members": world, "seed": 4})
+
+
+def members_main(rank: int, world: int, out: str) -> None:
+    """An ensemble group's rank: learn member ``rank`` on the group's events, then one publish exchange
+    (rank 0 asks for rows 0..9 and the encoders) whose result rank 0 saves beside the member."""
+    from mfli.learner.distributed import model_fingerprint
+    from mfli.learner.members import EnsembleView, MemberLearner
+
+    learner = MemberLearner(ensemble_settings(world), rank, world)
+    learner.learn_group([], [], np.zeros(0, np.float32), np.zeros(0, np.int64))
+    for batch in stream():
+        learner.learn_group(*shard(batch, rank, world))
+    fp = model_fingerprint(learner)
+    fp["step"] = torch.tensor(learner.step)
+    fp["events_seen"] = torch.tensor(learner.events_seen)
+    fp["item_ids"] = learner.items.ids.ids()
+    view = EnsembleView(learner) if rank == 0 else None
+    plan = None
+    if view is not None:
+        learner.mark_changed(range(10))
+        plan = {"rows": view.plan_rows(), "model": True}
+    shared = learner.share_for_publish(plan)
+    if view is not None and shared is not None and plan is not None:
+        view.install(plan["rows"], shared)
+        deltas = view.drain_changed()
+        fp["delta_rows"] = torch.tensor([d.row for d in deltas])
+        fp["delta_vectors"] = torch.from_numpy(np.stack([d.vectors for d in deltas]))
+        fp["ensemble_codebooks"] = torch.from_numpy(view.codebook_snapshot().codebooks)
+        model = view.query_model()
+        fp["model_members"] = torch.tensor(model.members)
+        fp["model_facets"] = torch.tensor(model.facets)
+    torch.save(fp, out)
+
+
 def main(rank: int, world: int, init_file: str, out: str) -> None:
     from mfli.learner.distributed import DistributedLearner, exit_now, init_group, leave_group, model_fingerprint
 
     init_group("gloo", rank, world, f"file://{init_file}", timeout_s=60)
+    if os.environ.get("HARNESS_MEMBERS") == "1":
+        members_main(rank, world, out)
+        leave_group()
+        exit_now(0)
     learner = DistributedLearner(settings(), rank, world)
     learner.learn_group([], [], np.zeros(0, np.float32), np.zeros(0, np.int64))  # idle on every rank: no step
     for batch in stream():

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import dist_harness
+import numpy as np
 import torch
 
 from mfli.learner.distributed import model_fingerprint
@@ -21,10 +22,11 @@ from mfli.learner.learner import MFLILearner
 HARNESS = Path(dist_harness.__file__)
 
 
-def _run_group(tmp_path: Path, world: int, step_events: int = 0) -> list[dict]:
+def _run_group(tmp_path: Path, world: int, step_events: int = 0, members: bool = False) -> list[dict]:
     init = tmp_path / "init"
     outs = [tmp_path / f"rank{r}.pt" for r in range(world)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_STEP_EVENTS": str(step_events)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HARNESS_STEP_EVENTS": str(step_events),
+           "HARNESS_MEMBERS": "1" if members else "0"}
     procs = [subprocess.Popen([sys.executable, str(HARNESS), str(r), str(world), str(init), str(outs[r])], env=env)
              for r in range(world)]
     for p in procs:
@@ -108,3 +110,39 @@ def test_a_hung_peer_fails_the_collective_within_the_timeout(tmp_path: Path) -> 
     finally:
         procs[1].kill()
         procs[1].wait()
+
+
+def test_an_ensemble_groups_members_are_single_learners_on_the_union_and_publish_as_facets(tmp_path: Path) -> None:
+    """``model.members`` = 2 as a group (learner/members.py): rank r's member is exactly the single learner
+    of member r's seed stepped on the union of the ranks' batches (nothing is exchanged while learning),
+    and rank 0 publishes member r's vectors as facet r."""
+    from mfli.learner.members import member_settings
+
+    ranks = _run_group(tmp_path, 2, members=True)
+    ens = dist_harness.ensemble_settings(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        singles = []
+        for r in range(2):
+            single = MFLILearner(member_settings(ens, r))
+            for batch in dist_harness.stream():
+                single.learn_columns(*dist_harness.union(batch, 2))
+            singles.append(single)
+    finally:
+        torch.set_num_threads(threads)
+    assert [s.settings.seed for s in singles] == [8, 9]
+    for r, (single, got) in enumerate(zip(singles, ranks, strict=True)):
+        assert got["item_ids"] == single.items.ids.ids()
+        assert int(got["events_seen"]) == single.events_seen == dist_harness.STEPS * dist_harness.BATCH
+        for key, value in model_fingerprint(single).items():  # float rounding: numpy's k-means start may thread
+            assert torch.allclose(value, got[key], rtol=1e-5, atol=1e-5), \
+                f"member {r} differs from its single learner on {key}: {(value - got[key]).abs().max():.3g}"
+    assert not torch.allclose(ranks[0]["emb"], ranks[1]["emb"], atol=1e-3), "the members are independent"
+    r0 = ranks[0]
+    rows = r0["delta_rows"].numpy()
+    assert set(range(10)) <= set(rows.tolist())  # the rows rank 0 marked, and those training changed
+    for r, single in enumerate(singles):
+        np.testing.assert_allclose(r0["delta_vectors"][:, r].numpy(), single.serving_vectors()[rows, 0], atol=1e-5)
+        np.testing.assert_allclose(r0["ensemble_codebooks"][r].numpy(), single.rq.codebooks[0].numpy(), atol=1e-5)
+    assert int(r0["model_members"]) == int(r0["model_facets"]) == 2

@@ -172,3 +172,73 @@ def test_sigkill_of_one_rank_restarts_the_group_and_loses_nothing(kafka_settings
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_an_ensemble_group_learns_every_event_in_each_member_and_indexes_them_as_facets(kafka_settings, kafka_env,
+                                                                                         tmp_path):
+    """``model.members`` = 2 (learner/members.py): ``mfli learn`` starts one rank per member; a SIGKILLed
+    rank restarts the group from its checkpoint; every member learns every event exactly once, and the
+    index holds member r's final vectors as facet r with a query model of both encoders."""
+    from mfli.learner.members import member_settings
+
+    settings = kafka_settings
+    env = _env(kafka_env, settings, tmp_path) | {"MFLI_MODEL__MEMBERS": "2"}
+    first = _produce(settings, 2_500, seed=3, start_ts=1_700_000_000_000)
+    launcher = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "learn"], env=env,
+                                start_new_session=True)
+    indexer = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "index"], env=env,
+                               start_new_session=True)
+
+    def seen(c) -> list[int]:
+        return [r["learner"]["events_seen"] for r in c[1]]
+
+    try:
+        _wait(lambda: (c := _current(tmp_path)) and 0 < min(seen(c)) < first and c, 240,
+              "an ensemble checkpoint in the middle of the stream")
+        victims = _wait(lambda: (r := _ranks(launcher)) and len(r) == 2 and r, 30, "both ranks")
+        os.kill(victims[1], signal.SIGKILL)
+        total = first + _produce(settings, 1_500, seed=4, start_ts=1_800_000_000_000)
+        _wait(lambda: (r := _ranks(launcher)) and len(r) == 2 and r[1] != victims[1], 120, "the group's restart")
+        _wait(lambda: (c := _current(tmp_path)) and min(seen(c)) >= total, 400, "both members to learn every event")
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 0
+        model, ranks = _current(tmp_path)
+        assert model["learner"] is None and seen((model, ranks)) == [total, total]
+        assert sum(r["events_received"] for r in ranks) == total and all(r["events_received"] for r in ranks)
+        ensemble = ModelSettings(**{**ranks[0]["learner"]["settings"], "members": 2, "seed": 0})
+        members = []
+        for r in range(2):
+            m = MFLILearner(member_settings(ensemble, r))
+            m.load_state_dict(ranks[r]["learner"])
+            members.append(m)
+        assert members[0].items.ids.ids() == members[1].items.ids.ids()
+        updates = _highwater(settings, settings.kafka.item_updates_topic, 1)[0]
+
+        def caught_up() -> bool:
+            try:
+                with LmdbIndex(tmp_path / "index", MAP).view() as view:
+                    return view.offsets().get(f"{settings.kafka.item_updates_topic}:0", 0) >= updates
+            except Exception:  # noqa: BLE001 - not created yet
+                return False
+
+        _wait(caught_up, 240, "the indexer to apply every update")
+        live = np.flatnonzero(members[0].items.live[: len(members[0].items)])
+        ids = [members[0].items.ids.id_of(r) for r in live.tolist()]
+        expect = np.concatenate([m.items.serving_vectors(live).numpy() for m in members], axis=1)
+        with LmdbIndex(tmp_path / "index", MAP).view() as view:
+            rows = view.rows_of(ids)
+            assert (rows >= 0).all(), f"{int((rows < 0).sum())} live items missing from the index"
+            got = view.vectors(rows)
+            served = view.query_model()
+        assert got.shape == expect.shape == (live.size, 2, 16)
+        assert np.abs(got - expect).max() < 1e-3
+        assert served is not None and served.members == 2 and served.facets == 2
+        assert not np.allclose(got[:, 0], got[:, 1], atol=1e-2), "the facets are independent members"
+    finally:
+        for proc in (launcher, indexer):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
