@@ -53,6 +53,7 @@ def rank_main(rank: int, world: int, init: str, dataset: str, n: int, batch: int
     from mfli.evaluation.prequential import _score_batch
     from mfli.events import ItemEvent
     from mfli.learner.distributed import DistributedLearner, init_group, leave_group
+    from mfli.learner.members import MemberLearner
     from mfli.sources.movielens import load_movielens
 
     torch.set_num_threads(threads)
@@ -61,7 +62,10 @@ def rank_main(rank: int, world: int, init: str, dataset: str, n: int, batch: int
     users, items, values, ts = data.users[:n], data.items[:n], data.values[:n], data.ts[:n]
     mine = owner(users, world) == rank
     init_group("gloo", rank, world, init, timeout_s=600)
-    learner = DistributedLearner(settings.model, rank, world)
+    # MFLI_MODEL__MEMBERS=N with --workers N: the ensemble group instead (learner/members.py), each rank one
+    # member learning every rank's events; events/s is then the ensemble's (every member learned all n)
+    learner = MemberLearner(settings.model, rank, world) if settings.model.members > 1 else \
+        DistributedLearner(settings.model, rank, world)
     # the catalogue first, as `mfli eval` does; identical on every rank (same order, same generator)
     learner.upsert_items([ItemEvent(item_id=i, tags=t) for i, t in data.item_tags.items()])
     seen: dict[str, set[int]] = {}

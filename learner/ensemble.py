@@ -4,8 +4,9 @@ Why: variance is the one measured headroom left in answer quality. Two learners 
 their seed, their scores combined, answer better than either (validation slices, streaming HR@20,
 exact: ml-100k .3284 / .3183 -> .3345; ml-1m .4682 / .4668 -> .4786 with the scores summed), while
 every cheaper form of it measured nothing (two query heads on one trunk, fast + slow weights, a moving
-average on its own). The members share nothing while they learn, so the work is K learners'; on a
-machine with K spare cores they run side by side.
+average on its own). The members share nothing while they learn, so the work is K learners'. This class
+steps them in turn in one process (the evaluation); ``mfli learn`` runs them side by side, one learner
+rank per member (learner/members.py).
 
 How it is one model: every member sees the same events in the same order, so items and users get the
 same row numbers in every member (checked). Member j's F=1 vectors are facet j of each item and its

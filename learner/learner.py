@@ -48,8 +48,8 @@ class MFLILearner:
         keep_large_blocks()  # mfli/allocator.py: the step's large blocks stay in the heap
         if settings.members > 1:
             raise ValueError(f"model.members={settings.members} is an ensemble of single learners: "
-                             "mfli.learner.ensemble.learner_for builds it (the evaluation runs it; the learner "
-                             "process trains members=1)")
+                             "mfli.learner.ensemble.learner_for builds it in one process (the evaluation), "
+                             "`mfli learn` as a group of one rank per member (learner/members.py)")
         self.settings = s = settings
         self.gen = torch.Generator().manual_seed(s.seed)
         self.rng = np.random.default_rng(s.seed)

@@ -91,7 +91,8 @@ class ModelSettings(BaseModel):
     members: int = Field(
         1, ge=1, description="K independently seeded copies of the model (each F=1), whose vectors are the "
         "index's K facets and whose queries are combined as the facets are (mixture with uniform gates): "
-        "an ensemble at K times the learner's work. Measured on validation slices (streaming HR@20, exact, "
+        "an ensemble at K times the learner's work; `mfli learn` runs one learner rank (process) per member "
+        "(learner/members.py). Measured on validation slices (streaming HR@20, exact, "
         "two seeds vs their ensemble): ml-100k .3284 / .3183 -> .3345, ml-1m .4682 / .4668 -> ~.479")
     dim: int = Field(
         96, ge=4, description="d, the width of an item's facet vector (and of the query encoder unless encoder_dim "
