@@ -15,7 +15,8 @@ every member sends its served vectors and codes of those rows, its codebooks and
 encoder, and rank 0 publishes K-facet deltas (member j's vectors are facet j), the K codebooks side by
 side and one query model of K encoders (:meth:`mfli.retrieval.query_model.QueryModel.ensemble`). The
 indexer and the server see a K-facet model and need nothing else. Checkpoints: every rank writes its whole
-member; rank 0 also the publisher's held rows.
+member; rank 0 also the publisher's held rows. A rank's prequential probe (``learner.probe_path``)
+scores its own events with its own member, not with the ensemble.
 """
 
 from __future__ import annotations
