@@ -326,17 +326,23 @@ def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_s
     port = settings.learner.metrics_port
     metrics.serve_metrics(port + (rank if local_rank is None else local_rank) if port else 0, process="learner")
     proc_ref: list[RankProcess] = []
+    early: list[bool] = []  # a stop asked for before the rank's process object exists
 
     def request_stop(signum: int, frame: object) -> None:
         if proc_ref:
             proc_ref[0].stop_requested = True
+        else:
+            early.append(True)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    if not _stop_with_launcher():
+        return 0
     init_group(settings.learner.backend, rank, world, init_method, settings.learner.collective_timeout_s)
     metrics.UP.labels(process="learner").set(1)
     proc = RankProcess(settings, rank, world)
     proc_ref.append(proc)
+    proc.stop_requested = bool(early)
     metrics.READY.labels(process="learner").set(1)
     started = time.monotonic()
     try:
@@ -350,6 +356,32 @@ def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_s
         metrics.UP.labels(process="learner").set(0)
     leave_group()
     return 0
+
+
+LAUNCHER_PID_ENV = "MFLI_LAUNCHER_PID"
+
+
+def _stop_with_launcher() -> bool:
+    """Ask the kernel for a SIGTERM when our launcher dies (Linux ``PR_SET_PDEATHSIG``); False if it
+    already has.
+
+    Why: a launcher that is SIGKILLed (a supervisor's restart, an OOM kill) cannot stop its ranks, and
+    orphaned ranks would go on learning and publishing beside the group its restart starts. With this a
+    rank stops as on any SIGTERM: at the group's next step, after a final checkpoint."""
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return True
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this rank would outlive its launcher",
+                    ctypes.get_errno())
+        return True
+    if os.getppid() != int(launcher):  # it died before the request: nobody would send the signal
+        log.warning("the launcher (pid %s) is gone: not starting", launcher)
+        return False
+    return True
 
 
 def _free_port() -> int:
@@ -378,8 +410,9 @@ def launch(settings: Settings, workers: int, extra_args: list[str], stop_is_set)
     restarts = 0
     while True:
         init = f"tcp://127.0.0.1:{_free_port()}"
+        env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
         procs = [subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "learn", "--rank", str(r),
-                                   "--world", str(workers), "--init-method", init, *extra_args])
+                                   "--world", str(workers), "--init-method", init, *extra_args], env=env)
                  for r in range(workers)]
         log.info("learner group of %d started (%s), pids %s", workers, init, [p.pid for p in procs])
         failed = None

@@ -242,3 +242,39 @@ def test_an_ensemble_group_learns_every_event_in_each_member_and_indexes_them_as
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ranks_stop_with_a_sigkilled_launcher_after_a_final_checkpoint(kafka_settings, kafka_env, tmp_path):
+    """A launcher killed outright (a supervisor's SIGKILL, the OOM killer) cannot stop its ranks; the kernel
+    sends them SIGTERM instead (``PR_SET_PDEATHSIG``), so no orphaned group learns and publishes beside the
+    one a restart starts. They stop as on any SIGTERM: at a step, after a final checkpoint."""
+    settings = kafka_settings
+    env = _env(kafka_env, settings, tmp_path)
+    n = _produce(settings, 1_500, seed=5, start_ts=1_700_000_000_000)
+    launcher = subprocess.Popen([sys.executable, "-m", "mfli.orchestration.cli", "learn", "--workers", "2"], env=env,
+                                start_new_session=True)
+    ranks: dict[int, int] = {}
+    try:
+        ranks = _wait(lambda: (r := _ranks(launcher)) and len(r) == 2 and r, 60, "both ranks")
+        _wait(lambda: (c := _current(tmp_path)) and c[0]["learner"]["events_seen"] > 0, 240, "a first checkpoint")
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=10)
+
+        def gone(pid: int) -> bool:
+            try:
+                status = Path(f"/proc/{pid}/stat").read_text().split()[2]
+            except FileNotFoundError:
+                return True
+            return status == "Z"  # exited; its parent (init) has not reaped it yet
+
+        _wait(lambda: all(gone(pid) for pid in ranks.values()), 90, "the orphaned ranks to stop")
+        model, _ = _current(tmp_path)
+        assert 0 < model["learner"]["events_seen"] <= n
+    finally:
+        for pid in ranks.values():  # a failed test must not leave a group running
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
