@@ -89,6 +89,17 @@ def _wait(predicate, timeout_s: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _terminate(*procs: subprocess.Popen) -> None:
+    """SIGTERM each process group still running, SIGKILL it after 30 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 def _highwater(settings, topic: str, partitions: int) -> dict[int, int]:
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_auto_commit=False,
                              auto_offset_reset="earliest", consumer_timeout_ms=2000)
@@ -165,13 +176,7 @@ def test_sigkill_of_one_rank_restarts_the_group_and_loses_nothing(kafka_settings
             diff = np.abs(view.vectors(rows) - learner.items.serving_vectors(live).numpy()).max()
         assert diff < 1e-3, diff
     finally:
-        for proc in (launcher, indexer):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        _terminate(launcher, indexer)
 
 
 def test_an_ensemble_group_learns_every_event_in_each_member_and_indexes_them_as_facets(kafka_settings, kafka_env,
@@ -235,13 +240,7 @@ def test_an_ensemble_group_learns_every_event_in_each_member_and_indexes_them_as
         assert served is not None and served.members == 2 and served.facets == 2
         assert not np.allclose(got[:, 0], got[:, 1], atol=1e-2), "the facets are independent members"
     finally:
-        for proc in (launcher, indexer):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+        _terminate(launcher, indexer)
 
 
 def test_ranks_stop_with_a_sigkilled_launcher_after_a_final_checkpoint(kafka_settings, kafka_env, tmp_path):
