@@ -231,8 +231,8 @@ def _ablations(model: ModelSettings, settings: Settings, data: Interactions, cut
         log.info("ablation %s: %s", name, out[name])
         if upd == {"members": 1}:
             base, base_name = res, "one member"
-    sys.stdout.write("\nablations (streaming, exact scoring; interval = default model (after the ensemble "
-                     "row: one member) minus variant, HR@20)\n")
+    base_text = "default model (after the ensemble row: one member)" if model.members > 1 else "default model"
+    sys.stdout.write(f"\nablations (streaming, exact scoring; interval = {base_text} minus variant, HR@20)\n")
     for name, r in out.items():
         ci = r.get("default_minus_this_hr@20")
         extra = f"  diff {ci['diff']:+.4f} [{ci['lo']:+.4f}, {ci['hi']:+.4f}]" if ci else ""
