@@ -80,7 +80,9 @@ def run_workers(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                  by_size[w]["events_per_s"], by_size[w]["cpu_s_per_1k_events"],
                  by_size[w]["collective_s_per_rank"], by_size[w]["bytes_per_event"])
     biggest = max(sizes)
-    projection = learn_group.project(by_size[1], by_size[biggest], 8) if biggest > 1 else {}
+    # an ensemble group (MFLI_MODEL__MEMBERS) does K models' work, so a data-parallel projection says nothing
+    projection = learn_group.project(by_size[1], by_size[biggest], 8) \
+        if biggest > 1 and settings.model.members == 1 else {}
     quality = {w: learn_group.compare_quality(raw[1], raw[w]) for w in sizes if w > 1} if args.quality_cut else {}
     rows = [Row.from_samples(f"{w} worker(s): events per second", [by_size[w]["events_per_s"]], "events/s")
             for w in sizes]

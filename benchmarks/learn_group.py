@@ -64,8 +64,10 @@ def rank_main(rank: int, world: int, init: str, dataset: str, n: int, batch: int
     init_group("gloo", rank, world, init, timeout_s=600)
     # MFLI_MODEL__MEMBERS=N with --workers N: the ensemble group instead (learner/members.py), each rank one
     # member learning every rank's events; events/s is then the ensemble's (every member learned all n)
-    learner = MemberLearner(settings.model, rank, world) if settings.model.members > 1 else \
-        DistributedLearner(settings.model, rank, world)
+    model = settings.model
+    if model.members > 1 and world != model.members:  # the same-harness baseline: one member alone
+        model = model.model_copy(update={"members": 1})
+    learner = MemberLearner(model, rank, world) if model.members > 1 else DistributedLearner(model, rank, world)
     # the catalogue first, as `mfli eval` does; identical on every rank (same order, same generator)
     learner.upsert_items([ItemEvent(item_id=i, tags=t) for i, t in data.item_tags.items()])
     seen: dict[str, set[int]] = {}
