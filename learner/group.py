@@ -248,21 +248,11 @@ class RankProcess:
         return not stop
 
     def flush(self, everything: bool = False) -> None:
-        """Rank 0 publishes what changed; the others forget it (rank 0's copy of the model is theirs)."""
+        """Rank 0 publishes what changed; the others forget it (rank 0's copy of the model is theirs; in an
+        ensemble group they first send rank 0 their member's state for it)."""
         self._last_flush = time.monotonic()
         if isinstance(self.learner, MemberLearner):
-            # every member sends its state for the rows rank 0 is about to publish (learner/members.py)
-            plan = None
-            if self.publisher is not None and self.view is not None:
-                forced = self.publisher.prepare(everything)
-                plan = {"rows": self.view.plan_rows(), "model": self.publisher.model_due}
-            shared = self.learner.share_for_publish(plan)
-            if self.publisher is not None and self.view is not None and shared is not None and plan is not None:
-                self.view.install(plan["rows"], shared)
-                self.publisher.send(forced, everything)
-            else:
-                self.learner.changed.clear()
-                self.learner.deleted.clear()
+            self._flush_members(self.learner, everything)
         elif self.publisher is not None:
             self.publisher.flush(everything)
         else:
@@ -271,6 +261,21 @@ class RankProcess:
         metrics.LEARNER_ITEMS.set(len(self.learner.items))
         metrics.LEARNER_USERS.set(len(self.learner.users))
         self.stream.lag()
+
+    def _flush_members(self, learner: MemberLearner, everything: bool) -> None:
+        """Rank 0 marks what this flush drains, every member sends its state for those rows (a collective),
+        then rank 0 publishes the members side by side (learner/members.py)."""
+        if self.publisher is None or self.view is None:
+            learner.share_for_publish(None)
+            learner.changed.clear()
+            learner.deleted.clear()
+            return
+        forced = self.publisher.prepare(everything)
+        rows = self.view.plan_rows()
+        shared = learner.share_for_publish({"rows": rows, "model": self.publisher.model_due})
+        assert shared is not None, "rank 0 receives every member's share"
+        self.view.install(rows, shared)
+        self.publisher.send(forced, everything)
 
     def checkpoint(self, final: bool = False) -> None:
         """Deltas out (rank 0), every rank's state on disk, ``CURRENT`` moved, then the Kafka commits."""
@@ -282,13 +287,15 @@ class RankProcess:
             if self.user_state is not None:  # replicas hold every record before the offsets move past it
                 self.user_state.ensure_delivered(self.users)
             model = None
+            # an ensemble's member is its rank's own model: all of it goes in the rank's file
+            members = isinstance(self.learner, MemberLearner)
             if self.rank == 0:
                 assert self.publisher is not None
-                model = {"learner": None if isinstance(self.learner, MemberLearner) else self.learner.model_state(),
+                model = {"learner": None if members else self.learner.model_state(),
                          "held_rows": self.publisher.held_rows}
             self.ckpt.write(self.seq, model, {
-                "learner": self.learner.state_dict() if isinstance(self.learner, MemberLearner)
-                else self.learner.rank_state(), "offsets": offsets_to_json(self.offsets),
+                "learner": self.learner.state_dict() if members else self.learner.rank_state(),
+                "offsets": offsets_to_json(self.offsets),
                 "recent_event_ids": self.stream.dedupe.recent(DEDUPE_IDS_KEPT),
                 "events_received": self.events_received})
         except (OSError, KafkaError):

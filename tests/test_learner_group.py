@@ -8,6 +8,7 @@ index holds the learner's final vectors for every live item.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -271,9 +272,7 @@ def test_ranks_stop_with_a_sigkilled_launcher_after_a_final_checkpoint(kafka_set
         assert 0 < model["learner"]["events_seen"] <= n
     finally:
         for pid in ranks.values():  # a failed test must not leave a group running
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
