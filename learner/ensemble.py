@@ -33,6 +33,12 @@ from mfli.retrieval.query_model import QueryModel
 from mfli.retrieval.snapshot import ItemSnapshot
 
 
+def member_settings(ensemble: ModelSettings, j: int) -> ModelSettings:
+    """Member ``j`` of the ensemble: one F=1 model, seed ``seed * K + j`` (ensembles of different seeds share
+    no member, and member 0 of seed 0 is the single model of seed 0)."""
+    return ensemble.model_copy(update={"members": 1, "seed": ensemble.seed * ensemble.members + j})
+
+
 def learner_for(settings: ModelSettings) -> MFLILearner | Ensemble:
     """The learner ``settings`` describe: one model, or an :class:`Ensemble` when ``members`` > 1."""
     return Ensemble(settings) if settings.members > 1 else MFLILearner(settings)
@@ -62,15 +68,12 @@ class _Aligned:
 
 class Ensemble:
     """K learners behind the single learner's interface (what the evaluation drives); ``settings``
-    describe the combined model (F = K). Member j's seed is ``seed * K + j``: ensembles of different seeds
-    share no member, and member 0 of seed 0 is the single model of seed 0."""
+    describe the combined model (F = K); member j is :func:`member_settings`."""
 
     def __init__(self, settings: ModelSettings) -> None:
         if settings.members < 2:
             raise ValueError("an ensemble needs members >= 2")
-        one = settings.model_copy(update={"members": 1})
-        self.members = [MFLILearner(one.model_copy(update={"seed": settings.seed * settings.members + j}))
-                        for j in range(settings.members)]
+        self.members = [MFLILearner(member_settings(settings, j)) for j in range(settings.members)]
         self.settings = settings.model_copy(update={"facets": settings.members * settings.facets})
         self.items = _Aligned([m.items for m in self.members], [m.gen for m in self.members])
         self.users = _Aligned([m.users for m in self.members], None)
@@ -134,5 +137,6 @@ class Ensemble:
             item_ids=s0.item_ids, vectors=np.concatenate([s.vectors for s in snaps], axis=1),
             codes=np.concatenate([s.codes for s in snaps], axis=1),
             codebooks=np.concatenate([s.codebooks for s in snaps], axis=0), prior=s0.prior, live=s0.live,
-            version=s0.version, tags=s0.tags, query_model=self.query_model(),
+            version=s0.version, tags=s0.tags,
+            query_model=QueryModel.ensemble([s.query_model for s in snaps], self.step),  # type: ignore[arg-type]
         )

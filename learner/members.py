@@ -30,14 +30,10 @@ from mfli.config import ModelSettings
 from mfli.deltas import CodebookSnapshot, ItemDelta
 from mfli.events import ItemEvent
 from mfli.learner.distributed import GroupSync
+from mfli.learner.ensemble import member_settings
 from mfli.learner.learner import MFLILearner
 from mfli.learner.state import StepStats
 from mfli.retrieval.query_model import QueryModel
-
-
-def member_settings(ensemble: ModelSettings, rank: int) -> ModelSettings:
-    """Member ``rank`` of the ensemble: one F=1 model, seed ``seed * K + rank`` (as learner/ensemble.py)."""
-    return ensemble.model_copy(update={"members": 1, "seed": ensemble.seed * ensemble.members + rank})
 
 
 class MemberLearner(MFLILearner):

@@ -116,7 +116,7 @@ def test_an_ensemble_groups_members_are_single_learners_on_the_union_and_publish
     """``model.members`` = 2 as a group (learner/members.py): rank r's member is exactly the single learner
     of member r's seed stepped on the union of the ranks' batches (nothing is exchanged while learning),
     and rank 0 publishes member r's vectors as facet r."""
-    from mfli.learner.members import member_settings
+    from mfli.learner.ensemble import member_settings
 
     ranks = _run_group(tmp_path, 2, members=True)
     ens = dist_harness.ensemble_settings(2)

@@ -185,7 +185,7 @@ def test_an_ensemble_group_learns_every_event_in_each_member_and_indexes_them_as
     """``model.members`` = 2 (learner/members.py): ``mfli learn`` starts one rank per member; a SIGKILLed
     rank restarts the group from its checkpoint; every member learns every event exactly once, and the
     index holds member r's final vectors as facet r with a query model of both encoders."""
-    from mfli.learner.members import member_settings
+    from mfli.learner.ensemble import member_settings
 
     settings = kafka_settings
     env = _env(kafka_env, settings, tmp_path) | {"MFLI_MODEL__MEMBERS": "2"}
