@@ -113,7 +113,7 @@ def tune_prior(learner: MFLILearner, data: Interactions, lo: int, hi: int, batch
         if sel.size:
             q, g = learner.window_queries(win[sel], win_ts[sel])
             vectors = learner.serving_vectors()
-            model = combine(np.einsum("bfd,nfd->bnf", q, vectors), g[:, None, :], s.temperature)
+            model = combine(np.einsum("bfd,nfd->bnf", q, vectors), g[:, None, :], s.score_tau)
             model[:, ~learner.items.live[: len(vectors)]] = -np.inf
             ex = [e for e, h in zip(excl, has, strict=True) if h]
             for hl, c in counts.items():
@@ -142,7 +142,7 @@ def _score_batch(learner: MFLILearner, params: LearnedIndexParams, settings: Set
         q[has], g[has] = learner.window_queries(win[idx[has]], win_ts[idx[has]])
     snap = learner.snapshot()
     facet_scores = np.einsum("bfd,nfd->bnf", q, snap.vectors)
-    exact = combine(facet_scores, g[:, None, :], s.temperature) + snap.prior[None, :]
+    exact = combine(facet_scores, g[:, None, :], s.score_tau) + snap.prior[None, :]
     exact[:, ~snap.live] = -np.inf
     tgt = items[idx]
     above, _ = target_ranks(exact, tgt, excl)

@@ -142,4 +142,4 @@ class EnsembleView:
         models = [m["model"] for m in self._shared]
         if any(m is None for m in models):
             raise RuntimeError("the query encoder went out without the members' encoders (publisher.model_due)")
-        return QueryModel.ensemble(models, self.lr.step)
+        return QueryModel.ensemble(models, self.lr.step, self.settings.ensemble_pooling)

@@ -71,7 +71,7 @@ class PrequentialProbe:
             q, g = learner.window_queries(win[ok], win_ts[ok])
             vec = learner.serving_vectors()
             facet = np.einsum("bfd,nfd->bnf", q, vec)
-            scores = combine(facet, g[:, None, :], learner.settings.temperature) + learner.prior()[None, :]
+            scores = combine(facet, g[:, None, :], learner.settings.score_tau) + learner.prior()[None, :]
             scores[:, ~live[: len(learner.items)]] = -np.inf
             ranks[ok], _ = target_ranks(scores, target[ok], [excluded[i] for i in ok.tolist()])
         for i in range(n):

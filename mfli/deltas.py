@@ -51,7 +51,7 @@ class CodebookSnapshot:
 #              | f32 prior[n] | u8 deleted[n] | f32 vectors[n, F, d] | i32 codes[n, F, L]
 #              | u32 id_len[n] | UTF-8 ids | u32 tags_len | JSON tags (list per item)
 #   codebook : i64 version | u32 F | u32 L | u32 M | u32 d | f32 codebooks[F, L, M, d]
-#   model    : u32 json_len | JSON {version, facets, dim, heads, tau, members, params: [[name, shape], ...]}
+#   model    : u32 json_len | JSON {version, facets, dim, heads, tau, members, pooling, params: [[name, shape], ...]}
 #              | f32 parameters, in that order (the query encoder, mfli.retrieval.query_model)
 # All integers and floats little-endian.
 
@@ -159,7 +159,7 @@ def encode_model(model: QueryModel) -> bytes:
     """One wire message holding a version of the query encoder (what the server runs)."""
     names = sorted(model.weights)
     head = orjson.dumps({"version": model.version, "facets": model.facets, "dim": model.dim, "heads": model.heads,
-                          "tau": model.tau, "members": model.members,
+                          "tau": model.tau, "members": model.members, "pooling": model.pooling,
                           "params": [[n, list(model.weights[n].shape)] for n in names]})
     return b"".join([_HEADER.pack(WIRE_MAGIC, WIRE_FORMAT, MSG_MODEL, 0), struct.pack("<I", len(head)), head,
                      *(np.ascontiguousarray(model.weights[n], dtype="<f4").tobytes() for n in names)])
@@ -176,7 +176,8 @@ def decode_model(payload: bytes, pos: int = _HEADER.size) -> QueryModel:
         weights[name] = np.frombuffer(payload, dtype="<f4", count=count, offset=pos).reshape(shape).astype(np.float32)
         pos += 4 * count
     return QueryModel(version=int(head["version"]), weights=weights, facets=int(head["facets"]), dim=int(head["dim"]),
-                      heads=int(head["heads"]), tau=float(head["tau"]), members=int(head.get("members", 1)))
+                      heads=int(head["heads"]), tau=float(head["tau"]), members=int(head.get("members", 1)),
+                      pooling=head.get("pooling", "mixture"))
 
 
 def decode_message(payload: bytes) -> DeltaBatch | CodebookSnapshot | QueryModel:

@@ -3,6 +3,8 @@ server's query equal to the ensemble's (learner/ensemble.py)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pydantic
 import pytest
@@ -14,6 +16,9 @@ from mfli.evaluation.run import fresh
 from mfli.learner.ensemble import Ensemble, learner_for
 from mfli.learner.learner import MFLILearner
 from mfli.retrieval.base import Query, resolve_query
+from mfli.retrieval.learned import finish, finish_numpy
+from mfli.retrieval.memory import MemoryIndexView
+from mfli.retrieval.query_model import combine
 from mfli.sources.movielens import Interactions
 from mfli.storage.index.reader import LmdbIndex
 from mfli.storage.index.writer import IndexWriter
@@ -100,3 +105,37 @@ def test_members_are_single_facet_models_and_the_single_learner_refuses_an_ensem
     with pytest.raises(ValueError, match="ensemble"):
         MFLILearner(ModelSettings(members=2))
     assert isinstance(learner_for(ModelSettings(**SMALL)), MFLILearner)
+
+
+def test_an_ensemble_pools_its_members_scores_linearly_on_every_path():
+    """``model.ensemble_pooling`` = linear (the default): the score is the mean of the members' dots plus the
+    prior, the mixture's limit as tau -> inf; it survives the wire, and the compiled rerank (which runs it as
+    one dot with the gate-scaled queries) equals the numpy reference and the formula."""
+    ens = _trained()
+    model = ens.query_model()
+    assert model.pooling == "linear" and math.isinf(model.score_tau) and math.isinf(ens.settings.score_tau)
+    assert decode_message(encode_model(model)).pooling == "linear"
+    mixture = ModelSettings(members=2, ensemble_pooling="mixture", **SMALL)
+    assert mixture.score_tau == mixture.temperature and ModelSettings(**SMALL).score_tau == mixture.temperature
+    assert fresh(mixture, _log()).query_model().pooling == "mixture"
+    s = np.random.default_rng(0).uniform(-1, 1, (5, 7, 2)).astype(np.float32)
+    g = np.full((5, 7, 2), np.log(0.5), np.float32)
+    np.testing.assert_allclose(combine(s, g, math.inf), s.mean(-1), rtol=1e-6)
+    np.testing.assert_allclose(combine(s, g, 1e4), s.mean(-1), atol=1e-3)  # the limit it is
+    assert not np.allclose(combine(s, g, 0.1), s.mean(-1), atol=1e-2)
+
+    snap = ens.snapshot()
+    assert snap.query_model is not None and snap.query_model.pooling == "linear"
+    view = MemoryIndexView.from_settings(snap, IndexSettings(target_cluster_size=8))
+    q, gates, _ = ens.user_queries(np.arange(6))
+    live = view.live_rows()
+    for u in range(6):
+        hist = np.asarray(ens.members[0].users.items_of(u)[0])
+        rec = finish(view, q[u], live, None, np.zeros(1, np.int64), np.full(1, -1, np.int64),
+                     np.asarray([live.size]), hist, 10, gates[u], math.inf)
+        ref = finish_numpy(view, q[u], live, np.zeros(live.size, np.int64), np.zeros(live.size, np.int64), hist,
+                           10, gates[u], math.inf)
+        np.testing.assert_array_equal(rec.rows, ref.rows)
+        expect = np.einsum("nfd,fd->nf", view.vectors(rec.rows), q[u]).mean(1) + view.prior(rec.rows)
+        np.testing.assert_allclose(rec.scores, expect, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ref.scores, expect, rtol=1e-5, atol=1e-5)

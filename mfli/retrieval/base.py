@@ -188,7 +188,7 @@ def resolve_query(view: IndexView, query: Query, model: QueryModel | None, horiz
     if query.vector is not None:
         gates = uniform_gates(query.vector.shape[0]) if query.log_gates is None else query.log_gates
         return (np.asarray(query.vector, np.float32), np.asarray(gates, np.float32),
-                model.tau if model is not None else 0.05)
+                model.score_tau if model is not None else 0.05)
     history = np.asarray(query.history, dtype=np.int64)
     if model is not None and model.weights:
         recent = history[-model.horizon:]
@@ -196,9 +196,9 @@ def resolve_query(view: IndexView, query: Query, model: QueryModel | None, horiz
             np.asarray(query.history_ts, np.int64)[-model.horizon:]
         vecs = view.vectors(recent)
         q, g = model.query(vecs.reshape(recent.size, -1), ts)
-        return q, g, model.tau
+        return q, g, model.score_tau
     q = pool_query(view.vectors(history[-horizon:]), decay)
-    return q, uniform_gates(q.shape[0]), model.tau if model is not None else 0.05
+    return q, uniform_gates(q.shape[0]), model.score_tau if model is not None else 0.05
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -23,6 +23,7 @@ in-memory view (evaluation) and the LMDB view (server).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,9 @@ def finish(
         slots = rows + dense.row_slot
     pos, scores = np.empty(k, np.int64), np.empty(k, np.float32)
     gates = uniform_gates(view.facets) if log_gates is None else np.ascontiguousarray(log_gates, np.float32)
+    if math.isinf(tau):  # the linear pool is one dot with the gate-scaled queries: the kernel's one-facet path
+        q = np.asarray(q, np.float32).reshape(gates.size, -1) * np.exp(gates)[:, None]
+        gates = np.zeros(1, np.float32)
     n = rerank_top_k(dense.vectors, dense.prior, dense.codes, dense.scale, dense.bias,
                      np.ascontiguousarray(q, np.float32).reshape(-1), gates, np.float32(tau),
                      rows, slots, np.unique(exclude.astype(np.int64, copy=False)), k, SHORTLIST_FACTOR * k + 16,
@@ -159,7 +163,7 @@ class LearnedIndexRetriever:
             # mean pooling (no encoder published), compiled, reading the rows in place
             recent = np.asarray(query.history, dtype=np.int64)[-self.params.history :]
             q = pool_rows(dense.vectors, recent, self.params.recency_decay, self.view.facets)
-            return q, uniform_gates(self.view.facets), model.tau if model is not None else 0.05
+            return q, uniform_gates(self.view.facets), model.score_tau if model is not None else 0.05
         return resolve_query(self.view, query, model, self.params.history, self.params.recency_decay)
 
     def recommend(self, query: Query) -> Recommendation:
