@@ -98,8 +98,10 @@ class ModelSettings(BaseModel):
     ensemble_pooling: Literal["linear", "mixture"] = Field(
         "linear", description="how an ensemble's member scores combine: `linear` (their mean: the members are "
         "noisy estimates of one score) or `mixture` (as one model's facets: a mixture of softmaxes with uniform "
-        "gates). Measured on validation slices (streaming HR@20, exact, linear vs mixture): ml-1m .4867 vs "
-        ".4859, ml-100k .3360 vs .3345, and ahead in every heterogeneous pair tried (README)")
+        "gates). Measured (streaming HR@20, linear vs mixture): level for seed-only members (validation slices "
+        "ml-1m .4867 vs .4859, ml-100k .3365 vs .3370, three members .3378 vs .3382; ml-100k test period, three "
+        "seeds, .3332 vs .3325) and ahead for members that differ in a setting (+.002 to +.007 in four pairs); "
+        "linear is also one dot per candidate in the compiled rerank instead of a log-sum-exp per facet")
     dim: int = Field(
         96, ge=4, description="d, the width of an item's facet vector (and of the query encoder unless encoder_dim "
         "is set). 96 after a measurement (validation slices, streaming HR@20, exact): ml-1m .4393 (64) -> .4521 "

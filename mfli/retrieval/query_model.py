@@ -16,8 +16,9 @@ each reading its own facet of the history's vectors and giving that facet's quer
 member j are named ``m{j}.<parameter>`` and the gates are uniform over members. Its members' scores pool
 linearly by default (``pooling="linear"``: the gate-weighted mean, i.e. the mixture's limit as tau -> inf;
 ``combine`` takes ``tau = inf`` for it): members are not alternative reasons for an item, as one model's
-facets are, but noisy estimates of the same score, and averaging them measured at least as well as the
-mixture on every validation slice (README, "Answer quality").
+facets are, but noisy estimates of the same score. Averaging them measured level with the mixture for
+seed-only members and ahead of it for members that differ in a setting (README, "Answer quality"), and
+the compiled rerank runs it as one dot per candidate.
 """
 
 from __future__ import annotations
