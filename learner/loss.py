@@ -127,10 +127,16 @@ class MaskedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qs: torch.Tensor, items: torch.Tensor, target: torch.Tensor, ev: torch.Tensor | None,
-                col: torch.Tensor | None, bound: float | None = None) -> torch.Tensor:
-        p = qs @ items.t()
+                col: torch.Tensor | None, bound: float | None = None, bf16: bool = False) -> torch.Tensor:
         rows = torch.arange(len(qs))
-        picked = p[rows, target].clone()
+        if bf16:  # the three products in bfloat16 (float32 accumulation), everything else in float32
+            qs_m, items_m = qs.bfloat16(), items.bfloat16()
+            p = (qs_m @ items_m.t()).float()
+            picked = (qs * items[target]).sum(1)  # the target's logit exactly
+        else:
+            qs_m, items_m = qs, items
+            p = qs @ items.t()
+            picked = p[rows, target].clone()
         if ev is not None:
             p[ev, col] = _MASKED
         if bound is not None and bound <= 60.0:
@@ -143,7 +149,8 @@ class MaskedCrossEntropy(torch.autograd.Function):
             p.sub_(top).exp_()
         total = p.sum(dim=1, keepdim=True)
         p.div_(total)
-        ctx.save_for_backward(qs, items, target, p)
+        ctx.save_for_backward(qs_m, items_m, target, p)
+        ctx.bf16 = bf16
         return (total.log() + top).squeeze(1) - picked
 
     @staticmethod
@@ -151,11 +158,14 @@ class MaskedCrossEntropy(torch.autograd.Function):
         qs, items, target, p = ctx.saved_tensors
         d = p * grad[:, None]  # d ce / d logits = softmax - one-hot (a new block: backward may run twice)
         d[torch.arange(len(qs)), target] -= grad
-        return d @ items, d.t() @ qs, None, None, None, None
+        if ctx.bf16:
+            d = d.bfloat16()
+            return (d @ items).float(), (d.t() @ qs).float(), None, None, None, None, None
+        return d @ items, d.t() @ qs, None, None, None, None, None
 
 
 def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
-                 temperature: float, masked: tuple[np.ndarray, np.ndarray] | None = None
+                 temperature: float, masked: tuple[np.ndarray, np.ndarray] | None = None, bf16: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mixture_softmax` when the negatives are the whole live catalogue: plain cross-entropy.
 
@@ -171,7 +181,7 @@ def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, 
     if q.shape[1] == 1:
         ev, col = (None, None) if where is None else where
         # queries and items are unit vectors, so every logit lies within +-1/temperature
-        ce = MaskedCrossEntropy.apply(qs[:, 0], items[:, 0], target, ev, col, 1.0 / temperature)
+        ce = MaskedCrossEntropy.apply(qs[:, 0], items[:, 0], target, ev, col, 1.0 / temperature, bf16)
         return ce, ce[:, None]
     f, n = q.shape[1], q.shape[0]
     neg_f = torch.bmm(qs.transpose(0, 1), items.permute(1, 2, 0))  # [F, n, k]

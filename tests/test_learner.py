@@ -274,6 +274,30 @@ def test_the_fused_masked_cross_entropy_has_autograd_s_values_and_gradients():
     assert torch.allclose(bounded, plain, atol=1e-10)
 
 
+def test_the_bfloat16_softmax_stays_within_bfloat16_rounding_of_float32():
+    """``model.softmax_precision = bfloat16``: the three products of :class:`MaskedCrossEntropy` in bfloat16
+    (float32 accumulation), the rest in float32. Loss and gradients stay within bfloat16's rounding
+    (8 significant bits) of the float32 op's, at the learner's scale (unit vectors over tau 0.1)."""
+    from mfli.learner.loss import MaskedCrossEntropy
+
+    g = torch.Generator().manual_seed(2)
+    qs = torch.nn.functional.normalize(torch.randn(64, 32, generator=g), dim=1) / 0.1
+    items = torch.nn.functional.normalize(torch.randn(300, 32, generator=g), dim=1)
+    target = torch.randint(0, 300, (64,), generator=g)
+    ev, col = torch.tensor([0, 1, 5]), torch.tensor([7, 8, 9])
+    out = []
+    for bf16 in (False, True):
+        a, b = qs.clone().requires_grad_(True), items.clone().requires_grad_(True)
+        loss = MaskedCrossEntropy.apply(a, b, target, ev, col, 10.0, bf16)
+        loss.sum().backward()
+        out.append((loss.detach(), a.grad, b.grad))
+    (l32, q32, i32), (l16, q16, i16) = out
+    assert not torch.equal(q16, q32), "the bfloat16 path ran"
+    assert torch.allclose(l16, l32, atol=0.05, rtol=0.01)
+    for lo, hi in ((q16, q32), (i16, i32)):
+        assert float((lo - hi).norm() / hi.norm()) < 0.01
+
+
 def test_a_row_no_step_touched_can_still_be_marked_and_drained():
     """Found by the fuzz test on a loaded machine: an item created by an event whose user had no history
     yet is never touched by a step, yet the publisher's prior refresh may mark it changed."""
