@@ -261,7 +261,8 @@ def _save(path: Path, snap: ItemSnapshot, hist: list[np.ndarray], hist_ts: list[
               "live": snap.live, "hist": np.concatenate(hist) if hist else np.empty(0, np.int64),
               "hist_ts": np.concatenate(hist_ts) if hist_ts else np.empty(0, np.int64), "hist_len": lens,
               "meta": np.frombuffer(json.dumps({**meta, "version": snap.version, "qm": None if qm is None else {
-                  "version": qm.version, "facets": qm.facets, "dim": qm.dim, "heads": qm.heads, "tau": qm.tau}}
+                  "version": qm.version, "facets": qm.facets, "dim": qm.dim, "heads": qm.heads, "tau": qm.tau,
+                  "members": qm.members, "pooling": qm.pooling}}
               ).encode(), np.uint8)}
     if qm is not None:
         arrays |= {f"qm/{name}": w for name, w in qm.weights.items()}
@@ -291,11 +292,11 @@ def train_learned(spec: StreamSpec, model_settings) -> tuple[ItemSnapshot, list[
     histories (rows, oldest first) with event times, and what happened (for the notes)."""
     import torch
 
-    from mfli.learner.learner import MFLILearner
+    from mfli.learner.ensemble import Ensemble, learner_for
 
     torch.set_num_threads(1)  # two threads were measured slower than one on this shared 2-core box
     world = _World(spec)
-    learner = MFLILearner(model_settings)
+    learner = learner_for(model_settings)  # an ensemble when model.members > 1
     t0 = time.perf_counter()
     item_ids = np.array([f"i{r}" for r in range(spec.n_items)], dtype=object)
     # The catalogue first, as an import announces it, every item started from its tags (topic, group)
@@ -303,16 +304,17 @@ def train_learned(spec: StreamSpec, model_settings) -> tuple[ItemSnapshot, list[
     # centroids plus 0.2 x unit noise), vectorised: the per-item upsert costs ~2 ms, half an hour at 10^6.
     learner.items.rows_for(item_ids.tolist(), learner.gen)
     with torch.no_grad():
-        norm = learner.items.normalise
-        width = model_settings.facets * model_settings.dim
-        gen = torch.Generator().manual_seed(spec.seed + 1)
-        topic_dir = norm(torch.randn(spec.topics, width, generator=gen))
-        group_dir = norm(torch.randn(-(-spec.topics // spec.topics_per_group), width, generator=gen))
-        topic = torch.from_numpy(world.item_topic)
-        start = norm((topic_dir[topic] + group_dir[topic // spec.topics_per_group]) / 2)
-        learner.items.emb[: spec.n_items] = norm(start + 0.2 * norm(torch.randn(spec.n_items, width, generator=gen)))
-        if learner.items.avg.shape[0]:  # the served average starts where the rows start
-            learner.items.avg[: spec.n_items] = learner.items.emb[: spec.n_items]
+        for j, one in enumerate(learner.members if isinstance(learner, Ensemble) else [learner]):
+            norm = one.items.normalise
+            width = one.settings.facets * one.settings.dim
+            gen = torch.Generator().manual_seed(spec.seed + 1 + 1_000 * j)  # members start independently
+            topic_dir = norm(torch.randn(spec.topics, width, generator=gen))
+            group_dir = norm(torch.randn(-(-spec.topics // spec.topics_per_group), width, generator=gen))
+            topic = torch.from_numpy(world.item_topic)
+            start = norm((topic_dir[topic] + group_dir[topic // spec.topics_per_group]) / 2)
+            one.items.emb[: spec.n_items] = norm(start + 0.2 * norm(torch.randn(spec.n_items, width, generator=gen)))
+            if one.items.avg.shape[0]:  # the served average starts where the rows start
+                one.items.avg[: spec.n_items] = one.items.emb[: spec.n_items]
     upsert_s = time.perf_counter() - t0
     user_ids = np.array([f"u{u}" for u in range(spec.users)], dtype=object)
     ms_per_event, done, t1 = 50, 0, time.perf_counter()
@@ -361,10 +363,12 @@ def learned_workload(n: int, settings, k: int, n_queries: int, events_per_item: 
             _save(path, snap, hist, hist_ts, meta)
     keep = [i for i, h in enumerate(hist) if h.size >= 2][:n_queries]
     queries = with_query_vectors(snap, [hist[i] for i in keep], k, [hist_ts[i] for i in keep])
-    notes = [f"learned n={n}: the learner (F={model.facets}, d={model.dim}, M={meta['codewords']}, replay off, "
-             f"usage counts every 100 steps) trained on {spec.events:,} events of "
+    members = "" if model.members == 1 else \
+        f"an ensemble of {model.members} members, {model.ensemble_pooling} pooling, "
+    notes = [f"learned n={n}: the learner ({members}F={model.facets}, d={model.dim}, M={meta['codewords']}, "
+             f"replay off, usage counts every 100 steps) trained on {spec.events:,} events of "
              f"{spec.users - spec.heldout_users:,} users ({spec.interests} drifting interests each, "
              f"{spec.topics} topics) at {meta['events_per_s']:.0f} events/s; "
              f"{len(queries)} queries = its encoder over held-out users' histories "
              f"(median {int(np.median([q.history.size for q in queries]))} events)"]
-    return Workload("learned", snap, queries, notes=notes, tau=model.temperature)
+    return Workload("learned", snap, queries, notes=notes, tau=model.score_tau)

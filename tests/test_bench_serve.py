@@ -3,12 +3,14 @@ queries with the same score, and each peer's search parameter is bisected to the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from mfli.benchmarks.peers import PEERS, available
 from mfli.benchmarks.serve import bisect_param, compare
-from mfli.benchmarks.workloads import synthetic_workload
+from mfli.benchmarks.workloads import learned_workload, synthetic_workload
 from mfli.config import load_settings
 from mfli.retrieval.base import score
 
@@ -69,3 +71,23 @@ def test_every_peer_is_registered_with_a_library_to_import():
     ok, notes = available(list(PEERS))
     assert set(ok) | {n.split()[1] for n in notes} == set(PEERS)
     assert "hnswlib" in ok
+
+
+def test_an_ensemble_workload_is_served_and_scored_with_its_linear_pool():
+    """``MFLI_MODEL__MEMBERS=2 mfli bench serve``: the learned workload trains an ensemble (each member from
+    its own start), its snapshot carries a two-encoder query model that pools linearly, and every answer of
+    the learned index and of a peer scores as the mean of the members' dots plus the prior."""
+    settings = load_settings(model={"dim": 16, "history": 16, "members": 2, "warmup_events": 500})
+    wl = learned_workload(2_000, settings, k=10, n_queries=20, events_per_item=2.0, cache_dir=None)
+    qm = wl.snapshot.query_model
+    assert qm is not None and qm.members == 2 and qm.pooling == "linear" and math.isinf(wl.tau)
+    assert wl.snapshot.vectors.shape[1:] == (2, 16)
+    assert not np.allclose(wl.snapshot.vectors[:, 0], wl.snapshot.vectors[:, 1], atol=1e-2)
+    peers, _ = available(["hnswlib"])
+    out = compare(wl, settings, 10, peers, churn=False)
+    sources = {"learned": out["learned_answers"]} | {name: p["answers"] for name, p in out["peers"].items()}
+    for name, answers in sources.items():
+        for q, rec in zip(wl.queries, answers, strict=True):
+            vec = wl.snapshot.vectors[rec.rows]
+            want = np.einsum("nfd,fd->nf", vec, q.vector).mean(1) + wl.snapshot.prior[rec.rows]
+            np.testing.assert_allclose(rec.scores, want, atol=2e-5, err_msg=name)
