@@ -8,6 +8,7 @@ where a default was changed after a measurement, the field's description says so
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,17 @@ class IngestSettings(BaseModel):
         default_factory=lambda: ["view", "click", "like", "long_view", "rating", "purchase", "tag"],
         description="accepted event_type values; anything else goes to the DLQ",
     )
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU has native bfloat16 dot products (AVX-512 BF16 or AMX), by its Linux cpuinfo flags;
+    False where they cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 class ModelSettings(BaseModel):
@@ -204,18 +216,26 @@ class ModelSettings(BaseModel):
         "(fused softmax and window attention, allocator thresholds): 512: 6,621 events/s, 384: 5,361, 256: 4,536. "
         "384 is the smallest step that keeps the learner above its 5k events/s floor")
 
-    softmax_precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="number format of the full softmax's three products (logits, and the gradients of "
-        "queries and items; float32 accumulation either way). bfloat16 measured level in quality (validation "
-        "slices, streaming HR@20: ml-1m .4800 vs .4796, ml-100k three seeds .3226 vs .3237) and ~3x faster for "
-        "those products on this box's AVX-512 BF16 cores (`mfli bench learn`: +26 % events/s); CPUs without "
-        "native bfloat16 may run it slower, and the README's quality figures are float32, hence the default")
+    softmax_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="number format of the full softmax's three products (logits, and the gradients of "
+        "queries and items; float32 accumulation either way); `auto`: bfloat16 where the CPU has native bfloat16 "
+        "dot products (AVX-512 BF16 or AMX), float32 elsewhere (emulated bfloat16 can be slower). Measured "
+        "level in quality (streaming HR@20, bfloat16 vs float32: validation slices ml-1m .4800 vs .4796, "
+        "ml-100k three seeds .3226 vs .3237; test periods ml-100k five seeds .3239 vs .3241, ml-latest-small "
+        "three seeds .1222 vs .1223) and +20-26 % `mfli bench learn` events/s on this box's AVX-512 BF16 cores")
     serving_average: float = Field(
         0.9, ge=0, lt=1, description="decay per optimisation step of an exponential moving average of the item "
         "vectors and the encoder's weights; what the learner publishes, indexes and scores with (training "
         "continues on the raw weights). 0 = serve the raw weights. An online learner's weights carry the noise "
         "of its last few steps; averaging them over ~1/(1-decay) steps removes it at the cost of one lerp per "
         "step (see the README's averaging table)")
+
+    @property
+    def softmax_bf16(self) -> bool:
+        """Whether the full softmax's products run in bfloat16 (``softmax_precision``, ``auto`` resolved)."""
+        if self.softmax_precision == "auto":
+            return native_bf16()
+        return self.softmax_precision == "bfloat16"
 
     @property
     def score_tau(self) -> float:

@@ -292,6 +292,14 @@ def test_the_bfloat16_softmax_stays_within_bfloat16_rounding_of_float32():
         loss.sum().backward()
         out.append((loss.detach(), a.grad, b.grad))
     (l32, q32, i32), (l16, q16, i16) = out
+    # ``auto`` (the default) is bfloat16 exactly where the CPU has native bfloat16 dot products
+    from mfli.config import native_bf16
+
+    flags = open("/proc/cpuinfo").read().split()
+    assert native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert ModelSettings().softmax_bf16 == native_bf16()
+    assert ModelSettings(softmax_precision="bfloat16").softmax_bf16
+    assert not ModelSettings(softmax_precision="float32").softmax_bf16
     assert not torch.equal(q16, q32), "the bfloat16 path ran"
     assert torch.allclose(l16, l32, atol=0.05, rtol=0.01)
     for lo, hi in ((q16, q32), (i16, i32)):
