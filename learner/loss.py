@@ -128,7 +128,6 @@ class MaskedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qs: torch.Tensor, items: torch.Tensor, target: torch.Tensor, ev: torch.Tensor | None,
                 col: torch.Tensor | None, bound: float | None = None, bf16: bool = False) -> torch.Tensor:
-        rows = torch.arange(len(qs))
         if bf16:  # the three products in bfloat16 (float32 accumulation), everything else in float32
             qs_m, items_m = qs.bfloat16(), items.bfloat16()
             p = (qs_m @ items_m.t()).float()
@@ -136,7 +135,7 @@ class MaskedCrossEntropy(torch.autograd.Function):
         else:
             qs_m, items_m = qs, items
             p = qs @ items.t()
-            picked = p[rows, target].clone()
+            picked = p[torch.arange(len(qs)), target].clone()
         if ev is not None:
             p[ev, col] = _MASKED
         if bound is not None and bound <= 60.0:
@@ -150,7 +149,6 @@ class MaskedCrossEntropy(torch.autograd.Function):
         total = p.sum(dim=1, keepdim=True)
         p.div_(total)
         ctx.save_for_backward(qs_m, items_m, target, p)
-        ctx.bf16 = bf16
         return (total.log() + top).squeeze(1) - picked
 
     @staticmethod
@@ -158,10 +156,8 @@ class MaskedCrossEntropy(torch.autograd.Function):
         qs, items, target, p = ctx.saved_tensors
         d = p * grad[:, None]  # d ce / d logits = softmax - one-hot (a new block: backward may run twice)
         d[torch.arange(len(qs)), target] -= grad
-        if ctx.bf16:
-            d = d.bfloat16()
-            return (d @ items).float(), (d.t() @ qs).float(), None, None, None, None, None
-        return d @ items, d.t() @ qs, None, None, None, None, None
+        d16 = d.to(qs.dtype)  # bfloat16 when the forward ran its products in it; a no-op otherwise
+        return (d16 @ items).to(d.dtype), (d16.t() @ qs).to(d.dtype), None, None, None, None, None
 
 
 def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
