@@ -123,11 +123,14 @@ class MaskedCrossEntropy(torch.autograd.Function):
 
     Masked entries get ``-1e4`` (as :func:`negative_bias`): their probability is 0, so they get no
     gradient. ``qs`` ``[n, d]`` the tempered queries, ``items`` ``[k, d]``; returns the loss per event ``[n]``.
+    ``smoothing`` = eps trains against ``(1 - eps) * one-hot + eps * uniform`` over the columns left in
+    (``model.label_smoothing``): the uniform part needs only each row's logit sum and count, not a block.
     """
 
     @staticmethod
     def forward(ctx, qs: torch.Tensor, items: torch.Tensor, target: torch.Tensor, ev: torch.Tensor | None,
-                col: torch.Tensor | None, bound: float | None = None, bf16: bool = False) -> torch.Tensor:
+                col: torch.Tensor | None, bound: float | None = None, bf16: bool = False,
+                smoothing: float = 0.0) -> torch.Tensor:
         if bf16:  # the three products in bfloat16 (float32 accumulation), everything else in float32
             qs_m, items_m = qs.bfloat16(), items.bfloat16()
             p = (qs_m @ items_m.t()).float()
@@ -136,6 +139,16 @@ class MaskedCrossEntropy(torch.autograd.Function):
             qs_m, items_m = qs, items
             p = qs @ items.t()
             picked = p[torch.arange(len(qs)), target].clone()
+        allowed = mean_logit = torch.empty(0)
+        if smoothing:  # the smoothed target is uniform over the columns left in: their count and mean logit
+            zsum = p.sum(1)
+            allowed = torch.full((len(qs),), float(p.shape[1]), dtype=p.dtype)
+            if ev is not None and col is not None:  # a pair can repeat (an item twice in a window): once each
+                key = torch.unique(ev * p.shape[1] + col)
+                u_ev, u_col = key // p.shape[1], key % p.shape[1]
+                zsum.index_add_(0, u_ev, -p[u_ev, u_col])
+                allowed.index_add_(0, u_ev, torch.full((len(u_ev),), -1.0, dtype=p.dtype))
+            mean_logit = zsum / allowed
         if ev is not None:
             p[ev, col] = _MASKED
         if bound is not None and bound <= 60.0:
@@ -148,28 +161,53 @@ class MaskedCrossEntropy(torch.autograd.Function):
             p.sub_(top).exp_()
         total = p.sum(dim=1, keepdim=True)
         p.div_(total)
-        ctx.save_for_backward(qs_m, items_m, target, p)
-        return (total.log() + top).squeeze(1) - picked
+        none = torch.empty(0, dtype=torch.long)
+        ctx.save_for_backward(qs_m, items_m, target, p, none if ev is None else ev, none if col is None else col,
+                              allowed)
+        ctx.smoothing = smoothing
+        lse = (total.log() + top).squeeze(1)
+        if not smoothing:
+            return lse - picked
+        return lse - (1.0 - smoothing) * picked - smoothing * mean_logit
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        qs, items, target, p = ctx.saved_tensors
-        d = p * grad[:, None]  # d ce / d logits = softmax - one-hot (a new block: backward may run twice)
-        d[torch.arange(len(qs)), target] -= grad
+        qs, items, target, p, ev, col, allowed = ctx.saved_tensors
+        eps = ctx.smoothing
+        d = p * grad[:, None]  # d ce / d logits = softmax - target (a new block: backward may run twice)
+        d[torch.arange(len(qs)), target] -= (1.0 - eps) * grad
+        if eps:  # the target's uniform share over the columns left in; left-out columns stay at 0
+            d.sub_((eps * grad / allowed)[:, None])
+            if len(ev):
+                d[ev, col] = 0.0
         d16 = d.to(qs.dtype)  # bfloat16 when the forward ran its products in it; a no-op otherwise
-        return (d16 @ items).to(d.dtype), (d16.t() @ qs).to(d.dtype), None, None, None, None, None
+        return (d16 @ items).to(d.dtype), (d16.t() @ qs).to(d.dtype), None, None, None, None, None, None
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float,
+                           left_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row cross-entropy of ``[n, k]`` logits against ``(1 - eps) * one-hot + eps * uniform`` over the
+    columns not ``left_out`` (bool ``[n, k]``; those hold a huge negative logit already). Plain
+    cross-entropy when ``smoothing`` is 0. The multi-facet path's twin of :class:`MaskedCrossEntropy`'s."""
+    ce = F.cross_entropy(logits, target, reduction="none")
+    if not smoothing:
+        return ce
+    keep = torch.ones_like(logits, dtype=torch.bool) if left_out is None else ~left_out
+    lse = torch.logsumexp(logits, dim=1)
+    mean_logit = (logits * keep).sum(1) / keep.sum(1)
+    return (1.0 - smoothing) * ce + smoothing * (lse - mean_logit)
 
 
 def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
-                 temperature: float, masked: tuple[np.ndarray, np.ndarray] | None = None, bf16: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 temperature: float, masked: tuple[np.ndarray, np.ndarray] | None = None, bf16: bool = False,
+                 smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`mixture_softmax` when the negatives are the whole live catalogue: plain cross-entropy.
 
     ``items`` ``[k, F, d]`` holds every live item once and ``target`` ``[n]`` is each event's column in
     it. Nothing is sampled, so there is no log-Q and no self-mask to build: one facet goes through
     :class:`MaskedCrossEntropy`, several through torch's cross-entropy kernel. ``masked``: (event,
-    column) pairs left out of the softmax (:func:`seen_pairs`). Returns (combined ``[n]``, per facet
-    ``[n, F]``).
+    column) pairs left out of the softmax (:func:`seen_pairs`); ``smoothing``: label smoothing over the
+    columns left in. Returns (combined ``[n]``, per facet ``[n, F]``).
     """
     qs = q / temperature
     where = None if masked is None or not len(masked[0]) else \
@@ -177,13 +215,19 @@ def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, 
     if q.shape[1] == 1:
         ev, col = (None, None) if where is None else where
         # queries and items are unit vectors, so every logit lies within +-1/temperature
-        ce = MaskedCrossEntropy.apply(qs[:, 0], items[:, 0], target, ev, col, 1.0 / temperature, bf16)
+        ce = MaskedCrossEntropy.apply(qs[:, 0], items[:, 0], target, ev, col, 1.0 / temperature, bf16, smoothing)
         return ce, ce[:, None]
     f, n = q.shape[1], q.shape[0]
     neg_f = torch.bmm(qs.transpose(0, 1), items.permute(1, 2, 0))  # [F, n, k]
+    left_out = None
     if where is not None:
         neg_f.index_put_((torch.arange(f).repeat_interleave(len(where[0])), where[0].repeat(f),
-                          where[1].repeat(f)), torch.tensor(_MASKED))
-    combined = F.cross_entropy(torch.logsumexp(neg_f + log_gates.t()[:, :, None], dim=0), target, reduction="none")
-    per = F.cross_entropy(neg_f.reshape(f * n, -1), target.repeat(f), reduction="none").view(f, n).t()
+                          where[1].repeat(f)), torch.tensor(_MASKED, dtype=neg_f.dtype))
+        if smoothing:
+            left_out = torch.zeros(n, items.shape[0], dtype=torch.bool)
+            left_out[where] = True
+    combined = smoothed_cross_entropy(torch.logsumexp(neg_f + log_gates.t()[:, :, None], dim=0), target, smoothing,
+                                      left_out)
+    per = smoothed_cross_entropy(neg_f.reshape(f * n, -1), target.repeat(f), smoothing,
+                                 None if left_out is None else left_out.repeat(f, 1)).view(f, n).t()
     return combined, per

@@ -161,7 +161,7 @@ class Stepper:
                 items_t = subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)
                 masked = seen_columns(mask_ev, mask_rows, tgt, uni) if s.mask_seen_negatives else None
                 combined, ce = full_softmax(q, log_gates, items_t, torch.from_numpy(np.searchsorted(uni, tgt)),
-                                            s.temperature, masked, s.softmax_bf16)
+                                            s.temperature, masked, s.softmax_bf16, s.label_smoothing)
             else:
                 neg_rows = np.concatenate([tgt[neg_pos], uni])
                 negs = torch.cat([e[torch.from_numpy(neg_pos)], subn[inv_t[n_t:n_t + n_u]].view(-1, s.facets, s.dim)])

@@ -274,6 +274,51 @@ def test_the_fused_masked_cross_entropy_has_autograd_s_values_and_gradients():
     assert torch.allclose(bounded, plain, atol=1e-10)
 
 
+def _smoothed_reference(logits: torch.Tensor, target: torch.Tensor, eps: float, left_out: torch.Tensor
+                        ) -> torch.Tensor:
+    """Cross-entropy against an explicit ``(1 - eps) * one-hot + eps * uniform over the columns left in``."""
+    soft = (~left_out).to(logits.dtype)
+    soft = eps * soft / soft.sum(1, keepdim=True)
+    soft[torch.arange(len(target)), target] += 1.0 - eps
+    return -(soft * logits.log_softmax(1)).sum(1)
+
+
+def test_label_smoothing_spreads_the_target_over_the_items_left_in_on_both_softmax_paths():
+    """``model.label_smoothing``: the fused one-facet op and the multi-facet path train against
+    ``(1 - eps) * one-hot + eps * uniform`` over the columns left in (a left-out pair, even listed twice,
+    gets neither target mass nor gradient), matching autograd on an explicit soft target in float64."""
+    from mfli.learner.loss import MaskedCrossEntropy, full_softmax
+
+    g = torch.Generator().manual_seed(3)
+    qs = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    items = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.tensor([0, 3, 3, 8, 1, 2])
+    ev, col = torch.tensor([0, 0, 2, 5, 0]), torch.tensor([4, 7, 1, 8, 4])  # (0, 4) twice
+    left_out = torch.zeros(6, 9, dtype=torch.bool)
+    left_out[ev, col] = True
+    w = torch.randn(6, dtype=torch.float64, generator=g)
+    fused = MaskedCrossEntropy.apply(qs, items, target, ev, col, None, False, 0.2)
+    logits = (qs @ items.t()).masked_fill(left_out, -1.0e4)
+    plain = _smoothed_reference(logits, target, 0.2, left_out)
+    assert torch.allclose(fused, plain, atol=1e-10)
+    got = torch.autograd.grad((fused * w).sum(), (qs, items))
+    want = torch.autograd.grad((plain * w).sum(), (qs, items))
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda a, b: MaskedCrossEntropy.apply(a, b, target, ev, col, None, False, 0.2),
+                                    (qs, items))
+    # smoothing moves the loss (it is not plain cross-entropy) and 0 is plain cross-entropy
+    assert not torch.allclose(fused, MaskedCrossEntropy.apply(qs, items, target, ev, col))
+    # the multi-facet path (torch's kernels) agrees facet by facet with the same reference
+    q3 = torch.nn.functional.normalize(torch.randn(6, 2, 5, dtype=torch.float64, generator=g), dim=2)
+    it3 = torch.nn.functional.normalize(torch.randn(9, 2, 5, dtype=torch.float64, generator=g), dim=2)
+    gates = torch.log_softmax(torch.randn(6, 2, dtype=torch.float64, generator=g), dim=1)
+    _, per = full_softmax(q3, gates, it3, target, 0.1, (ev.numpy(), col.numpy()), smoothing=0.2)
+    for f in range(2):
+        z = (q3[:, f] @ it3[:, f].t() / 0.1).masked_fill(left_out, -1.0e4)
+        assert torch.allclose(per[:, f], _smoothed_reference(z, target, 0.2, left_out), atol=1e-8)
+
+
 def test_the_bfloat16_softmax_stays_within_bfloat16_rounding_of_float32():
     """``model.softmax_precision = bfloat16``: the three products of :class:`MaskedCrossEntropy` in bfloat16
     (float32 accumulation), the rest in float32. Loss and gradients stay within bfloat16's rounding
