@@ -118,18 +118,21 @@ class QueryModel:
     def _fast(self) -> list[dict[str, np.ndarray]]:
         """Per member, weights laid out for the per-request forward: transposed, contiguous, keys and values
         fused into one matrix, for the compiled forward (:mod:`mfli.retrieval.encoder_kernel`)."""
-        return [self._fast_of(w) for w in self._member_w]
+        return [self._fast_of(w, self.heads) for w in self._member_w]
 
     @cached_property
     def _member_w(self) -> list[dict[str, np.ndarray]]:
         return [self.member_weights(j) for j in range(self.members)]
 
     @staticmethod
-    def _fast_of(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _fast_of(w: dict[str, np.ndarray], heads: int) -> dict[str, np.ndarray]:
         t = {name[: -len(".weight")]: np.ascontiguousarray(w[name].T) for name in w if name.endswith(".weight")
              and w[name].ndim == 2}
         return {
-            "inp": t["inp"], "inp_b": w["inp.bias"], "kv": np.ascontiguousarray(np.concatenate([t["wk"], t["wv"]], 1)),
+            "inp": t["inp"], "inp_b": w["inp.bias"],
+            # by head: the key projection's rows [heads, d_h, d], the value projection's columns [heads, d, d_h]
+            "k_heads": np.ascontiguousarray(w["wk.weight"].reshape(heads, -1, w["wk.weight"].shape[1])),
+            "v_heads": np.ascontiguousarray(t["wv"].reshape(t["wv"].shape[0], heads, -1).transpose(1, 0, 2)),
             "kv_b": np.concatenate([w["wk.bias"], w["wv.bias"]]), "wq": t["wq"], "wq_b": w["wq.bias"],
             "wo": t["wo"], "wo_b": w["wo.bias"], "ff1": t["ff1"], "ff1_b": w["ff1.bias"], "ff2": t["ff2"],
             "ff2_b": w["ff2.bias"], "out": t["out"], "out_b": w["out.bias"],
@@ -170,8 +173,9 @@ class QueryModel:
 
         h = self.horizon
         return encoder_forward(
-            context, gaps, h, self.heads, facets,
-            f["inp"], f["inp_b"], w["ln_in.weight"], w["ln_in.bias"], f["kv"], f["kv_b"], f["pos_k"], f["pos_v"],
+            context @ f["inp"], gaps, h, self.heads, facets,
+            f["inp_b"], w["ln_in.weight"], w["ln_in.bias"], f["k_heads"], f["v_heads"], f["kv_b"], f["pos_k"],
+            f["pos_v"],
             w["gap_k"], f["wq"], f["wq_b"], f["wo"], f["wo_b"], w["ln_ff.weight"], w["ln_ff.bias"], f["ff1"],
             f["ff1_b"], f["ff2"], f["ff2_b"], w["ln_out.weight"], w["ln_out.bias"], f["out"], f["out_b"],
             f["gate"], f["gate_b"])
