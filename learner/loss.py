@@ -140,16 +140,20 @@ class MaskedCrossEntropy(torch.autograd.Function):
             p = qs @ items.t()
             picked = p[torch.arange(len(qs)), target].clone()
         allowed = mean_logit = torch.empty(0)
-        if smoothing:  # the smoothed target is uniform over the columns left in: their count and mean logit
-            zsum = p.sum(1)
-            allowed = torch.full((len(qs),), float(p.shape[1]), dtype=p.dtype)
-            if ev is not None and col is not None:  # a pair can repeat (an item twice in a window): once each
-                key = torch.unique(ev * p.shape[1] + col)
-                u_ev, u_col = key // p.shape[1], key % p.shape[1]
-                zsum.index_add_(0, u_ev, -p[u_ev, u_col])
-                allowed.index_add_(0, u_ev, torch.full((len(u_ev),), -1.0, dtype=p.dtype))
-            mean_logit = zsum / allowed
-        if ev is not None:
+        if smoothing:
+            # the smoothed target is uniform over the columns left in: the sum of their logits is the row
+            # sum with the left-out ones at 0, and their count follows from the row sum once those hold
+            # _MASKED (a pair listed twice is still one column; the sum's rounding is far below |_MASKED|).
+            # Two row sums and one more scatter: a sort to de-duplicate the pairs cost three times that
+            if ev is not None:
+                p[ev, col] = 0.0
+            kept_sum = p.sum(1)
+            allowed = torch.full_like(kept_sum, float(p.shape[1]))
+            if ev is not None:
+                p[ev, col] = _MASKED
+                allowed -= ((p.sum(1) - kept_sum) / _MASKED).round()
+            mean_logit = kept_sum / allowed
+        elif ev is not None:
             p[ev, col] = _MASKED
         if bound is not None and bound <= 60.0:
             # |logit| <= bound (unit vectors over a temperature): exp cannot overflow float32, so the
