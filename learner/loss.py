@@ -193,13 +193,11 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
     """Per-row cross-entropy of ``[n, k]`` logits against ``(1 - eps) * one-hot + eps * uniform`` over the
     columns not ``left_out`` (bool ``[n, k]``; those hold a huge negative logit already). Plain
     cross-entropy when ``smoothing`` is 0. The multi-facet path's twin of :class:`MaskedCrossEntropy`'s."""
-    ce = F.cross_entropy(logits, target, reduction="none")
     if not smoothing:
-        return ce
-    keep = torch.ones_like(logits, dtype=torch.bool) if left_out is None else ~left_out
-    lse = torch.logsumexp(logits, dim=1)
-    mean_logit = (logits * keep).sum(1) / keep.sum(1)
-    return (1.0 - smoothing) * ce + smoothing * (lse - mean_logit)
+        return F.cross_entropy(logits, target, reduction="none")
+    picked = logits.gather(1, target[:, None]).squeeze(1)
+    mean_logit = logits.mean(1) if left_out is None else (logits * ~left_out).sum(1) / (~left_out).sum(1)
+    return torch.logsumexp(logits, dim=1) - (1.0 - smoothing) * picked - smoothing * mean_logit
 
 
 def full_softmax(q: torch.Tensor, log_gates: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
