@@ -101,11 +101,11 @@ def encoder_forward(projected: np.ndarray, gaps: np.ndarray, horizon: int, heads
     # (a third of the forward's multiply-adds at H = 50)
     att = np.empty((n, heads), np.float32)
     for a in range(heads):
-        u = _vecmat(qh[a * dh:(a + 1) * dh].copy(), k_heads[a])  # W_k[:, a] q_a
+        qa, kb = qh[a * dh:(a + 1) * dh], kv_b[a * dh:(a + 1) * dh]
+        u = _vecmat(qa, k_heads[a])  # W_k[:, a] q_a
         c = np.float32(0.0)
-        for j in range(a * dh, (a + 1) * dh):
-            c += kv_b[j] * qh[j]
-        qa = qh[a * dh:(a + 1) * dh]
+        for j in range(dh):
+            c += kb[j] * qa[j]
         for i in range(n):
             s = c
             for r in range(dim):
