@@ -116,8 +116,8 @@ class QueryModel:
 
     @cached_property
     def _fast(self) -> list[dict[str, np.ndarray]]:
-        """Per member, weights laid out for the per-request forward: transposed, contiguous, keys and values
-        fused into one matrix, for the compiled forward (:mod:`mfli.retrieval.encoder_kernel`)."""
+        """Per member, weights laid out for the per-request forward: transposed, contiguous, the key and value
+        projections split by head, for the compiled forward (:mod:`mfli.retrieval.encoder_kernel`)."""
         return [self._fast_of(w, self.heads) for w in self._member_w]
 
     @cached_property
