@@ -106,6 +106,35 @@ def _dot(a: np.ndarray, i: int, q: np.ndarray, f: int) -> np.float32:
     return s
 
 
+@njit(cache=True, nogil=True, fastmath=True)
+def _scores(a: np.ndarray, lo: int, hi: int, q: np.ndarray, f: int, out: np.ndarray) -> None:
+    """``out[c - lo] = a[c] . q[f]`` for rows ``lo:hi``, four rows at a time: four independent sums share
+    each load of ``q`` (one row at a time, the single sum's dependency chain bounds the loop)."""
+    n, d = hi - lo, q.shape[1]
+    qf = q[f]
+    c = 0
+    while c + 4 <= n:
+        r = lo + c
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        for j in range(d):
+            qj = qf[j]
+            s0 += a[r, j] * qj
+            s1 += a[r + 1, j] * qj
+            s2 += a[r + 2, j] * qj
+            s3 += a[r + 3, j] * qj
+        out[c] = s0
+        out[c + 1] = s1
+        out[c + 2] = s2
+        out[c + 3] = s3
+        c += 4
+    while c < n:
+        out[c] = _dot(a, lo + c, q, f)
+        c += 1
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _keep(idx: np.ndarray, vals: np.ndarray, filled: int, i: int, v: np.float32) -> int:
     """Insert ``(i, v)`` into the descending top list ``idx/vals`` (earlier wins ties); returns the fill."""
@@ -142,8 +171,11 @@ def probe_clusters(centroids: np.ndarray, facet_base: np.ndarray, group_centroid
                     c = group_members[m]
                     filled = _keep(top, top_s, filled, c, _dot(centroids, c, q, f))
         else:
-            for c in range(facet_base[f], facet_base[f + 1]):
-                filled = _keep(top, top_s, filled, c, _dot(centroids, c, q, f))
+            lo, hi = facet_base[f], facet_base[f + 1]
+            scores = np.empty(hi - lo, np.float32)
+            _scores(centroids, lo, hi, q, f, scores)
+            for c in range(hi - lo):
+                filled = _keep(top, top_s, filled, lo + c, scores[c])
         for t in range(filled):
             out_f[n] = f
             out_c[n] = top[t] - facet_base[f]
