@@ -94,8 +94,9 @@ def run_workers(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                               "bytes") for w in sizes]
     if projection:
         rows.append(Row.from_samples("8 workers on 8 machines (projected)", [projection["events_per_s"]], "events/s"))
+    targets = {">= 5k events/s": by_size[biggest]["events_per_s"] >= 5_000} if settings.model.members > 1 else {}
     return result(
-        "learn-workers", rows,
+        "learn-workers", rows, targets=targets,
         params={"dataset": args.dataset, "events": n, "batch": batch, "threads_per_rank": threads,
                 "workers": sizes, "quality_cut": args.quality_cut},
         notes=[json.dumps({"by_size": by_size, "projection_8": projection, "quality": quality})],
@@ -103,6 +104,10 @@ def run_workers(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    if not args.workers and settings.model.members > 1:
+        # an ensemble learns as `mfli learn` runs it: one rank per member (learner/members.py), beside one
+        # member alone in the same harness
+        args.workers = str(settings.model.members)
     if args.workers:
         return run_workers(args, settings)
     args.threads = args.threads or settings.learner.threads

@@ -51,14 +51,16 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from mfli import metrics
-from mfli.config import Settings
+from mfli.config import ModelSettings, Settings
 from mfli.consumers.stream import EventStream
-from mfli.kafka.clients import make_producer
+from mfli.kafka.clients import BrokerHealth, bootstrap_of, make_producer
 from mfli.kafka.offsets import offsets_from_json, offsets_to_json
 from mfli.learner.checkpoint import DEDUPE_IDS_KEPT, write_atomic
 from mfli.learner.distributed import DistributedLearner, init_group, leave_group
+from mfli.learner.learner import MFLILearner
 from mfli.learner.members import EnsembleView, MemberLearner
 from mfli.learner.publisher import Publisher
+from mfli.lifecycle import take_single_writer_lock
 from mfli.storage.users_lmdb import UsersStore
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,31 @@ def owned_partitions(consumer: KafkaConsumer, topic: str, rank: int, world: int,
     if len(parts) < world:
         log.warning("%s has %d partitions for %d ranks: some ranks will own none", topic, len(parts), world)
     return [TopicPartition(topic, p) for p in sorted(parts) if p % world == rank]
+
+
+def read_ensemble_checkpoint(directory: str | Path) -> tuple[list[MFLILearner], dict[str, int], dict[str, Any]]:
+    """An ensemble group's ``CURRENT`` checkpoint under ``<checkpoint_dir>/group``, for checks from outside
+    (``mfli chaos``): every member's learner (rank order), the group's Kafka offsets (the union of the
+    ranks' partitions) and ``{"events_received": sum over ranks}``. Raises ``ValueError`` for a
+    data-parallel group (one model split over ranks' files)."""
+    from mfli.learner.ensemble import member_settings
+
+    ckpt = Path(directory) / GROUP_DIR
+    name, world = (ckpt / "CURRENT").read_text().split()
+    model = torch.load(ckpt / name / "model.pt", weights_only=False)
+    if model.get("learner") is not None:
+        raise ValueError(f"{ckpt / name}: a data-parallel group's checkpoint, not an ensemble's")
+    ranks = [torch.load(ckpt / name / f"rank-{r}.pt", weights_only=False) for r in range(int(world))]
+    ensemble = ModelSettings(**{**ranks[0]["learner"]["settings"], "members": int(world), "seed": 0})
+    members = []
+    for r, payload in enumerate(ranks):
+        member = MFLILearner(member_settings(ensemble, r))
+        member.load_state_dict(payload["learner"])
+        members.append(member)
+    offsets: dict[str, int] = {}
+    for payload in ranks:
+        offsets.update(payload["offsets"])  # "topic:partition" -> offset, as a single learner's checkpoint
+    return members, offsets, {"events_received": sum(p["events_received"] for p in ranks)}
 
 
 class GroupCheckpoint:
@@ -324,14 +351,22 @@ class RankProcess:
             self.probe.close()
 
 
+def serve_rank_metrics(settings: Settings, rank: int, local_rank: int | None = None) -> None:
+    """Serve this rank's metrics on ``metrics_port + local_rank`` (ranks sharing a machine need their own
+    ports; one rank per pod keeps the configured one), up and not ready: a rank started before its broker
+    answers says so while it waits, as a single learner does."""
+    port = settings.learner.metrics_port
+    metrics.serve_metrics(port + (rank if local_rank is None else local_rank) if port else 0, process="learner")
+    metrics.UP.labels(process="learner").set(1)
+    metrics.READY.labels(process="learner").set(0)
+
+
 def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_seconds: float = 0.0,
               local_rank: int | None = None) -> int:
     """Run one rank until the group stops (SIGTERM/SIGINT on any rank, or ``max_seconds``); a failed
     collective or any error exits non-zero so the launcher restarts the group. Metrics are served on
     ``metrics_port + local_rank`` (ranks sharing a machine need their own ports; one rank per pod keeps
-    the configured one)."""
-    port = settings.learner.metrics_port
-    metrics.serve_metrics(port + (rank if local_rank is None else local_rank) if port else 0, process="learner")
+    the configured one; :func:`serve_rank_metrics`, called before the rank waits for its broker)."""
     proc_ref: list[RankProcess] = []
     early: list[bool] = []  # a stop asked for before the rank's process object exists
 
@@ -345,12 +380,20 @@ def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_s
     signal.signal(signal.SIGINT, request_stop)
     if not _stop_with_launcher():
         return 0
+    # one process per rank: a rank whose launcher was SIGKILLed alone gets SIGTERM and stops after a final
+    # checkpoint; its successor waits for that before it loads CURRENT and reads the rank's partitions
+    lock = take_single_writer_lock(Path(settings.learner.checkpoint_dir) / GROUP_DIR, f"rank-{rank}.lock",
+                                   f"learner rank {rank}", wait_s=settings.learner.collective_timeout_s)
     init_group(settings.learner.backend, rank, world, init_method, settings.learner.collective_timeout_s)
     metrics.UP.labels(process="learner").set(1)
     proc = RankProcess(settings, rank, world)
     proc_ref.append(proc)
     proc.stop_requested = bool(early)
-    metrics.READY.labels(process="learner").set(1)
+    # readiness follows a background broker probe, as a single learner's does: a rank blocked in a call to
+    # a hung broker raises nothing (tests/test_broker_outage.py)
+    health = BrokerHealth(bootstrap_of(settings.kafka),
+                          on_change=lambda ok: metrics.READY.labels(process="learner").set(1 if ok else 0)).start()
+    metrics.READY.labels(process="learner").set(1 if health.ok else 0)
     started = time.monotonic()
     try:
         while True:
@@ -359,9 +402,11 @@ def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_s
             if not proc.run_once():
                 break
     finally:
+        health.stop()
         proc.close()
         metrics.UP.labels(process="learner").set(0)
     leave_group()
+    lock.close()
     return 0
 
 

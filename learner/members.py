@@ -46,6 +46,8 @@ class MemberLearner(MFLILearner):
         super().__init__(member_settings(ensemble, rank))
         self.ensemble, self.rank, self.world = ensemble, rank, world
         self.sync = GroupSync(self, rank, world)  # collectives only: the members exchange no gradients
+        self._stepper.count_events = rank == 0  # every member learns every event: count them once
+        self._stepper.facet_offset = rank  # member r is facet r of the served model
 
     def learn_group(self, user_ids: Sequence[str], item_ids: Sequence[str], values: np.ndarray, ts: np.ndarray,
                     upserts: Sequence[ItemEvent] = (), control: Any = None) -> tuple[StepStats, list[Any]]:

@@ -203,6 +203,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if rank is not None:  # one rank of a group: started by our launcher or by torchrun
         world = args.world or _env_int("WORLD_SIZE") or 1
         init = args.init_method or "env://"
+        group.serve_rank_metrics(settings, rank, _env_int("LOCAL_RANK"))
         if not wait_for_broker(settings.kafka, "learner", lambda: False):
             return 0
         code = group.rank_main(settings, rank, world, init, args.max_seconds, _env_int("LOCAL_RANK"))

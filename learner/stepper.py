@@ -65,6 +65,11 @@ class Stepper:
         #: None: a single learner; else the data-parallel group's exchange (learner/distributed.py)
         self.sync: StepSync | None = None
         self._resets_exported: np.ndarray | None = None
+        #: whether this learner's events count in ``mfli_learner_events_total``: an ensemble's members all learn
+        #: every event, so only rank 0's member counts them (the sum over ranks is the events learned, once)
+        self.count_events = True
+        #: added to facet labels: an ensemble member's facet in the served model is its rank
+        self.facet_offset = 0
 
     def step(self, users: np.ndarray, items: np.ndarray, values: np.ndarray, ts: np.ndarray,
              group_items: np.ndarray | None = None) -> StepStats:
@@ -268,7 +273,7 @@ class Stepper:
         L.tower.step()
         L.touch(g.rows, g.ts_max)
         for f in range(s.facets):
-            metrics.EMBEDDING_DRIFT.labels(facet=str(f)).set(float(drift[f]))
+            metrics.EMBEDDING_DRIFT.labels(facet=str(f + self.facet_offset)).set(float(drift[f]))
 
     def upkeep_due(self) -> bool:
         """Whether :meth:`_schedule` has work this step: a function of state every rank of a group holds
@@ -303,7 +308,7 @@ class Stepper:
         self._resets_exported = np.copy(rq.resets)
         for f in range(s.facets):
             for lv in range(s.levels):
-                lab = {"facet": str(f), "level": str(lv)}
+                lab = {"facet": str(f + self.facet_offset), "level": str(lv)}
                 metrics.CODEBOOK_UTILISATION.labels(**lab).set(rq.utilisation[f, lv])
                 metrics.CODEBOOK_PERPLEXITY.labels(**lab).set(rq.perplexity[f, lv])
                 metrics.CODEBOOK_DEAD.labels(**lab).set(float(dead[f, lv]))
@@ -313,10 +318,12 @@ class Stepper:
     def _export(self, stats: StepStats) -> None:
         for phase, seconds in stats.seconds.items():
             metrics.LEARNER_STEP_SECONDS.labels(phase=phase).observe(seconds)
-        metrics.LEARNER_EVENTS.inc(stats.events)
+        if self.count_events:
+            metrics.LEARNER_EVENTS.inc(stats.events)
         metrics.LEARNER_ITEMS.set(len(self.lr.items))
         metrics.LEARNER_USERS.set(len(self.lr.users))
         for key, value in stats.losses.items():
             f, objective, kind = key.split("/")
-            metrics.LEARNER_LOSS.labels(facet=f if f == "combined" else f[1:], objective=objective,
+            metrics.LEARNER_LOSS.labels(facet=f if f == "combined" else str(int(f[1:]) + self.facet_offset),
+                                        objective=objective,
                                         kind=kind).set(value)

@@ -102,10 +102,12 @@ class ModelSettings(BaseModel):
         "softmax, F=3 (mixture-of-softmaxes gates, per-facet objectives) did not beat F=1 on an ml-1m "
         "validation slice and costs ~2.5x the learner time; see the README's ablations")
     members: int = Field(
-        1, ge=1, description="K independently seeded copies of the model (each F=1), whose vectors are the "
+        2, ge=1, description="K independently seeded copies of the model (each F=1), whose vectors are the "
         "index's K facets and whose scores are pooled by `ensemble_pooling`: "
         "an ensemble at K times the learner's work; `mfli learn` runs one learner rank (process) per member "
-        "(learner/members.py). Measured on validation slices (streaming HR@20, exact, "
+        "(learner/members.py). 2 (was 1) after issue 11's test periods (streaming HR@20, index path, x SASRec, "
+        "with label smoothing): one model ml-1m 1.081, ml-100k 1.074; two members 1.105 / 1.107 (README). "
+        "Measured on validation slices (streaming HR@20, exact, "
         "two seeds vs their ensemble): ml-100k .3318 / .3174 -> .3370, ml-1m .4796 / .4771 -> .4867")
     ensemble_pooling: Literal["linear", "mixture"] = Field(
         "linear", description="how an ensemble's member scores combine: `linear` (their mean: the members are "
@@ -251,6 +253,11 @@ class ModelSettings(BaseModel):
         return math.inf if self.members > 1 and self.ensemble_pooling == "linear" else self.temperature
 
     @property
+    def served_facets(self) -> int:
+        """Facets of the served model (the index's, the metrics' facet label): an ensemble's member j is facet j."""
+        return self.facets * self.members
+
+    @property
     def seen_kept(self) -> int:
         """Items kept per user: the window and the seen items answers exclude (``seen_items``)."""
         return max(self.history, self.seen_items)
@@ -321,7 +328,8 @@ class IndexSettings(BaseModel):
     split_merge: bool = Field(True, description="ablation switch for cluster balancing")
     full_pass_interval_s: float = Field(180.0, gt=0)
     store_float16: bool = False
-    metrics_port: int = Field(9102, ge=0)
+    metrics_port: int = Field(9104, ge=0, description="9104 (was 9102): a learner group's ranks on one machine "
+                              "serve on 9101 + rank (an ensemble of two: 9101, 9102)")
     sync_commits: bool = Field(
         True,
         description="fsync every write transaction (durable). False: the indexer syncs about once per "
@@ -357,9 +365,11 @@ class ServeSettings(BaseModel):
         0, ge=0, description="codebook paths descended by the query path per facet. 0 (was 8): the "
         "router's centroid scores reach the clusters this beam did, and more (see probe_clusters)")
     trending: int = Field(200, ge=0, description="size of the trending candidate source")
-    probe_clusters: int = Field(
-        96, ge=0, description="clusters per facet chosen by the query's score against their centroids "
-        "(mfli.retrieval.router); 0 = off")
+    probe_clusters: int | None = Field(
+        None, ge=0, description="clusters per facet chosen by the query's score against their centroids "
+        "(mfli.retrieval.router); 0 = off; unset: 96 for one model, 32 per member for an ensemble (each member is "
+        "a facet). 32 per member after a measurement (`mfli bench serve`, 100k items, two members: 48 probes "
+        "1,946 req/s, 32 probes 2,070 at recall@20 1.000; ml-1m test period index / exact 0.998)")
     probe_groups: int = Field(16, ge=1, description="centroid groups scored first on facets with more than "
                               "4096 clusters (the router's two-level tree)")
     recall_sample_interval_s: float = Field(5.0, gt=0)
@@ -374,6 +384,14 @@ class ServeSettings(BaseModel):
     replica: bool = Field(
         False, description="serve as a replica: own copies of the index and users store in "
         "replication.data_dir, fed from Kafka (mfli.server.replica), no files shared with the pipeline")
+
+    def probes_per_facet(self, members: int) -> int:
+        """``probe_clusters``, or its default for a model of ``members`` members: one model probes 96 clusters;
+        an ensemble's members are its facets, and 32 each keep two members' serving within the budget of
+        issue 11 (0.75x the one-model server's req/s) at the same recall."""
+        if self.probe_clusters is not None:
+            return self.probe_clusters
+        return 96 if members == 1 else 32
 
 
 class ReplicationSettings(BaseModel):

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
@@ -90,20 +91,49 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def take_single_writer_lock(directory: Path, lock_name: str, what: str) -> IO[str]:
+def free_port_block(n: int, tries: int = 200) -> int:
+    """The first of ``n`` consecutive TCP ports on 127.0.0.1 free right now: a learner group's ranks on one
+    machine serve metrics on ``metrics_port + rank`` (learner/group.py)."""
+    for _ in range(tries):
+        first = free_port()
+        if first + n > 65536:
+            continue
+        socks = []
+        try:
+            for p in range(first, first + n):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(sock)
+                sock.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {n} consecutive free ports found in {tries} tries")
+
+
+def take_single_writer_lock(directory: Path, lock_name: str, what: str, wait_s: float = 0.0) -> IO[str]:
     """An exclusive ``flock`` on ``directory/lock_name`` holding our pid, kept for the process's life.
 
     LMDB allows one writer transaction at a time but not two writer *processes* that each believe they
     own the offsets stored beside the data; the indexer and a replica's applier take this at start and
-    exit with a clear message when another process holds it. Returns the open file (keep a reference:
-    closing it releases the lock)."""
+    exit with a clear message when another process holds it. ``wait_s``: first wait that long for the
+    holder to exit (a learner rank whose predecessor is still writing its final checkpoint). Returns the
+    open file (keep a reference: closing it releases the lock)."""
     directory.mkdir(parents=True, exist_ok=True)
     fh = open(directory / lock_name, "a+")  # noqa: SIM115 - held open for the process's life
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.close()
-        raise SystemExit(f"another {what} already writes {directory}") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            fh.close()
+            raise SystemExit(f"another {what} already writes {directory}") from None
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))

@@ -49,8 +49,9 @@ from mfli.kafka.broker import EmbeddedBroker
 from mfli.kafka.clients import ensure_topics, make_producer
 from mfli.kafka.offsets import offset_key, parse_offset_key
 from mfli.learner.checkpoint import read_checkpoint
+from mfli.learner.group import read_ensemble_checkpoint
 from mfli.learner.process import CHECKPOINT_NAME
-from mfli.lifecycle import free_port
+from mfli.lifecycle import free_port, free_port_block
 from mfli.orchestration.produce import produce_records
 from mfli.orchestration.supervisor import Supervisor, exit_on_sigterm, pipeline_env, wait_http
 from mfli.sources.synthetic import SyntheticStream
@@ -175,7 +176,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ensure_topics(broker.bootstrap, k, [k.events_topic, k.items_topic, k.dlq_topic, k.item_updates_topic])
         env = pipeline_env(state, broker.bootstrap, MFLI_LEARNER__CHECKPOINT_INTERVAL_S="3",
                            MFLI_INDEX__FULL_PASS_INTERVAL_S="20", MFLI_SERVE__PORT=str(settings.serve.port),
-                           MFLI_LEARNER__METRICS_PORT=str(free_port()), MFLI_INDEX__METRICS_PORT=str(free_port()),
+                           MFLI_LEARNER__METRICS_PORT=str(free_port_block(settings.model.members)),
+                           MFLI_INDEX__METRICS_PORT=str(free_port()),
                            MFLI_REPLICATION__METRICS_PORT="0")
         settings.learner.checkpoint_dir = state / "learner"
         settings.learner.users_path = state / "users.lmdb"
@@ -487,7 +489,12 @@ def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict
     checks["users_store"] = {"ok": applied == distinct and wrong == 0, "applied": applied,
                              "distinct_valid_events": distinct, "users_with_other_event_ids": wrong}
 
-    learner, offsets, extra = read_checkpoint(Path(settings.learner.checkpoint_dir) / CHECKPOINT_NAME)
+    if settings.model.members > 1:  # an ensemble group: every rank's member (learner/members.py)
+        members, offsets, extra = read_ensemble_checkpoint(settings.learner.checkpoint_dir)
+    else:
+        learner, offsets, extra = read_checkpoint(Path(settings.learner.checkpoint_dir) / CHECKPOINT_NAME)
+        members = [learner]
+    learner = members[0]  # every member numbers items alike
     committed = _committed(settings, settings.kafka.learner_group, list(offsets))
     event_offsets = {key: off for key, off in offsets.items() if key in events_hw}
     checks["learner"] = {
@@ -506,7 +513,8 @@ def verify(settings: Settings, produced: list[InteractionEvent], events_hw: dict
         ids = [learner.items.ids.id_of(r) for r in np.flatnonzero(live).tolist()]
         rows = view.rows_of(ids)
         missing = int((rows < 0).sum())
-        learned = learner.items.serving_vectors(np.flatnonzero(live)).numpy()
+        # an ensemble's member j is facet j of the index
+        learned = np.concatenate([m.items.serving_vectors(np.flatnonzero(live)).numpy() for m in members], axis=1)
         stored = view.vectors(rows[rows >= 0]) if (rows >= 0).any() else np.empty((0,) + learned.shape[1:])
         max_diff = float(np.abs(stored - learned[rows >= 0]).max()) if stored.size else 0.0
         indexed = view.n_live()

@@ -166,10 +166,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     sup.add("producer", produce)
     stopping = stop_on_signals()
     base = f"http://{settings.serve.host}:{port}"
+    ranks = max(settings.model.members, settings.learner.workers)  # a learner group's rank r: metrics_port + r
     metrics_urls = [
         f"http://127.0.0.1:{settings.learner.metrics_port}/metrics",
         f"http://127.0.0.1:{settings.index.metrics_port}/metrics",
         f"{base}/metrics",
+        *(f"http://127.0.0.1:{settings.learner.metrics_port + r}/metrics" for r in range(1, ranks)),
     ]
     failed = False
     history: list[dict[str, float]] = []

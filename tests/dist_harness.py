@@ -31,7 +31,7 @@ def settings() -> ModelSettings:
     to each other, and the single learner runs on one thread like the ranks, so its sums do not depend
     on the machine's core count. The softmax runs in float32 (``softmax_precision``): in bfloat16 the two
     halves' products round differently from the union's (~1e-3), which would hide a real divergence."""
-    return ModelSettings(facets=1, dim=16, history=8, levels=2, codewords=8, warmup_events=400,
+    return ModelSettings(members=1, facets=1, dim=16, history=8, levels=2, codewords=8, warmup_events=400,
                          level_interval_events=400, usage_interval_steps=3, dead_code_window=2, replay_ratio=0.0,
                          quantised_loss=False, uniform_negatives=4096, seed=9, softmax_precision="float32",
                          step_events=int(os.environ.get("HARNESS_STEP_EVENTS", "0")))

@@ -12,7 +12,7 @@ from learner_streams import clustered_stream
 
 def _settings() -> ModelSettings:
     # warm-up and level activation fall inside the run, so codebook state crosses the checkpoint
-    return ModelSettings(dim=16, history=10, warmup_events=1_500, level_interval_events=1_000,
+    return ModelSettings(members=1, dim=16, history=10, warmup_events=1_500, level_interval_events=1_000,
                          negatives=64, usage_interval_steps=3, dead_code_window=2, seed=11)
 
 

@@ -308,7 +308,7 @@ def test_k8s_manifests_are_coherent_with_compose(compose: dict[str, Any]) -> Non
     }
     ports = {name: {p["name"]: p["containerPort"] for p in c["ports"]} for name, c in containers.items()}
     assert ports["learner"]["learner-metrics"] == int(config_map["MFLI_LEARNER__METRICS_PORT"]) == 9101
-    assert ports["indexer"]["indexer-metrics"] == int(config_map["MFLI_INDEX__METRICS_PORT"]) == 9102
+    assert ports["indexer"]["indexer-metrics"] == int(config_map["MFLI_INDEX__METRICS_PORT"]) == 9104
     assert ports["server"]["http"] == int(config_map["MFLI_SERVE__PORT"]) == 8000
 
     server = containers["server"]

@@ -83,7 +83,7 @@ from mfli.learner.distributed import DistributedLearner, exit_now, init_group
 from mfli.config import ModelSettings
 rank, init = int(sys.argv[1]), sys.argv[2]
 init_group("gloo", rank, 2, init, timeout_s=3)
-learner = DistributedLearner(ModelSettings(dim=8, history=4), rank, 2)
+learner = DistributedLearner(ModelSettings(members=1, dim=8, history=4), rank, 2)
 if rank == 1:
     time.sleep(60)  # alive, connected, never enters the step: a hung peer
 t = time.monotonic()

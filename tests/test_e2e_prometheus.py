@@ -25,7 +25,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from mfli.config import ModelSettings
+from mfli.config import ModelSettings, load_settings
+from mfli.lifecycle import free_port_block
 from mfli.orchestration.supervisor import Supervisor, wait_http
 
 from conftest import settings_env
@@ -76,7 +77,9 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
     require_prometheus()
     from mfli.sources.synthetic import SyntheticStream
 
-    ports = {"learner": free_port(), "indexer": free_port(), "server": free_port()}
+    # the learner is a group of one rank per ensemble member (model.members), rank r on learner port + r
+    ranks = load_settings().model.members
+    ports = {"learner": free_port_block(ranks), "indexer": free_port(), "server": free_port()}
     env = settings_env(kafka_settings) | {
         "MFLI_LEARNER__METRICS_PORT": str(ports["learner"]),
         "MFLI_INDEX__METRICS_PORT": str(ports["indexer"]),
@@ -102,7 +105,7 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
     counts: Counter = Counter()
     base = f"http://127.0.0.1:{ports['server']}"
     targets = {
-        "mfli-learner": [f"127.0.0.1:{ports['learner']}"],
+        "mfli-learner": [f"127.0.0.1:{ports['learner'] + r}" for r in range(ranks)],
         "mfli-indexer": [f"127.0.0.1:{ports['indexer']}"],
         "mfli-server": [f"127.0.0.1:{ports['server']}"],
     }
@@ -148,7 +151,7 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
             assert invalid > 0 and valid > 25_000
             wait = dict(timeout_s=120, interval_s=1.0)
             events_topic = kafka_settings.kafka.events_topic
-            consumed = prom.wait_for(f'mfli_events_consumed_total{{topic="{events_topic}"}}',
+            consumed = prom.wait_for(f'sum(mfli_events_consumed_total{{topic="{events_topic}"}})',
                                      lambda r: r and r[0]["value"] >= valid, **wait)
             assert consumed[0]["value"] == valid
             # events on items not live in the learner (deleted, or upsert not yet consumed) are dropped
@@ -180,18 +183,19 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
             assert beyond == 0, f"{beyond} freshness observations above 60 s"
 
             model = ModelSettings()  # the pipeline runs the defaults: one series per facet (and level)
-            series = model.facets * model.levels
+            facets = model.served_facets  # an ensemble's member r is the served model's facet r
+            series = facets * model.levels
             util = prom.wait_for("mfli_codebook_utilisation_ratio", lambda r: len(r) == series, **wait)
             assert all(0 < s["value"] <= 1 for s in util), util
             perplexity = prom.query("mfli_codebook_perplexity")
             assert len(perplexity) == series and all(s["value"] >= 1 for s in perplexity)
             clusters = prom.wait_for("mfli_index_clusters",
-                                     lambda r: len(r) == model.facets and all(s["value"] > 0 for s in r), **wait)
+                                     lambda r: len(r) == facets and all(s["value"] > 0 for s in r), **wait)
             # unlabelled metrics are exported (as 0) by every process that imports mfli.metrics: ask the owner
             items = prom.scalar('mfli_index_items{job="mfli-indexer"}')
             assert items is not None and items >= ITEMS * 0.9
             sizes = prom.query('mfli_index_cluster_size{stat="max"}')
-            assert len(sizes) == model.facets and all(s["value"] >= 1 for s in sizes)
+            assert len(sizes) == facets and all(s["value"] >= 1 for s in sizes)
 
             recall = prom.wait_for('mfli_index_recall_ratio{k="20"}', lambda r: len(r) == 1, **wait)
             assert 0 <= recall[0]["value"] <= 1

@@ -104,7 +104,7 @@ def test_members_are_single_facet_models_and_the_single_learner_refuses_an_ensem
         ModelSettings(members=2, facets=3)
     with pytest.raises(ValueError, match="ensemble"):
         MFLILearner(ModelSettings(members=2))
-    assert isinstance(learner_for(ModelSettings(**SMALL)), MFLILearner)
+    assert isinstance(learner_for(ModelSettings(members=1, **SMALL)), MFLILearner)
 
 
 def test_an_ensemble_pools_its_members_scores_linearly_on_every_path():
@@ -116,7 +116,8 @@ def test_an_ensemble_pools_its_members_scores_linearly_on_every_path():
     assert model.pooling == "linear" and math.isinf(model.score_tau) and math.isinf(ens.settings.score_tau)
     assert decode_message(encode_model(model)).pooling == "linear"
     mixture = ModelSettings(members=2, ensemble_pooling="mixture", **SMALL)
-    assert mixture.score_tau == mixture.temperature and ModelSettings(**SMALL).score_tau == mixture.temperature
+    single = ModelSettings(members=1, **SMALL)
+    assert mixture.score_tau == mixture.temperature and single.score_tau == mixture.temperature
     assert fresh(mixture, _log()).query_model().pooling == "mixture"
     s = np.random.default_rng(0).uniform(-1, 1, (5, 7, 2)).astype(np.float32)
     g = np.full((5, 7, 2), np.log(0.5), np.float32)

@@ -317,6 +317,7 @@ def test_learner_keeps_running_and_learns_exactly_the_valid_events(broker, tmp_p
     s.learner.flush_interval_ms = 100
     s.model.warmup_events = 200
     s.model.dim = 16
+    s.model.members = 1  # LearnerProcess is the single learner; an ensemble runs as a group (learner/group.py)
     k = s.kafka
     producer = make_producer(k, max_request_size=8 << 20)
     proc = LearnerProcess(s)

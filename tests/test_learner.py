@@ -16,8 +16,8 @@ from learner_streams import as_events, clustered_stream
 
 
 def small_settings(**kw) -> ModelSettings:
-    base = dict(facets=3, dim=16, history=20, warmup_events=2_000, level_interval_events=1_000, negatives=128,
-                usage_interval_steps=5, dead_code_window=3, seed=3)
+    base = dict(members=1, facets=3, dim=16, history=20, warmup_events=2_000, level_interval_events=1_000,
+                negatives=128, usage_interval_steps=5, dead_code_window=3, seed=3)
     base.update(kw)
     return ModelSettings(**base)
 
@@ -354,7 +354,7 @@ def test_the_bfloat16_softmax_stays_within_bfloat16_rounding_of_float32():
 def test_a_row_no_step_touched_can_still_be_marked_and_drained():
     """Found by the fuzz test on a loaded machine: an item created by an event whose user had no history
     yet is never touched by a step, yet the publisher's prior refresh may mark it changed."""
-    lr = MFLILearner(ModelSettings(facets=1, dim=8, history=4, warmup_events=10_000))
+    lr = MFLILearner(ModelSettings(members=1, facets=1, dim=8, history=4, warmup_events=10_000))
     for i in range(5):
         lr.learn_columns([f"new-user-{i}"], [f"item-{i}"], np.ones(1, np.float32), np.asarray([i], np.int64))
     assert lr.step == 5 and len(lr.items) == 5

@@ -43,6 +43,7 @@ def _env(kafka_env, settings, tmp_path: Path) -> dict[str, str]:
         "MFLI_INDEX__PATH": str(tmp_path / "index"), "MFLI_INDEX__METRICS_PORT": "0",
         "MFLI_INDEX__MAP_SIZE": str(MAP), "MFLI_INDEX__TARGET_CLUSTER_SIZE": "16", "MFLI_LOG_LEVEL": "INFO",
         "OMP_NUM_THREADS": "1",
+        "MFLI_MODEL__MEMBERS": "1",  # a data-parallel group of one model (the ensemble's test sets 2)
     })
     return env
 

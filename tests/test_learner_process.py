@@ -27,6 +27,7 @@ def _settings(kafka_settings, tmp_path):
     s.learner.flush_interval_ms = 100
     s.model.warmup_events = 500
     s.model.dim = 16
+    s.model.members = 1  # LearnerProcess is the single learner; an ensemble runs as a group (learner/group.py)
     return s
 
 

@@ -53,7 +53,7 @@ def _oracle_ranks(learner, users, items, ts, seen):
 def test_probe_ranks_each_event_with_the_model_before_the_step(tmp_path):
     torch.set_num_threads(1)
     users, items, values, ts, catalogue = clustered_stream(n_events=3_000)
-    learner = MFLILearner(ModelSettings(dim=16, history=10, warmup_events=1_000, seed=1))
+    learner = MFLILearner(ModelSettings(members=1, dim=16, history=10, warmup_events=1_000, seed=1))
     learner.upsert_items(catalogue)
     probe = PrequentialProbe(tmp_path / "p.jsonl")
     seen: dict[str, set[str]] = {}

@@ -20,7 +20,8 @@ from learner_streams import clustered_stream, published_updates
 def _learner(events: int = 1_500, seed: int = 5) -> MFLILearner:
     users, items, values, ts, catalogue = clustered_stream(n_clusters=4, items_per_cluster=20, n_users=40,
                                                            n_events=events, seed=seed)
-    learner = MFLILearner(ModelSettings(facets=2, dim=8, history=10, warmup_events=500, negatives=32, seed=1))
+    learner = MFLILearner(ModelSettings(members=1, facets=2, dim=8, history=10, warmup_events=500, negatives=32,
+                                        seed=1))
     learner.upsert_items(catalogue)
     for s in range(0, events, 250):
         learner.learn_columns(users[s:s + 250], items[s:s + 250], values[s:s + 250], ts[s:s + 250])

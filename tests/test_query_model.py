@@ -19,9 +19,9 @@ from mfli.storage.index.writer import IndexWriter
 
 
 def _trained(facets: int = 3, steps: int = 12, encoder_dim: int = 0) -> MFLILearner:
-    learner = MFLILearner(ModelSettings(facets=facets, dim=16, encoder_dim=encoder_dim, history=8, warmup_events=500,
-                                        level_interval_events=500, uniform_negatives=64, full_softmax_items=0,
-                                        negatives=32,
+    learner = MFLILearner(ModelSettings(members=1, facets=facets, dim=16, encoder_dim=encoder_dim, history=8,
+                                        warmup_events=500, level_interval_events=500, uniform_negatives=64,
+                                        full_softmax_items=0, negatives=32,
                                         objective_weights=[[1.0, 0.0, 0.0], [0.3, 1.0, 0.0], [0.3, 0.0, 1.0]][:facets]))
     rng = np.random.default_rng(0)
     for step in range(steps):

@@ -156,4 +156,4 @@ def test_eval_writes_an_html_report(tmp_path):
     assert "prequential mfli recall@100" in text and "index recall@100" in text
     assert "Cluster sizes per facet" in doc.headings and "Codebook usage per facet and level" in doc.headings
     # codebook table: one row per facet and level
-    assert text.count("<tr><td>") == settings.model.facets * settings.model.levels
+    assert text.count("<tr><td>") == settings.model.served_facets * settings.model.levels

@@ -61,7 +61,7 @@ class LearnedIndexParams:
             members_per_cluster=serve.members_per_cluster,
             query_paths=serve.query_paths,
             trending=serve.trending,
-            probe_clusters=serve.probe_clusters,
+            probe_clusters=serve.probes_per_facet(model.members),
             probe_groups=serve.probe_groups,
             history=model.history,
             recency_decay=model.recency_decay,
