@@ -187,6 +187,7 @@ def test_real_prometheus_sees_the_running_pipeline(kafka_settings, tmp_path: Pat
             series = facets * model.levels
             util = prom.wait_for("mfli_codebook_utilisation_ratio", lambda r: len(r) == series, **wait)
             assert all(0 < s["value"] <= 1 for s in util), util
+            assert {s["metric"]["facet"] for s in util} == {str(f) for f in range(facets)}, "one label per facet"
             perplexity = prom.query("mfli_codebook_perplexity")
             assert len(perplexity) == series and all(s["value"] >= 1 for s in perplexity)
             clusters = prom.wait_for("mfli_index_clusters",

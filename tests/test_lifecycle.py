@@ -79,3 +79,28 @@ def test_stop_on_signals_turns_sigterm_into_an_event() -> None:
         assert stop.wait(5)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_single_writer_lock_waits_for_its_holder_to_exit_then_refuses_a_live_one(tmp_path: Path) -> None:
+    """``take_single_writer_lock(wait_s=...)``: a learner rank's successor waits for the predecessor still
+    writing its final checkpoint (here a process holding the lock for 1 s), and a holder that stays past the
+    wait gets the clear refusal, not a second writer."""
+    from mfli.lifecycle import take_single_writer_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from mfli.lifecycle import take_single_writer_lock; "
+        f"fh = take_single_writer_lock(Path({str(tmp_path)!r}), 'rank-0.lock', 'rank 0'); "
+        "print('held', flush=True); time.sleep(float(sys.argv[1]))"), "1.0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match="another rank 0 already writes"):
+            take_single_writer_lock(tmp_path, "rank-0.lock", "rank 0")  # no wait: refused at once
+        t0 = time.monotonic()
+        fh = take_single_writer_lock(tmp_path, "rank-0.lock", "rank 0", wait_s=30)
+        waited = time.monotonic() - t0
+        assert holder.wait(timeout=10) == 0
+        assert 0.2 < waited < 10, waited
+        assert (tmp_path / "rank-0.lock").read_text() == str(os.getpid())
+        fh.close()
+    finally:
+        holder.kill()
