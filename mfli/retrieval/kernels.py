@@ -22,6 +22,8 @@ machine pays the compile (~10 s).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -104,6 +106,19 @@ def _mixture(dots: np.ndarray, log_gates: np.ndarray, inv_tau: np.float32, tau: 
     return np.float32(tau) * (m + np.log(total))
 
 
+_SCRATCH = threading.local()
+
+
+def seen_scratch(cap: int) -> np.ndarray:
+    """This thread's zeroed ``uint8[>= cap]`` for :func:`rerank_top_k` (which leaves it zeroed): one per
+    thread, grown with the index, so a request pays for neither an allocation nor a memset of the catalogue."""
+    buf = getattr(_SCRATCH, "seen", None)
+    if buf is None or buf.shape[0] < cap:
+        buf = np.zeros(max(cap, 1), np.uint8)
+        _SCRATCH.seen = buf
+    return buf
+
+
 @njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
 def rerank_top_k(
     vectors: np.ndarray,  # float32[cap, D] item vectors, facets concatenated
@@ -121,6 +136,7 @@ def rerank_top_k(
     shortlist: int,  # >= k: distinct candidates kept by the approximate pass and rescored exactly
     out_pos: np.ndarray,  # int64[k] out: positions in ``rows`` of the answer, best first
     out_score: np.ndarray,  # float32[k] out: their exact scores
+    seen: np.ndarray,  # uint8[cap] scratch, all 0 on entry and again on return (:func:`seen_scratch`)
 ) -> int:
     """Top-k distinct, non-excluded candidates by ``combine(facet dots) + prior[row]``; returns how many.
 
@@ -128,8 +144,11 @@ def rerank_top_k(
     softmaxes ``tau * log sum_f exp(q_f . e_f / tau + log_gates[f]) + prior`` (see
     :func:`mfli.retrieval.query_model.combine`), each facet's dot summed separately.
 
-    Pass 1 scores every candidate on its int8 codes (prefetched ahead; sequential when the slots of a
-    cluster's members are consecutive) and keeps the ``shortlist`` best;
+    Pass 1 scores every distinct candidate once, on its int8 codes (prefetched ahead; sequential when the
+    slots of a cluster's members are consecutive), and keeps the ``shortlist`` best: a repeat (an item in
+    the probed clusters of two members, or trending too; ~40 % of an ensemble's candidates on the learned
+    100k workload) has its first occurrence's score, and the first occurrence wins ties, so skipping it
+    changes nothing but the work;
     pass 2 rescores those exactly in float32 and sorts them (ties: earliest candidate). The int8 score
     is off by ~1e-2 at most, so the shortlist holds the exact top k unless scores tie within that.
     """
@@ -156,6 +175,9 @@ def rerank_top_k(
             for j in range(0, dim, 64):
                 _prefetch(codes, ahead, j)  # type: ignore[call-arg]  # numba supplies typingctx
         r, slot = rows[i], slots[i]
+        if seen[r]:
+            continue
+        seen[r] = 1
         c = codes[slot]
         if n_facets == 1:
             acc = np.int32(0)
@@ -171,6 +193,8 @@ def rerank_top_k(
             s = _mixture(facet_dot, log_gates, inv_tau, tau) + bias[slot]
         if filled < shortlist or s > sl_score[shortlist - 1]:  # the common case never makes the call
             filled = _offer(r, i, s, rows, exclude, sl_pos, sl_score, filled)
+    for i in range(n):
+        seen[rows[i]] = 0
     exact = np.empty(filled, np.float32)
     for t in range(filled):
         r = rows[sl_pos[t]]

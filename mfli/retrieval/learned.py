@@ -37,7 +37,9 @@ from mfli.retrieval.base import (
     score,
     uniform_gates,
 )
-from mfli.retrieval.kernels import beam_paths, pool_rows, rerank_top_k, top_voted_clusters, unique_pairs
+from mfli.retrieval.kernels import (
+    beam_paths, pool_rows, rerank_top_k, seen_scratch, top_voted_clusters, unique_pairs,
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def finish(
     n = rerank_top_k(dense.vectors, dense.prior, dense.codes, dense.scale, dense.bias,
                      np.ascontiguousarray(q, np.float32).reshape(-1), gates, np.float32(tau),
                      rows, slots, np.unique(exclude.astype(np.int64, copy=False)), k, SHORTLIST_FACTOR * k + 16,
-                     pos, scores)
+                     pos, scores, seen_scratch(dense.vectors.shape[0]))
     pos = pos[:n]
     source = np.searchsorted(ends, pos, side="right")
     return Recommendation(rows=rows[pos], scores=scores[:n], facets=facets[source].astype(np.int16),
