@@ -38,7 +38,12 @@ from mfli.retrieval.base import (
     uniform_gates,
 )
 from mfli.retrieval.kernels import (
-    beam_paths, pool_rows, rerank_top_k, seen_scratch, top_voted_clusters, unique_pairs,
+    beam_paths,
+    pool_rows,
+    rerank_top_k,
+    seen_scratch,
+    top_voted_clusters,
+    unique_pairs,
 )
 
 
