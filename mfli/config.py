@@ -371,7 +371,7 @@ class ServeSettings(BaseModel):
         "a facet). 32 per member after a measurement (`mfli bench serve`, 100k items, two members: 48 probes "
         "1,946 req/s, 32 probes 2,070 at recall@20 1.000; ml-1m test period index / exact 0.998)")
     probe_groups: int = Field(16, ge=1, description="centroid groups scored first on facets with more than "
-                              "4096 clusters (the router's two-level tree)")
+                              "1024 clusters (the router's two-level tree)")
     recall_sample_interval_s: float = Field(5.0, gt=0)
     # --- server process (issue 5) ---
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger POST bodies get 413")
