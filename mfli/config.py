@@ -387,8 +387,9 @@ class ServeSettings(BaseModel):
 
     def probes_per_facet(self, members: int) -> int:
         """``probe_clusters``, or its default for a model of ``members`` members: one model probes 96 clusters;
-        an ensemble's members are its facets, and 32 each keep two members' serving within the budget of
-        issue 11 (0.75x the one-model server's req/s) at the same recall."""
+        an ensemble's members are its facets, and 32 each cost two members' serving least at the same recall
+        (measured at 24 / 32 / 48: README "Serving"); it sits on issue 11's budget of 0.75x the mean-pooled
+        one-model server's req/s."""
         if self.probe_clusters is not None:
             return self.probe_clusters
         return 96 if members == 1 else 32
