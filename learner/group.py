@@ -385,7 +385,6 @@ def rank_main(settings: Settings, rank: int, world: int, init_method: str, max_s
     lock = take_single_writer_lock(Path(settings.learner.checkpoint_dir) / GROUP_DIR, f"rank-{rank}.lock",
                                    f"learner rank {rank}", wait_s=settings.learner.collective_timeout_s)
     init_group(settings.learner.backend, rank, world, init_method, settings.learner.collective_timeout_s)
-    metrics.UP.labels(process="learner").set(1)
     proc = RankProcess(settings, rank, world)
     proc_ref.append(proc)
     proc.stop_requested = bool(early)

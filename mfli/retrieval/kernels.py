@@ -57,10 +57,10 @@ def _prefetch(typingctx, arr, i, j):
 
 
 @njit(cache=True, nogil=True, fastmath=True, boundscheck=False)
-def _offer(r: int, i: int, s: float, rows: np.ndarray, exclude: np.ndarray, pos: np.ndarray, score: np.ndarray,
-           filled: int) -> int:
+def _offer(r: int, i: int, s: float, exclude: np.ndarray, pos: np.ndarray, score: np.ndarray, filled: int) -> int:
     """Insert candidate ``i`` (row ``r``, score ``s``) into the descending buffer ``pos/score`` unless it is
-    excluded or already there (a repeat has the same score); ties keep the earlier. Returns the new fill."""
+    excluded; ties keep the earlier. Returns the new fill. The caller offers each row once (repeats are
+    skipped before scoring: :func:`rerank_top_k`)."""
     size = pos.shape[0]
     if filled == size and s <= score[size - 1]:
         return filled
@@ -73,9 +73,6 @@ def _offer(r: int, i: int, s: float, rows: np.ndarray, exclude: np.ndarray, pos:
             hi = mid
     if lo < exclude.shape[0] and exclude[lo] == r:
         return filled
-    for t in range(filled):
-        if rows[pos[t]] == r:
-            return filled
     return _insert(pos, score, filled, i, s)
 
 
@@ -192,7 +189,7 @@ def rerank_top_k(
                 facet_dot[f] = np.float32(np.int32(acc)) * (scale[slot] * q_scale)
             s = _mixture(facet_dot, log_gates, inv_tau, tau) + bias[slot]
         if filled < shortlist or s > sl_score[shortlist - 1]:  # the common case never makes the call
-            filled = _offer(r, i, s, rows, exclude, sl_pos, sl_score, filled)
+            filled = _offer(r, i, s, exclude, sl_pos, sl_score, filled)
     for i in range(n):
         seen[rows[i]] = 0
     exact = np.empty(filled, np.float32)
