@@ -18,6 +18,7 @@ loop at about half the saturating rate (``wrk`` with a per-request delay) gives 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import random
 import re
@@ -25,6 +26,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace as dc_replace
 from pathlib import Path
 
 import orjson
@@ -93,6 +97,58 @@ def parse_wrk(text: str) -> dict[str, float]:
         elif "Non-2xx" in line:
             out["non_2xx"] = float(parts[-1])
     return out
+
+
+@contextmanager
+def republishing(index_path: Path, settings, interval_s: float) -> Iterator[dict]:
+    """While the block runs, write the index's query encoder again under a new version every
+    ``interval_s``, as the learner publishes its weights while it learns (``learner.model_publish_interval_s``).
+
+    Why: the server caches each item's encoder input per weights version (:mod:`mfli.retrieval.inputs`);
+    with weights that never change the cache would be warm for the whole run and the encoder's cost
+    understated. The writer runs in a child process (py-lmdb opens an environment once per process, and
+    the in-process measurement opens it too). Yields a dict whose ``"versions"`` holds the number of
+    publications once the block has ended (0 without a model or with ``interval_s`` 0)."""
+    state = {"versions": 0}
+    if interval_s <= 0:
+        yield state
+        return
+    ctx = multiprocessing.get_context("spawn")
+    stop, count = ctx.Event(), ctx.Value("i", 0)
+    proc = ctx.Process(target=_republish, args=(str(index_path), settings.index.map_size, interval_s, stop, count),
+                       name="bench-republish", daemon=True)
+    proc.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.kill()
+        state["versions"] = int(count.value)
+
+
+def _republish(index_path: str, map_size: int, interval_s: float, stop, count) -> None:
+    """Child of :func:`republishing`: the index's query model under versions +1, +2, ... every ``interval_s``."""
+    from mfli.config import IndexSettings
+    from mfli.storage.index.reader import LmdbIndex
+    from mfli.storage.index.writer import IndexWriter
+
+    path = Path(index_path)
+    writer = IndexWriter(path, IndexSettings(path=path, map_size=map_size), auto_bootstrap=False)
+    try:
+        with LmdbIndex(path, env=writer.env).view() as view:
+            model = view.query_model()
+        if model is None or not model.weights:
+            return
+        version = model.version
+        while not stop.wait(interval_s):
+            version += 1
+            writer.apply(None, {}, models=[dc_replace(model, version=version)])
+            with count.get_lock():
+                count.value += 1
+    finally:
+        writer.close()
 
 
 def start_server(root: Path, settings, *extra_args: str, ready_timeout_s: float = 900.0

@@ -331,7 +331,7 @@ def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
     """Real LMDB + real ``mfli serve`` (one worker) + wrk on loopback (:mod:`mfli.benchmarks.http_cpu`):
     CPU per request in the server against the same service call in process, req/s, and p50/p99 at half
     the saturating rate. The users store holds the workload's request histories (user ``u<i>`` = query i)."""
-    from mfli.benchmarks.http_cpu import in_process_cpu, server_cpu
+    from mfli.benchmarks.http_cpu import in_process_cpu, republishing, server_cpu
 
     snapshot = wl.snapshot
     tag = f"{wl.name} {snapshot.n_items // 1000}k"
@@ -349,9 +349,11 @@ def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
             "learner": settings.learner.model_copy(update={"users_path": root / "users.lmdb"})})
         # alternate in-process and server measurements so both see the same neighbours' load
         inproc, server = [], []
-        for _ in range(args.http_rounds):
-            inproc.append(in_process_cpu(local, users, args.k, args.http_requests))
-            server.append(server_cpu(root, settings, users, args.k, args.http_seconds))
+        interval = settings.learner.model_publish_interval_s if args.republish_s is None else args.republish_s
+        with republishing(root / "index.lmdb", settings, interval) as published:
+            for _ in range(args.http_rounds):
+                inproc.append(in_process_cpu(local, users, args.k, args.http_requests))
+                server.append(server_cpu(root, settings, users, args.k, args.http_seconds))
     cpu_in = Row.from_samples(f"{tag} in-process service call CPU/request",
                               [1e3 * r["cpu_per_request_s"] for r in inproc],
                               "ms CPU")
@@ -366,11 +368,17 @@ def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
     p50 = Row.from_samples(f"{tag} HTTP p50 at ~half the saturating rate", [h["p50_ms"] for h in half], "ms",
                            note=f"{statistics.median(h['rps'] for h in half):.0f} req/s achieved")
     p99 = Row.from_samples(f"{tag} HTTP p99 at ~half the saturating rate", [h["p99_ms"] for h in half], "ms")
+    # issue 13's target is at 10^6 items: below that the fixed HTTP cost (~0.1 ms) is a larger share of a
+    # cheaper request, and the ratio is reported without a verdict
+    targets = {} if snapshot.n_items < 1_000_000 else {
+        f"{tag} server CPU/request <= 1.3x the in-process service call": bool(cpu_srv.ratio is not None
+                                                                              and cpu_srv.ratio <= 1.3)}
     return {"rows": [cpu_in, cpu_ret, cpu_srv, rps, p50, p99], "rps": rps,
-            "targets": {f"{tag} server CPU/request <= 1.3x the in-process service call": bool(cpu_srv.ratio is not None
-                                                                                          and cpu_srv.ratio <= 1.3)},
+            "targets": targets,
             "notes": [f"{tag}: LMDB written in {write_s:.1f}s; server pinned to one core: "
-                      f"{all(s['pinned'] for s in server)}"]}
+                      f"{all(s['pinned'] for s in server)}; query encoder re-published "
+                      f"{published['versions']} times (every {interval:g} s, as the learner does: the "
+                      "server's per-item encoder-input cache starts over at each)"]}
 
 
 def _query_models(args: argparse.Namespace, wl: Workload) -> list[str]:
@@ -397,6 +405,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-rounds", type=int, default=2, help="alternations of in-process and server runs")
     parser.add_argument("--http-requests", type=int, default=2000, help="in-process service calls per round")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP end-to-end part")
+    parser.add_argument("--republish-s", type=float, default=None,
+                        help="HTTP part: publish the encoder's weights under a new version this often while "
+                             "measuring (default learner.model_publish_interval_s; 0 = never)")
     parser.add_argument("--query-model", choices=["encoder", "mean", "both"], default="encoder",
                         help="HTTP part: answer with the learned encoder, the mean-pooled history, or time both")
 

@@ -75,6 +75,8 @@ REQUEST_SECONDS = Histogram("mfli_request_seconds", "HTTP request latency", ["ro
 REQUESTS = Counter("mfli_requests", "HTTP requests by route and status", ["route", "status"])
 CANDIDATES = Histogram("mfli_candidates_per_request", "Candidates reranked per request", buckets=_BATCH_BUCKETS)
 FALLBACKS = Counter("mfli_fallbacks", "Requests answered by the popularity/fresh fallback")
+ENCODER_INPUTS = Counter(
+    "mfli_encoder_inputs", "History items of request queries: encoder input cached or computed", ["result"])
 INDEX_RECALL = Gauge("mfli_index_recall_ratio", "Sampled recall@k of the index path vs exact search", ["k"])
 PREQUENTIAL_RECALL = Gauge(
     "mfli_prequential_recall_ratio", "Share of next engaged items found in what we would have served", ["source"]
@@ -109,8 +111,8 @@ PROCESS_PREFIXES: dict[str, tuple[str, ...]] = {
                 "mfli_index_freshness", "mfli_index_version", "mfli_index_applied", "mfli_index_changes",
                 "mfli_lmdb_",
                 "mfli_consumer_lag", "mfli_process_"),
-    "server": ("mfli_request", "mfli_candidates", "mfli_fallbacks", "mfli_index_recall", "mfli_prequential",
-               "mfli_lmdb_", "mfli_process_"),
+    "server": ("mfli_request", "mfli_candidates", "mfli_fallbacks", "mfli_encoder_inputs", "mfli_index_recall",
+               "mfli_prequential", "mfli_lmdb_", "mfli_process_"),
 }
 
 

@@ -173,3 +173,47 @@ def test_mirror_serves_posting_lists_and_paths_exactly_as_lmdb(tmp_path):
             writer.full_pass()
             same()
     assert mirrored.mirror.delta_syncs >= 5 and mirrored.mirror.arrays.dirty.any()
+
+
+def test_encoder_input_cache_follows_item_updates_and_weights_versions(tmp_path):
+    """The server's per-item encoder inputs (mfli.retrieval.inputs) give exactly the uncached query, and
+    are recomputed for an item whose vector a delta changed, after a full pass, and for new weights."""
+    from mfli.deltas import CodebookSnapshot
+    from mfli.retrieval.base import Query, resolve_query
+    from mfli.retrieval.query_model import QueryModel
+
+    rng = np.random.default_rng(1)
+    settings = IndexSettings(path=tmp_path / "index", target_cluster_size=4)
+    writer = IndexWriter(settings.path, settings)
+    books = rng.normal(size=(F, L, M, D)).astype(np.float32)
+    parts = [QueryModel.random(facets=1, dim=D, horizon=6, heads=2, seed=s) for s in (0, 1)]
+    model = QueryModel.ensemble(parts, version=1)
+    writer.apply([_delta(r, 1, rng) for r in range(40)], {"u:0": 1}, [CodebookSnapshot(1, books)], models=[model])
+    index = LmdbIndex(settings.path, env=writer.env, mirror=True)
+    history = np.array([3, 9, 3, 12, 5, 30, 7], np.int64)  # longer than the horizon, with a repeat
+    ts = np.arange(history.size, dtype=np.int64) * 45_000
+
+    def check(expect_misses: int) -> None:
+        with index.view() as view:
+            served = view.query_model()
+            assert served is not None
+            old = index.mirror._inputs
+            before = old.misses if old is not None and old.version == served.version else 0
+            q, g, _ = resolve_query(view, Query(history=history, k=5, history_ts=ts), served, 6, 0.97)
+            cache = index.mirror._inputs
+            assert cache is not None and cache.version == served.version
+            assert cache.misses - before == expect_misses
+            recent = history[-6:]
+            rq, rg = served.query(view.vectors(recent, use_mirror=False).reshape(recent.size, -1), ts[-6:])
+            np.testing.assert_allclose(q, rq, atol=1e-6)
+            np.testing.assert_allclose(g, rg, atol=1e-6)
+
+    check(expect_misses=6)  # every row of the window is new to the cache (row 3 only once before: 9,3,12,5,30,7)
+    check(expect_misses=0)
+    writer.apply([_delta(12, 2, rng)], {"u:0": 2})  # one history item's vector changes
+    check(expect_misses=1)
+    writer.full_pass()  # a full reload stamps every row afresh
+    check(expect_misses=6)
+    parts = [QueryModel.random(facets=1, dim=D, horizon=6, heads=2, seed=s) for s in (2, 3)]
+    writer.apply(None, {"u:0": 3}, models=[QueryModel.ensemble(parts, version=2)])
+    check(expect_misses=6)  # new weights: a new cache

@@ -156,6 +156,11 @@ ROWS: list[tuple[str, list[Panel]]] = [
             (f"histogram_quantile(0.5, sum by (le) (rate(mfli_candidates_per_request_bucket[{RATE}])))", "p50"),
             (f"histogram_quantile(0.99, sum by (le) (rate(mfli_candidates_per_request_bucket[{RATE}])))", "p99"),
         ]),
+        Panel("Encoder inputs computed (share of history items)", "percentunit", [
+            (f'sum(rate(mfli_encoder_inputs_total{{result="computed"}}[{RATE}])) / '
+             f"sum(rate(mfli_encoder_inputs_total[{RATE}]))", "computed"),
+        ], "The server caches each history item's encoder input per weights version; the rest is computed "
+           "per request (docs/design.md, Serving).", extra={"max": 1}),
     ]),
     # one series per learner rank (mfli learn --workers N): each rank is its own scrape target, and
     # mfli_learner_rank_info names its rank, so the series are joined on the scrape instance

@@ -194,8 +194,12 @@ def resolve_query(view: IndexView, query: Query, model: QueryModel | None, horiz
         recent = history[-model.horizon:]
         ts = np.zeros(recent.size, np.int64) if query.history_ts is None else \
             np.asarray(query.history_ts, np.int64)[-model.horizon:]
-        vecs = view.vectors(recent)
-        q, g = model.query(vecs.reshape(recent.size, -1), ts)
+        cached = getattr(view, "encoder_inputs", None)  # the server's per-item cache (mfli.retrieval.inputs)
+        x = cached(model, recent) if cached is not None and recent.size else None
+        if x is None:
+            q, g = model.query(view.vectors(recent).reshape(recent.size, -1), ts)
+        else:
+            q, g = model.query_inputs(x, ts)
         return q, g, model.score_tau
     q = pool_query(view.vectors(history[-horizon:]), decay)
     return q, uniform_gates(q.shape[0]), model.score_tau if model is not None else 0.05

@@ -39,7 +39,9 @@ def gap_buckets(ts_ms: np.ndarray) -> np.ndarray:
     if ts_ms.size == 0:
         return np.zeros(ts_ms.shape, np.int64)
     gap_s = np.maximum(ts_ms[..., -1:] - ts_ms, 0) / 1000.0
-    return np.minimum(np.floor(np.log2(1.0 + gap_s)), GAP_BUCKETS - 1).astype(np.int64)
+    # floor(log2(y)) for y >= 1 is frexp's exponent minus one: exact, where a rounded log2 just below a
+    # power of two could land in the next bucket (the compiled forward computes it the same way)
+    return np.minimum(np.frexp(1.0 + gap_s)[1] - 1, GAP_BUCKETS - 1).astype(np.int64)
 
 
 def combine(facet_scores: np.ndarray, log_gates: np.ndarray, tau: float) -> np.ndarray:
@@ -141,6 +143,50 @@ class QueryModel:
             "pos_k": np.ascontiguousarray(w["pos_k"][::-1]), "pos_v": np.ascontiguousarray(w["pos_v"][::-1]),
         }
 
+    @cached_property
+    def _stacked(self) -> tuple[np.ndarray, ...]:
+        """The forward's parameters stacked over members (leading axis K), in
+        :func:`~mfli.retrieval.encoder_kernel.ensemble_forward`'s order after ``buckets``."""
+        fast, ws = self._fast, self._member_w
+
+        def stack(get) -> np.ndarray:
+            return np.ascontiguousarray(np.stack([get(f, w) for f, w in zip(fast, ws, strict=True)]), np.float32)
+
+        names = ("k_heads", "v_heads", "kv_b", "pos_k", "pos_v", "gap_k", "wq", "wq_b", "wo", "wo_b", "ln_ff.weight",
+                 "ln_ff.bias", "ff1", "ff1_b", "ff2", "ff2_b", "ln_out.weight", "ln_out.bias", "out", "out_b", "gate",
+                 "gate_b")
+        return tuple(stack(lambda f, w, n=n: f[n] if n in f else w[n]) for n in names)
+
+    @cached_property
+    def _input_layer(self) -> tuple[np.ndarray, ...]:
+        """Per member the input projection ``[w, d]`` and, stacked ``[K, d]``, its bias and LayerNorm."""
+        return (np.stack([f["inp"] for f in self._fast]),
+                *(np.ascontiguousarray(np.stack(v), np.float32) for v in (
+                    [f["inp_b"] for f in self._fast], [w["ln_in.weight"] for w in self._member_w],
+                    [w["ln_in.bias"] for w in self._member_w])))
+
+    @property
+    def input_width(self) -> int:
+        """Width of one member's context vector (a shared-input model reads its facet's item vector)."""
+        return int(self._fast[0]["inp"].shape[0])
+
+    @property
+    def encoder_dim(self) -> int:
+        return int(self._fast[0]["inp"].shape[1])
+
+    def inputs(self, context: np.ndarray) -> np.ndarray:
+        """Normalised encoder inputs ``float32[K, n, d]`` (``LN_j(c W_inp_j + b_j)`` per member j) of context
+        rows ``[n, K * input_width]``: per item, so :mod:`mfli.retrieval.inputs` caches them."""
+        from mfli.retrieval.encoder_kernel import normalise_inputs
+
+        inp, inp_b, ln_w, ln_b = self._input_layer
+        n, width = context.shape[0], self.input_width
+        x = np.empty((self.members, n, self.encoder_dim), np.float32)
+        for j in range(self.members):  # one BLAS product a member (the bulk of the forward's multiply-adds)
+            np.matmul(context[:, j * width:(j + 1) * width], inp[j], out=x[j])
+        normalise_inputs(x, inp_b, ln_w, ln_b)
+        return x
+
     def query(self, context: np.ndarray, ts_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Queries ``float32[F, d]`` and log gates ``float32[F]`` for one history window.
 
@@ -149,33 +195,19 @@ class QueryModel:
         flattened, ``[h, F * d]``.
         """
         h = self.horizon
-        context, ts_ms = context[-h:], np.asarray(ts_ms[-h:], dtype=np.int64)
+        context = np.ascontiguousarray(context[-h:], dtype=np.float32)
         if context.shape[0] == 0:
             raise ValueError("a query needs at least one history item")
-        context = np.ascontiguousarray(context, dtype=np.float32)
-        gaps = gap_buckets(ts_ms)
-        if self.members == 1:
-            return self._member_query(self.weights, self._fast[0], context, gaps, self.facets)
-        fast, ws = self._fast, self._member_w
-        per = self.facets // self.members
-        width = context.shape[1] // self.members
-        qs, gs = [], []
-        for j in range(self.members):
-            q, g = self._member_query(ws[j], fast[j],
-                                      np.ascontiguousarray(context[:, j * width:(j + 1) * width]), gaps, per)
-            qs.append(q)
-            gs.append(g)
-        return np.concatenate(qs), (np.concatenate(gs) - np.float32(np.log(self.members))).astype(np.float32)
+        return self.query_inputs(self.inputs(context), ts_ms)
 
-    def _member_query(self, w: dict[str, np.ndarray], f: dict[str, np.ndarray], context: np.ndarray,
-                      gaps: np.ndarray, facets: int) -> tuple[np.ndarray, np.ndarray]:
-        from mfli.retrieval.encoder_kernel import encoder_forward
+    def query_inputs(self, x: np.ndarray, ts_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`query` from the window's normalised inputs ``[K, n, d]`` (:meth:`inputs`, or cached)."""
+        from mfli.retrieval.encoder_kernel import ensemble_forward
 
         h = self.horizon
-        return encoder_forward(
-            context @ f["inp"], gaps, h, self.heads, facets,
-            f["inp_b"], w["ln_in.weight"], w["ln_in.bias"], f["k_heads"], f["v_heads"], f["kv_b"], f["pos_k"],
-            f["pos_v"],
-            w["gap_k"], f["wq"], f["wq_b"], f["wo"], f["wo_b"], w["ln_ff.weight"], w["ln_ff.bias"], f["ff1"],
-            f["ff1_b"], f["ff2"], f["ff2_b"], w["ln_out.weight"], w["ln_out.bias"], f["out"], f["out_b"],
-            f["gate"], f["gate_b"])
+        x = x[:, -h:]
+        if x.shape[1] == 0:
+            raise ValueError("a query needs at least one history item")
+        ts = np.ascontiguousarray(np.asarray(ts_ms)[-h:], dtype=np.int64)
+        return ensemble_forward(np.ascontiguousarray(x, np.float32), ts, h, self.heads, self.facets // self.members,
+                                GAP_BUCKETS, *self._stacked)

@@ -33,6 +33,8 @@ import numpy as np
 
 from mfli.retrieval.base import concat_ranges, quantize_rows
 from mfli.retrieval.clusters import FACET_SHIFT, path_keys
+from mfli.retrieval.inputs import InputCache
+from mfli.retrieval.query_model import QueryModel
 from mfli.storage.index import layout as L
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class MirrorArrays:
     path_ptr: np.ndarray  # int64[P + 1]
     path_ids: np.ndarray  # int64[...] clusters of each path
     rows: int  # rows in use (max row + 1)
+    stamp: np.ndarray  # int64[cap]: generation of the row's last write (never repeats; -1 never written)
 
 
 class IndexMirror:
@@ -88,6 +91,8 @@ class IndexMirror:
         self.id_rows: dict[str, int] = {}
         self.row_ids: dict[int, str] = {}
         self.cache_limit = 1_000_000  # entries per dict; a full one is emptied (bounded memory)
+        self._generation = 0  # stamps rows as they are written, across full loads (mfli.retrieval.inputs)
+        self._inputs: InputCache | None = None
 
     # --- keeping up ---------------------------------------------------------------------------------
     def sync(self, view) -> bool:
@@ -131,7 +136,7 @@ class IndexMirror:
         arrays.ivf_of_row[ivf_rows, np.repeat(keys[:, 0], lens)] = np.arange(ivf_rows.size)
         arrays.dirty = np.zeros(shape, bool)
         arrays.path_key, arrays.path_ptr, arrays.path_ids = _path_csr(view.scan_paths())
-        self._write(arrays, rows, rec, vec)
+        self._write(arrays, rows, rec, vec, self._stamp())
         arrays.rows = cap
         self.arrays = arrays  # swap by reference: readers of the old arrays are unaffected
         self._live_rows = None
@@ -152,7 +157,7 @@ class IndexMirror:
         rec = view.records(rows)
         vec = view.vectors(rows, use_mirror=False)
         self._track_edits(view, arrays, rows, rec)
-        self._write(arrays, rows, rec, vec)
+        self._write(arrays, rows, rec, vec, self._stamp())
         arrays.rows = max(arrays.rows, need)
         self.arrays = arrays
         self._live_rows = None
@@ -209,7 +214,7 @@ class IndexMirror:
             ivf_rows=np.empty(0, np.int64),
             dirty=np.zeros((view.facets, 0), bool),
             path_key=np.empty(0, np.int64), path_ptr=np.zeros(1, np.int64), path_ids=np.empty(0, np.int64),
-            rows=0,
+            rows=0, stamp=np.full(cap, -1, np.int64),
         )
 
     def _grow(self, view, arrays: MirrorArrays, need: int) -> MirrorArrays:
@@ -217,6 +222,7 @@ class IndexMirror:
         n, end = arrays.rows, arrays.row_slot + arrays.rows
         bigger.vectors[:n], bigger.prior[:n] = arrays.vectors[:n], arrays.prior[:n]
         bigger.clusters[:n], bigger.live[:n], bigger.rows = arrays.clusters[:n], arrays.live[:n], n
+        bigger.stamp[:n] = arrays.stamp[:n]
         bigger.codes[:end], bigger.scale[:end] = arrays.codes[:end], arrays.scale[:end]
         bigger.bias[:end] = arrays.bias[:end]
         bigger.ivf_of_row[:n] = arrays.ivf_of_row[:n]
@@ -225,12 +231,17 @@ class IndexMirror:
         bigger.path_key, bigger.path_ptr, bigger.path_ids = arrays.path_key, arrays.path_ptr, arrays.path_ids
         return bigger
 
+    def _stamp(self) -> int:
+        self._generation += 1
+        return self._generation
+
     @staticmethod
-    def _write(arrays: MirrorArrays, rows: np.ndarray, rec: np.ndarray, vec: np.ndarray) -> None:
+    def _write(arrays: MirrorArrays, rows: np.ndarray, rec: np.ndarray, vec: np.ndarray, stamp: int) -> None:
         if rows.size == 0:  # an index with no items yet (server started before the first delta)
             return
         live = rec["deleted"] == 0
         arrays.vectors[rows] = vec
+        arrays.stamp[rows] = stamp  # after the vectors: a reader takes the stamp first (mfli.retrieval.inputs)
         arrays.prior[rows] = rec["prior"]
         clusters = rec["clusters"].astype(np.int64).reshape(rows.size, -1)
         clusters[~live] = -1
@@ -248,6 +259,19 @@ class IndexMirror:
                 arrays.codes[at], arrays.scale[at], arrays.bias[at] = codes[has], scale[has], prior[has]
 
     # --- reads ------------------------------------------------------------------------------------------
+    def input_cache(self, model: QueryModel) -> InputCache | None:
+        """The encoder-input cache of ``model``'s weights version over this mirror's rows; a newer version
+        replaces it, and a request still on an older one gets None (it computes its inputs itself)."""
+        cache = self._inputs
+        if cache is not None and cache.version == model.version:
+            return cache
+        if cache is not None and cache.version > model.version:
+            return None
+        arrays = self.arrays
+        cache = InputCache(model, arrays.vectors.shape[0] if arrays is not None else 0)
+        self._inputs = cache
+        return cache
+
     def live_rows(self) -> np.ndarray:
         cached = self._live_rows
         if cached is not None and cached[0] == self.version:

@@ -378,6 +378,17 @@ class LmdbIndexView:
         """The mirror's columns at this view's version (float32 storage only), else None."""
         return self._dense
 
+    def encoder_inputs(self, model: QueryModel, rows: np.ndarray) -> np.ndarray | None:
+        """``model``'s normalised encoder inputs ``[K, n, d]`` of ``rows``, from the mirror's per-item
+        cache (:mod:`mfli.retrieval.inputs`); None without a mirror at this version."""
+        m, mirror = self._m, self._mirror
+        if m is None or mirror is None:
+            return None
+        cache = mirror.input_cache(model)
+        if cache is None:
+            return None
+        return cache.inputs(rows, m.stamp, lambda todo: m.vectors[todo].reshape(todo.size, -1))
+
     # --- beyond the protocol ----------------------------------------------------------------------------
     def n_live(self) -> int:
         return L.unpack_i64(self._get("meta", b"live"))
