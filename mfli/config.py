@@ -380,7 +380,9 @@ class ServeSettings(BaseModel):
     prequential_window: int = Field(2_000, ge=1, description="next-item checks averaged by the gauge")
     monitor_users: int = Field(1_000, ge=1, description="recently served users tracked by the monitors")
     monitor_users_per_tick: int = Field(200, ge=1, description="'would have served' sets recomputed per tick")
-    exact_refresh_s: float = Field(30.0, ge=0, description="min age before exact mode rebuilds its item matrix")
+    exact_refresh_s: float = Field(
+        30.0, ge=0, description="min age before exact mode rebuilds its copied item matrix (only without the "
+        "float32 index mirror; with it, exact mode scores the mirror in place, current at every version)")
     replica: bool = Field(
         False, description="serve as a replica: own copies of the index and users store in "
         "replication.data_dir, fed from Kafka (mfli.server.replica), no files shared with the pipeline")

@@ -19,7 +19,7 @@ import numpy as np
 from mfli.config import Settings
 from mfli.metrics import CANDIDATES, FALLBACKS
 from mfli.retrieval.base import TRENDING_FACET, Query, Recommendation
-from mfli.retrieval.exact import ExactRetriever
+from mfli.retrieval.exact import DenseExactRetriever, ExactRetriever
 from mfli.retrieval.learned import LearnedIndexParams, LearnedIndexRetriever
 
 from .schemas import BadRequest, NotFound
@@ -60,9 +60,14 @@ class RecommendService:
 
     # --- retrieval ------------------------------------------------------------------------------------
     def exact(self, state: ReadState) -> ExactRetriever:
-        """Exact retriever over the state's items, rebuilt when the index version moved and the cached
-        one is older than ``serve.exact_refresh_s``: with deltas landing every second, rebuilding an
-        N x F*d matrix per version would cost more than the yardstick is worth (answers may lag that long)."""
+        """Exact retriever over the state's items. With the index mirror (float32), over its columns in
+        place: current at the request's version, nothing to rebuild. Otherwise a copied item matrix,
+        rebuilt when the index version moved and the cached one is older than ``serve.exact_refresh_s``:
+        with deltas landing every second, rebuilding an N x F*d matrix per version would cost more than
+        the yardstick is worth (answers may lag that long)."""
+        dense = state.view.dense()
+        if dense is not None:
+            return DenseExactRetriever(state.view, dense, self.params.history, self.params.recency_decay)
         with self._exact_lock:
             now = time.monotonic()
             stale = self._exact is None or (

@@ -198,11 +198,10 @@ def test_encoder_input_cache_follows_item_updates_and_weights_versions(tmp_path)
             served = view.query_model()
             assert served is not None
             old = index.mirror._inputs
-            before = old.misses if old is not None and old.version == served.version else 0
+            before = old.misses if old is not None else 0
             q, g, _ = resolve_query(view, Query(history=history, k=5, history_ts=ts), served, 6, 0.97)
             cache = index.mirror._inputs
-            assert cache is not None and cache.version == served.version
-            assert cache.misses - before == expect_misses
+            assert cache is not None and cache.misses - before == expect_misses
             recent = history[-6:]
             rq, rg = served.query(view.vectors(recent, use_mirror=False).reshape(recent.size, -1), ts[-6:])
             np.testing.assert_allclose(q, rq, atol=1e-6)
@@ -216,4 +215,4 @@ def test_encoder_input_cache_follows_item_updates_and_weights_versions(tmp_path)
     check(expect_misses=6)
     parts = [QueryModel.random(facets=1, dim=D, horizon=6, heads=2, seed=s) for s in (2, 3)]
     writer.apply(None, {"u:0": 3}, models=[QueryModel.ensemble(parts, version=2)])
-    check(expect_misses=6)  # new weights: a new cache
+    check(expect_misses=6)  # new weights: every entry is recomputed

@@ -160,3 +160,30 @@ def test_readers_never_see_a_half_applied_full_pass(server, stores):
     assert len(layouts) >= 2, layouts
     for version, key, answer in seen:
         assert answer == expected[(version, key)], f"answer at version {version} for {key} matches no commit"
+
+
+def test_exact_mode_is_current_at_every_index_version(server, stores):
+    """Exact mode (the yardstick of the sampled index recall) scores the index mirror in place: an item the
+    writer re-prioritised a moment ago tops the very next exact answer. A copied item matrix had lagged up
+    to ``serve.exact_refresh_s`` (30 s) behind the vectors the index path serves."""
+    from mfli.deltas import ItemDelta
+
+    settings, snap = stores
+    before = server.get("/v1/recommend", params={"user_id": "u3", "k": 10, "mode": "exact"}).json()
+    users = UsersStore(settings.learner.users_path, history=settings.model.history, readonly=True)
+    try:
+        seen = set(users.history("u3")[0])
+    finally:
+        users.close()
+    answered = {i["item_id"] for i in before["items"]}
+    row = next(r for r in range(N - 1, 0, -1) if f"i{r}" not in seen | answered)
+    writer = IndexWriter(settings.index.path, settings.index)
+    try:
+        writer.apply([ItemDelta(item_id=f"i{row}", row=row, version=2**60, event_ts=1,
+                                vectors=snap.vectors[row].astype(np.float32), codes=snap.codes[row].astype(np.int32),
+                                prior=50.0)], None)
+    finally:
+        writer.close()
+    after = server.get("/v1/recommend", params={"user_id": "u3", "k": 10, "mode": "exact"}).json()
+    assert after["index_version"] > before["index_version"]
+    assert after["items"][0]["item_id"] == f"i{row}" and after["items"][0]["score"] > 49

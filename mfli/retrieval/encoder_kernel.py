@@ -227,18 +227,19 @@ def _member_forward(x: np.ndarray, gaps: np.ndarray, horizon: int, heads: int, f
 
 
 @njit(cache=True)
-def gather_inputs(cached: np.ndarray, cached_stamp: np.ndarray, rows: np.ndarray, row_stamp: np.ndarray,
+def gather_inputs(cached: np.ndarray, tag: np.ndarray, rows: np.ndarray, row_stamp: np.ndarray, version: int,
                   out: np.ndarray) -> np.ndarray:
-    """Copy the cached inputs ``cached[r]`` (``[K, d]``) of each row into ``out`` ``[K, n, d]`` where the entry's stamp
-    equals the row's current one (``row_stamp[r]``, read here before the caller reads any vector); return
-    the positions that missed (the caller computes and stores those). Holds the GIL: a request's check
-    and copy are not interleaved with another thread's store (:mod:`mfli.retrieval.inputs`)."""
+    """Copy the cached inputs ``cached[r]`` (``[K, d]``) of each row into ``out`` ``[K, n, d]`` where the
+    entry's tag is (the row's current stamp ``row_stamp[r]``, read here before the caller reads any
+    vector; ``version``); return the positions that missed (the caller computes and stores those). Holds
+    the GIL: a request's check and copy are not interleaved with another thread's store
+    (:mod:`mfli.retrieval.inputs`)."""
     n = rows.shape[0]
     miss = np.empty(n, np.int64)
     n_miss = 0
     for i in range(n):
         r = rows[i]
-        if r < cached_stamp.shape[0] and cached_stamp[r] == row_stamp[r]:
+        if r < tag.shape[0] and tag[r, 0] == row_stamp[r] and tag[r, 1] == version:
             for j in range(cached.shape[1]):
                 out[j, i] = cached[r, j]
         else:

@@ -259,17 +259,14 @@ class IndexMirror:
                 arrays.codes[at], arrays.scale[at], arrays.bias[at] = codes[has], scale[has], prior[has]
 
     # --- reads ------------------------------------------------------------------------------------------
-    def input_cache(self, model: QueryModel) -> InputCache | None:
-        """The encoder-input cache of ``model``'s weights version over this mirror's rows; a newer version
-        replaces it, and a request still on an older one gets None (it computes its inputs itself)."""
+    def input_cache(self, model: QueryModel) -> InputCache:
+        """The encoder-input cache over this mirror's rows (:mod:`mfli.retrieval.inputs`), for every weights
+        version of ``model``'s shape (a model of another shape replaces it)."""
         cache = self._inputs
-        if cache is not None and cache.version == model.version:
-            return cache
-        if cache is not None and cache.version > model.version:
-            return None
-        arrays = self.arrays
-        cache = InputCache(model, arrays.vectors.shape[0] if arrays is not None else 0)
-        self._inputs = cache
+        if cache is None or cache.shape != (model.members, model.encoder_dim):
+            arrays = self.arrays
+            cache = InputCache(model.members, model.encoder_dim, arrays.vectors.shape[0] if arrays is not None else 0)
+            self._inputs = cache
         return cache
 
     def live_rows(self) -> np.ndarray:

@@ -384,10 +384,8 @@ class LmdbIndexView:
         m, mirror = self._m, self._mirror
         if m is None or mirror is None:
             return None
-        cache = mirror.input_cache(model)
-        if cache is None:
-            return None
-        return cache.inputs(rows, m.stamp, lambda todo: m.vectors[todo].reshape(todo.size, -1))
+        return mirror.input_cache(model).inputs(model, rows, m.stamp,
+                                                lambda todo: m.vectors[todo].reshape(todo.size, -1))
 
     # --- beyond the protocol ----------------------------------------------------------------------------
     def n_live(self) -> int:
