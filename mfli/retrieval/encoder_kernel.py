@@ -107,32 +107,30 @@ def gap_bucket_row(ts_ms: np.ndarray, buckets: int) -> np.ndarray:
     return out
 
 
+#: the stacked parameters :func:`ensemble_forward` takes, in order (``QueryModel._stacked`` builds them)
+PARAMS = ("k_heads", "v_heads", "kv_b", "pos_k", "pos_v", "gap_k", "wq", "wq_b", "wo", "wo_b", "ln_ff.weight",
+          "ln_ff.bias", "ff1", "ff1_b", "ff2", "ff2_b", "ln_out.weight", "ln_out.bias", "out", "out_b", "gate",
+          "gate_b")
+
+
 @njit(cache=True, nogil=True, fastmath=True)
 def ensemble_forward(x: np.ndarray, ts_ms: np.ndarray, horizon: int, heads: int, facets: int, buckets: int,
-                     k_heads: np.ndarray, v_heads: np.ndarray, kv_b: np.ndarray, pos_k: np.ndarray,
-                     pos_v: np.ndarray, gap_k: np.ndarray,
-                     wq: np.ndarray, wq_b: np.ndarray, wo: np.ndarray, wo_b: np.ndarray,
-                     ln_ff_w: np.ndarray, ln_ff_b: np.ndarray, ff1: np.ndarray, ff1_b: np.ndarray,
-                     ff2: np.ndarray, ff2_b: np.ndarray, ln_out_w: np.ndarray, ln_out_b: np.ndarray,
-                     out: np.ndarray, out_b: np.ndarray, gate: np.ndarray, gate_b: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray]:
+                     params: tuple) -> tuple[np.ndarray, np.ndarray]:
     """(queries ``[K F, d]``, log gates ``[K F]``) of K members (``facets`` each) for one window, in one call.
 
     ``x`` ``[K, n, d]``: each member's normalised inputs (:func:`normalise_inputs`), oldest first, n <= H;
-    ``ts_ms`` their event times. Every parameter is stacked over members (leading axis K): one call
-    instead of one per member saves the dispatch of ~30 arrays and the per-member Python (measured in the
-    module docstring). Log gates are uniform over members (``- log K``), the mixture over facets within one."""
+    ``ts_ms`` their event times; ``params`` the arrays named by :data:`PARAMS`, each stacked over members
+    (leading axis K). One call instead of one per member saves the dispatch of ~30 arrays and the
+    per-member Python (measured in the module docstring). Log gates are uniform over members
+    (``- log K``), the mixture over facets within one."""
     members = x.shape[0]
     gaps = gap_bucket_row(ts_ms, buckets)
-    d_out = out.shape[2] // facets
+    d_out = params[18].shape[2] // facets
     qs = np.empty((members * facets, d_out), np.float32)
     gs = np.empty(members * facets, np.float32)
     shift = np.float32(math.log(members))
     for j in range(members):
-        q, g = _member_forward(x[j], gaps, horizon, heads, facets, k_heads[j], v_heads[j], kv_b[j], pos_k[j],
-                               pos_v[j], gap_k[j], wq[j], wq_b[j], wo[j], wo_b[j], ln_ff_w[j], ln_ff_b[j], ff1[j],
-                               ff1_b[j], ff2[j], ff2_b[j], ln_out_w[j], ln_out_b[j], out[j], out_b[j], gate[j],
-                               gate_b[j])
+        q, g = _member_forward(x[j], gaps, horizon, heads, facets, params, j)
         for f in range(facets):
             qs[j * facets + f] = q[f]
             gs[j * facets + f] = g[f] - shift
@@ -140,20 +138,21 @@ def ensemble_forward(x: np.ndarray, ts_ms: np.ndarray, horizon: int, heads: int,
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _member_forward(x: np.ndarray, gaps: np.ndarray, horizon: int, heads: int, facets: int,
-                    k_heads: np.ndarray, v_heads: np.ndarray, kv_b: np.ndarray, pos_k: np.ndarray,
-                    pos_v: np.ndarray, gap_k: np.ndarray,
-                    wq: np.ndarray, wq_b: np.ndarray, wo: np.ndarray, wo_b: np.ndarray,
-                    ln_ff_w: np.ndarray, ln_ff_b: np.ndarray, ff1: np.ndarray, ff1_b: np.ndarray,
-                    ff2: np.ndarray, ff2_b: np.ndarray, ln_out_w: np.ndarray, ln_out_b: np.ndarray,
-                    out: np.ndarray, out_b: np.ndarray, gate: np.ndarray, gate_b: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(queries ``[F, d]``, log gates ``[F]``) of one member for its normalised inputs ``x`` ``[n, d]`` and
+def _member_forward(x: np.ndarray, gaps: np.ndarray, horizon: int, heads: int, facets: int, params: tuple,
+                    j: int) -> tuple[np.ndarray, np.ndarray]:
+    """(queries ``[F, d]``, log gates ``[F]``) of member ``j`` for its normalised inputs ``x`` ``[n, d]`` and
     the window's gap buckets; ``pos_k``/``pos_v`` are indexed by window slot (row ``H - n + i``).
     ``k_heads`` ``[heads, d_h, d]`` are the key projection's rows by head and ``v_heads`` ``[heads, d, d_h]``
     the value projection's columns by head, each contiguous: the per-head products then run along
     contiguous rows (measured: 8 -> ~1 µs a product against slicing one fused matrix, whose offset columns
     numba does not vectorise)."""
+    k_heads, v_heads, kv_b, pos_k, pos_v, gap_k = params[0][j], params[1][j], params[2][j], params[3][j], \
+        params[4][j], params[5][j]
+    wq, wq_b, wo, wo_b, ln_ff_w, ln_ff_b = params[6][j], params[7][j], params[8][j], params[9][j], params[10][j], \
+        params[11][j]
+    ff1, ff1_b, ff2, ff2_b, ln_out_w, ln_out_b = params[12][j], params[13][j], params[14][j], params[15][j], \
+        params[16][j], params[17][j]
+    out, out_b, gate, gate_b = params[18][j], params[19][j], params[20][j], params[21][j]
     n = x.shape[0]
     dim = x.shape[1]
     dh = dim // heads

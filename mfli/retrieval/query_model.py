@@ -145,17 +145,12 @@ class QueryModel:
 
     @cached_property
     def _stacked(self) -> tuple[np.ndarray, ...]:
-        """The forward's parameters stacked over members (leading axis K), in
-        :func:`~mfli.retrieval.encoder_kernel.ensemble_forward`'s order after ``buckets``."""
-        fast, ws = self._fast, self._member_w
+        """The forward's parameters stacked over members (leading axis K), named and ordered by
+        :data:`~mfli.retrieval.encoder_kernel.PARAMS`."""
+        from mfli.retrieval.encoder_kernel import PARAMS
 
-        def stack(get) -> np.ndarray:
-            return np.ascontiguousarray(np.stack([get(f, w) for f, w in zip(fast, ws, strict=True)]), np.float32)
-
-        names = ("k_heads", "v_heads", "kv_b", "pos_k", "pos_v", "gap_k", "wq", "wq_b", "wo", "wo_b", "ln_ff.weight",
-                 "ln_ff.bias", "ff1", "ff1_b", "ff2", "ff2_b", "ln_out.weight", "ln_out.bias", "out", "out_b", "gate",
-                 "gate_b")
-        return tuple(stack(lambda f, w, n=n: f[n] if n in f else w[n]) for n in names)
+        return tuple(np.ascontiguousarray(np.stack([f[n] if n in f else w[n] for f, w in zip(
+            self._fast, self._member_w, strict=True)]), np.float32) for n in PARAMS)
 
     @cached_property
     def _input_layer(self) -> tuple[np.ndarray, ...]:
@@ -210,4 +205,4 @@ class QueryModel:
             raise ValueError("a query needs at least one history item")
         ts = np.ascontiguousarray(np.asarray(ts_ms)[-h:], dtype=np.int64)
         return ensemble_forward(np.ascontiguousarray(x, np.float32), ts, h, self.heads, self.facets // self.members,
-                                GAP_BUCKETS, *self._stacked)
+                                GAP_BUCKETS, self._stacked)
