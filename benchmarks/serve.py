@@ -378,7 +378,7 @@ def http_end_to_end(wl: Workload, settings, args: argparse.Namespace) -> dict:
             "notes": [f"{tag}: LMDB written in {write_s:.1f}s; server pinned to one core: "
                       f"{all(s['pinned'] for s in server)}; query encoder re-published "
                       f"{published['versions']} times (every {interval:g} s, as the learner does: the "
-                      "server's per-item encoder-input cache starts over at each)"]}
+                      "server recomputes each cached encoder input once per version)"]}
 
 
 def _query_models(args: argparse.Namespace, wl: Workload) -> list[str]:
